@@ -1,0 +1,1 @@
+"""Task-agnostic training machinery: config, mesh, step, optimizer, checkpoints, sampler."""

@@ -1,0 +1,69 @@
+"""Command-line front: compose errors and user mistakes become one line on stderr and exit 2."""
+import os
+import sys
+
+from core import config
+from core.errors import UserError
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def fail(error: Exception) -> None:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _groups(group: str) -> list[str]:
+    folder = os.path.join(CONFIG_DIR, group)
+    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
+
+
+def compose_error(config_name: str, overrides: list[str]) -> str | None:
+    """None if the overrides compose; else a one-line description of what is wrong and what to do."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key in ("experiment", "model", "data", "optim") and value and value not in _groups(key):
+            add = "+" if key == "experiment" and not o.startswith("+") else ""
+            return (f"unknown {key} {value!r}; available: {', '.join(_groups(key))}"
+                    + (f" (and write it as +{key}=NAME)" if add else ""))
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        return describe(e, config_name)
+    if config_name == "train":
+        try:
+            config.check_keys(cfg)
+        except UserError as e:
+            return str(e)
+    return None
+
+
+def describe(e: Exception, config_name: str) -> str:
+    """One line from Hydra's and OmegaConf's multi-line errors: what is wrong, and where."""
+    text = "\n".join(str(x) for x in (e, e.__cause__) if x is not None)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    full_key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None)
+    where = next((line.split("'")[1] for line in lines if line.startswith("In '")), None)
+    if "No match in the defaults list" in text:
+        group = text.split("'")[1]
+        return f"{group} is not in the defaults list: write +{group}=NAME (available: {', '.join(_groups(group))})"
+    if full_key and ("not in" in text or "Could not override" in text):
+        return (f"unknown config key '{full_key}'" + (f" (in {where}.yaml)" if where else "")
+                + f"; check its spelling (`python {config_name}.py --cfg job` lists every key)")
+    detail = next((line for line in lines if line.startswith(("Value ", "Key ", "Could not", "Invalid"))), lines[0])
+    return f"{detail}" + (f" (key '{full_key}')" if full_key else "")
+
+
+def preflight(config_name: str, argv: list[str]) -> None:
+    """Compose once before Hydra runs so a bad override fails with one line (single runs only)."""
+    if any(a in ("-m", "--multirun", "--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg")
+           or a.startswith("-") for a in argv):
+        return
+    error = compose_error(config_name, [a for a in argv if not a.startswith("hydra.")])
+    if error:
+        fail(UserError(error))

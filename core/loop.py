@@ -1,0 +1,157 @@
+"""The training loop: one function for every model family and task.
+
+It wires config -> mesh -> data -> state (fresh or restored) -> the jitted step, and keeps the
+host out of the device's way: the next batch is built while the step runs, and metrics are
+fetched only at log steps.
+"""
+import os
+import shutil
+import sys
+import time
+from functools import partial
+
+import jax
+from flax import nnx
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+import model as models
+from core import checkpoint, config, mesh as mesh_lib
+from core.errors import UserError
+from core.metrics import MetricsLog
+from core.optim import make_optimizer, schedule
+from core.step import compile_steps, init_state, lm_loss
+from data import text
+
+
+def log(msg: str) -> None:
+    """Progress and status go to stderr (stdout is kept for results), from process 0 only."""
+    if jax.process_index() == 0:
+        tqdm.write(msg, file=sys.stderr)
+
+
+def resolve_out_dir(cfg) -> str:
+    return os.path.abspath(os.path.expanduser(cfg.out_dir or os.path.join("runs", cfg.name)))
+
+
+def _check_resumable(current_meta: dict, saved_meta: dict) -> None:
+    harmful, harmless = config.diff(saved_meta["config"], current_meta["config"])
+    if harmful:
+        raise UserError(f"this run's config differs from its checkpoint in {', '.join(harmful)}; "
+                        f"restore those values, or pass out_dir= (new run) or resume=false (start afresh)")
+    if saved_meta["vocab"] != current_meta["vocab"]:
+        raise UserError("the data's vocabulary differs from the checkpoint's; train on the same data "
+                        "or pass out_dir= for a new run")
+    if harmless:
+        log(f"resuming with changed {', '.join(harmless)}")
+
+
+def _clear_run(out_dir: str) -> None:
+    for name in ("checkpoints", "tb", "metrics.jsonl"):
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def run(cfg) -> dict:
+    """Train as the composed config says; returns {"out_dir", "step", "val_loss"}."""
+    config.check(cfg)
+    cfg.out_dir = out_dir = resolve_out_dir(cfg)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh_lib.check_batch(cfg.batch_size, mesh, cfg.optim.grad_accum)
+    corpus = text.load_corpus(cfg.data)
+    block = cfg.model.block_size
+    text.check_fits(corpus, block)
+
+    model_fn = partial(models.build, cfg.model, corpus.vocab_size)
+    tx, lr_fn = make_optimizer(cfg.optim, cfg.steps), schedule(cfg.optim, cfg.steps)
+    make_state = partial(init_state, model_fn, tx, cfg.seed)
+    abstract = jax.eval_shape(make_state)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0))))
+    shardings = mesh_lib.state_shardings(mesh, abstract)
+    meta = {"config": OmegaConf.to_container(cfg, resolve=True), "vocab": corpus.vocab}
+
+    if not cfg.resume and jax.process_index() == 0:
+        _clear_run(out_dir)
+    mngr = checkpoint.manager(out_dir, cfg.keep_checkpoints)
+    try:
+        return _train(cfg, mngr, mesh, corpus, abstract, shardings, graphdef, make_state, tx, lr_fn, meta)
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+
+
+def _train(cfg, mngr, mesh, corpus, abstract, shardings, graphdef, make_state, tx, lr_fn, meta) -> dict:
+    out_dir, B, block = cfg.out_dir, cfg.batch_size, cfg.model.block_size
+    restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(abstract, shardings),
+                                         check_meta=partial(_check_resumable, meta)) if cfg.resume else None
+    if restored:
+        start, state, _ = restored
+        log(f"resuming from step {start} in {out_dir}")
+    else:
+        start, state = 0, jax.jit(make_state, out_shardings=shardings)()
+    if start >= cfg.steps:
+        log(f"run in {out_dir} is already at step {start} (steps={cfg.steps}); raise steps= to train further")
+        return {"out_dir": out_dir, "step": start, "val_loss": None}
+
+    n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"), resolve=True)
+        log(OmegaConf.to_yaml(cfg, resolve=True).rstrip())
+    dp = mesh_lib.data_parallel_size(mesh)
+    log(f"{n_params / 1e6:.2f}M params, vocab {corpus.vocab_size}, mesh {dict(mesh.shape)}, "
+        f"global batch {B} = {B // dp} per device x {dp} devices, out_dir {out_dir}")
+
+    train, evaluate = compile_steps(mesh, shardings, graphdef=graphdef, tx=tx, loss_fn=lm_loss, lr_fn=lr_fn,
+                                    seed=cfg.seed, grad_accum=cfg.optim.grad_accum)
+    rows, batch_sh = mesh_lib.process_rows(B), mesh_lib.batch_sharding(mesh)
+    batch_at = lambda step: mesh_lib.global_batch(  # noqa: E731
+        text.train_batch(corpus, cfg.seed, step, B, block, rows), batch_sh)
+    eval_set = [mesh_lib.global_batch(text.eval_batch(corpus, cfg.data.eval_seed, i, B, block, rows), batch_sh)
+                for i in range(cfg.eval_batches)]
+
+    metrics_log = MetricsLog(out_dir, start)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True,
+               disable=not (cfg.progress and sys.stderr.isatty() and jax.process_index() == 0))
+    t_run = t_last = time.perf_counter()
+    step_last, pending, val_loss = start, [], None
+    batch = batch_at(start)
+    try:
+        for step in range(start, cfg.steps):
+            state, step_metrics = train(state, batch)
+            pending.append(step_metrics)
+            done = step + 1
+            if done < cfg.steps:
+                batch = batch_at(done)  # built on the host while the device runs the step
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                fetched = jax.device_get(pending)  # the only host sync between evals
+                now = time.perf_counter()
+                row = {k: float(sum(m[k] for m in fetched) / len(fetched)) for k in fetched[0]}
+                row["lr"] = float(fetched[-1]["lr"])
+                row["tokens_per_s"] = (done - step_last) * B * block / (now - t_last)
+                row["time_s"] = now - t_run
+                metrics_log.write(done, row)
+                bar.set_postfix(loss=f"{row['train_loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if bar.disable:
+                    log(f"step {done}: train_loss {row['train_loss']:.4f}, lr {row['lr']:.2e}, "
+                        f"grad_norm {row['grad_norm']:.3f}, {row['tokens_per_s']:.0f} tok/s")
+                pending, step_last, t_last = [], done, now
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                losses = [evaluate(state["params"], state["rest"], b)["loss"] for b in eval_set]
+                val_loss = float(sum(jax.device_get(losses)) / len(losses))
+                metrics_log.write(done, {"val_loss": val_loss, "time_s": time.perf_counter() - t_run})
+                log(f"step {done}: val_loss {val_loss:.4f}")
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                checkpoint.save(mngr, done, state, meta)
+            if done % cfg.eval_every == 0 or done % cfg.ckpt_every == 0:
+                t_last = time.perf_counter()  # tokens/s counts training time only
+    finally:
+        bar.close()
+        metrics_log.close()
+    log(f"done: step {cfg.steps}, val_loss {val_loss:.4f}, {time.perf_counter() - t_run:.1f}s; "
+        f"sample with: python sample.py out_dir={out_dir}")
+    return {"out_dir": out_dir, "step": cfg.steps, "val_loss": val_loss}

@@ -1,0 +1,70 @@
+"""Run logs: metrics.jsonl (one JSON object per line, every line has `step`) and TensorBoard events.
+
+TensorBoard files are written by tensorboardX, which needs no TensorFlow. On resume, lines and
+events past the restored step are dropped, so a killed-and-resumed run reads as one clean curve.
+"""
+import json
+import math
+import os
+
+import jax
+
+
+class MetricsLog:
+    """Appends metric rows; only process 0 writes."""
+
+    def __init__(self, out_dir: str, resume_step: int):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.tb = None
+        if not self.enabled:
+            return
+        _truncate_after(self.path, resume_step)
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, step: int, row: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _plain(v) for k, v in row.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _plain(v):
+    v = v.item() if hasattr(v, "item") else v
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Keep only rows with step <= `step` (all of them go when a run starts at 0)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip()]
+    keep = [r for r in rows if _step_of(r) is not None and _step_of(r) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def _step_of(line: str):
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def read(path: str) -> list[dict]:
+    """All rows of a metrics.jsonl file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,1 @@
+"""Data sources: each turns a data config into arrays and batches that are pure functions of the step."""

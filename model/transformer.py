@@ -1,0 +1,123 @@
+"""Decoder-only transformer LM (GPT-2 layout, pre-LN, tied head) in Flax NNX.
+
+Shape key: B batch, L length, M attended (cache) length, D model width, H heads, K head dim,
+F MLP width, V vocab, N layers.
+
+The N blocks are stored stacked (one Block whose params have a leading N axis), so the same
+checkpoint serves `scan_layers=True` (one compiled block inside a lax.scan) and `False`
+(a Python loop over the N slices, unrolled by XLA): the switch can change between resumes.
+"""
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Block(nnx.Module):
+    """Pre-LN block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.mlp_ratio * cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.dtype = jnp.dtype(cfg.dtype)
+        std = nnx.initializers.normal(0.02)
+        # nanoGPT's scaled init of the projections into the residual stream (GPT-2 paper).
+        std_resid = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layers))
+        dense = partial(nnx.Linear, use_bias=cfg.bias, dtype=self.dtype, rngs=rngs)
+        norm = partial(nnx.LayerNorm, D, use_bias=cfg.bias, epsilon=1e-5, dtype=self.dtype, rngs=rngs)
+        self.ln1, self.ln2 = norm(), norm()
+        self.qkv = dense(D, 3 * D, kernel_init=std)
+        self.attn_proj = dense(D, D, kernel_init=std_resid)
+        self.fc = dense(D, F, kernel_init=std)
+        self.fc_proj = dense(F, D, kernel_init=std_resid)
+        self.drop = nnx.Dropout(cfg.dropout)
+
+    def _dropout(self, x, key):
+        return x if key is None else self.drop(x, rngs=key)
+
+    def __call__(self, x_BLD, cache, pos, key):
+        """Returns (x_BLD, cache). cache is None (training) or (k_BHMK, v_BHMK) written at `pos`."""
+        k_attn, k_res1, k_res2 = (None,) * 3 if key is None else jax.random.split(key, 3)
+        B, L, D = x_BLD.shape
+        H = self.n_heads
+        qkv_BLD3 = self.qkv(self.ln1(x_BLD))
+        q_BLHK, k_BLHK, v_BLHK = (t.reshape(B, L, H, D // H) for t in jnp.split(qkv_BLD3, 3, axis=-1))
+        q_BHLK, k_BHLK, v_BHLK = (t.transpose(0, 2, 1, 3) for t in (q_BLHK, k_BLHK, v_BLHK))
+        if cache is None:
+            k_BHMK, v_BHMK, offset = k_BHLK, v_BHLK, 0
+        else:
+            k_BHMK = jax.lax.dynamic_update_slice(cache[0], k_BHLK.astype(cache[0].dtype), (0, 0, pos, 0))
+            v_BHMK = jax.lax.dynamic_update_slice(cache[1], v_BHLK.astype(cache[1].dtype), (0, 0, pos, 0))
+            cache, offset = (k_BHMK, v_BHMK), pos
+        M = k_BHMK.shape[2]
+        scores_BHLM = jnp.einsum("BHLK,BHMK->BHLM", q_BHLK, k_BHMK) / math.sqrt(D // H)
+        causal_LM = jnp.arange(M)[None, :] <= (jnp.arange(L)[:, None] + offset)
+        scores_BHLM = jnp.where(causal_LM, scores_BHLM.astype(jnp.float32), -jnp.inf)
+        probs_BHLM = self._dropout(jax.nn.softmax(scores_BHLM, axis=-1).astype(self.dtype), k_attn)
+        y_BHLK = jnp.einsum("BHLM,BHMK->BHLK", probs_BHLM, v_BHMK.astype(self.dtype))
+        y_BLD = y_BHLK.transpose(0, 2, 1, 3).reshape(B, L, D)
+        x_BLD = x_BLD + self._dropout(self.attn_proj(y_BLD), k_res1)
+        h_BLF = jax.nn.gelu(self.fc(self.ln2(x_BLD)), approximate=True)
+        x_BLD = x_BLD + self._dropout(self.fc_proj(h_BLF), k_res2)
+        return x_BLD, cache
+
+
+class Transformer(nnx.Module):
+    """Token + learned position embeddings, N pre-LN blocks, final LN, head tied to the embedding."""
+
+    def __init__(self, cfg, vocab_size: int, *, rngs: nnx.Rngs):
+        # Plain hashable fields only: they become part of the static graph definition.
+        self.n_layers, self.n_heads, self.d_model = cfg.n_layers, cfg.n_heads, cfg.d_model
+        self.block_size, self.dtype = cfg.block_size, jnp.dtype(cfg.dtype)
+        self.scan_layers, self.remat = cfg.scan_layers, cfg.remat
+        std = nnx.initializers.normal(0.02)
+        self.wte = nnx.Embed(vocab_size, cfg.d_model, embedding_init=std, rngs=rngs)
+        self.wpe = nnx.Embed(cfg.block_size, cfg.d_model, embedding_init=std, rngs=rngs)
+        self.drop = nnx.Dropout(cfg.dropout)
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs):
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.ln_f = nnx.LayerNorm(cfg.d_model, use_bias=cfg.bias, epsilon=1e-5, rngs=rngs)
+
+    def init_cache(self, batch: int, length: int | None = None):
+        """Zeroed KV cache, stacked over layers: (k_NBHMK, v_NBHMK)."""
+        shape = (self.n_layers, batch, self.n_heads, length or self.block_size, self.d_model // self.n_heads)
+        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+
+    def __call__(self, idx_BL, *, key=None, cache=None, pos=0):
+        """Logits_BLV for tokens at positions pos..pos+L-1; with a cache, returns (logits, cache).
+
+        key: a PRNG key enables dropout (training); None is deterministic.
+        """
+        L = idx_BL.shape[1]
+        k_emb, k_blocks = (None, None) if key is None else jax.random.split(key)
+        pos_L = pos + jnp.arange(L)
+        x_BLD = (self.wte(idx_BL) + self.wpe(pos_L)[None]).astype(self.dtype)
+        x_BLD = x_BLD if k_emb is None else self.drop(x_BLD, rngs=k_emb)
+
+        graphdef, block_state = nnx.split(self.blocks)
+        keys_N = None if k_blocks is None else jax.random.split(k_blocks, self.n_layers)
+
+        def apply(x, layer_state, layer_cache, layer_key):
+            return nnx.merge(graphdef, layer_state)(x, layer_cache, pos, layer_key)
+
+        if self.remat:
+            apply = jax.checkpoint(apply)
+        if self.scan_layers:
+            x_BLD, new_cache = jax.lax.scan(lambda x, xs: apply(x, *xs), x_BLD, (block_state, cache, keys_N))
+        else:
+            caches = []
+            for i in range(self.n_layers):
+                layer = jax.tree.map(lambda a: a[i], (block_state, cache, keys_N))
+                x_BLD, layer_cache = apply(x_BLD, *layer)
+                caches.append(layer_cache)
+            new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
+
+        logits_BLV = self.wte.attend(self.ln_f(x_BLD.astype(jnp.float32)))
+        return logits_BLV if cache is None else (logits_BLV, new_cache)
