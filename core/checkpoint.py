@@ -20,9 +20,10 @@ def ckpt_dir(out_dir: str) -> str:
 
 def manager(out_dir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
     """An async CheckpointManager over out_dir/checkpoints; half-written (tmp) steps are cleaned up."""
+    # Orbax's own read_only mode logs a warning on every open; not creating or cleaning is enough.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=not read_only, enable_async_checkpointing=not read_only)
+        max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=not read_only)
     return ocp.CheckpointManager(ckpt_dir(out_dir), options=options, item_names=ITEMS)
 
 

@@ -49,6 +49,9 @@ def describe(e: Exception, config_name: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     full_key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None)
     where = next((line.split("'")[1] for line in lines if line.startswith("In '")), None)
+    if "LexerNoViableAltException" in text or "mismatched input" in text:
+        return (f"could not parse the override {text.split(': ', 1)[-1].splitlines()[0]!r}; quote values with "
+                f"spaces or special characters, e.g. 'prompt=\"To be\"'")
     if "No match in the defaults list" in text:
         group = text.split("'")[1]
         return f"{group} is not in the defaults list: write +{group}=NAME (available: {', '.join(_groups(group))})"

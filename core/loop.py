@@ -11,16 +11,14 @@ import time
 from functools import partial
 
 import jax
-from flax import nnx
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-import model as models
 from core import checkpoint, config, mesh as mesh_lib
 from core.errors import UserError
 from core.metrics import MetricsLog
-from core.optim import make_optimizer, schedule
-from core.step import compile_steps, init_state, lm_loss
+from core.state import StateSpec, state_spec
+from core.step import compile_steps, lm_loss
 from data import text
 
 
@@ -65,38 +63,33 @@ def run(cfg) -> dict:
     block = cfg.model.block_size
     text.check_fits(corpus, block)
 
-    model_fn = partial(models.build, cfg.model, corpus.vocab_size)
-    tx, lr_fn = make_optimizer(cfg.optim, cfg.steps), schedule(cfg.optim, cfg.steps)
-    make_state = partial(init_state, model_fn, tx, cfg.seed)
-    abstract = jax.eval_shape(make_state)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0))))
-    shardings = mesh_lib.state_shardings(mesh, abstract)
+    spec = state_spec(cfg, corpus.vocab_size, mesh)
     meta = {"config": OmegaConf.to_container(cfg, resolve=True), "vocab": corpus.vocab}
 
     if not cfg.resume and jax.process_index() == 0:
         _clear_run(out_dir)
     mngr = checkpoint.manager(out_dir, cfg.keep_checkpoints)
     try:
-        return _train(cfg, mngr, mesh, corpus, abstract, shardings, graphdef, make_state, tx, lr_fn, meta)
+        return _train(cfg, mngr, mesh, corpus, spec, meta)
     finally:
         mngr.wait_until_finished()
         mngr.close()
 
 
-def _train(cfg, mngr, mesh, corpus, abstract, shardings, graphdef, make_state, tx, lr_fn, meta) -> dict:
+def _train(cfg, mngr, mesh, corpus, spec: StateSpec, meta) -> dict:
     out_dir, B, block = cfg.out_dir, cfg.batch_size, cfg.model.block_size
-    restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(abstract, shardings),
+    restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(spec.abstract, spec.shardings),
                                          check_meta=partial(_check_resumable, meta)) if cfg.resume else None
     if restored:
         start, state, _ = restored
         log(f"resuming from step {start} in {out_dir}")
     else:
-        start, state = 0, jax.jit(make_state, out_shardings=shardings)()
+        start, state = 0, jax.jit(spec.make_state, out_shardings=spec.shardings)()
     if start >= cfg.steps:
         log(f"run in {out_dir} is already at step {start} (steps={cfg.steps}); raise steps= to train further")
         return {"out_dir": out_dir, "step": start, "val_loss": None}
 
-    n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
+    n_params = sum(x.size for x in jax.tree.leaves(spec.abstract["params"]))
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
         OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"), resolve=True)
@@ -105,7 +98,7 @@ def _train(cfg, mngr, mesh, corpus, abstract, shardings, graphdef, make_state, t
     log(f"{n_params / 1e6:.2f}M params, vocab {corpus.vocab_size}, mesh {dict(mesh.shape)}, "
         f"global batch {B} = {B // dp} per device x {dp} devices, out_dir {out_dir}")
 
-    train, evaluate = compile_steps(mesh, shardings, graphdef=graphdef, tx=tx, loss_fn=lm_loss, lr_fn=lr_fn,
+    train, evaluate = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=lm_loss, lr_fn=spec.lr_fn,
                                     seed=cfg.seed, grad_accum=cfg.optim.grad_accum)
     rows, batch_sh = mesh_lib.process_rows(B), mesh_lib.batch_sharding(mesh)
     batch_at = lambda step: mesh_lib.global_batch(  # noqa: E731
@@ -117,21 +110,19 @@ def _train(cfg, mngr, mesh, corpus, abstract, shardings, graphdef, make_state, t
     bar = tqdm(total=cfg.steps, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True,
                disable=not (cfg.progress and sys.stderr.isatty() and jax.process_index() == 0))
     t_run = t_last = time.perf_counter()
-    step_last, pending, val_loss = start, [], None
+    step_last, val_loss = start, None
     batch = batch_at(start)
     try:
         for step in range(start, cfg.steps):
             state, step_metrics = train(state, batch)
-            pending.append(step_metrics)
             done = step + 1
             if done < cfg.steps:
                 batch = batch_at(done)  # built on the host while the device runs the step
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.steps:
-                fetched = jax.device_get(pending)  # the only host sync between evals
+                # The log step's own values (as nanoGPT): a resumed run logs exactly the same curve.
+                row = {k: float(v) for k, v in jax.device_get(step_metrics).items()}  # the only host sync
                 now = time.perf_counter()
-                row = {k: float(sum(m[k] for m in fetched) / len(fetched)) for k in fetched[0]}
-                row["lr"] = float(fetched[-1]["lr"])
                 row["tokens_per_s"] = (done - step_last) * B * block / (now - t_last)
                 row["time_s"] = now - t_run
                 metrics_log.write(done, row)
@@ -139,7 +130,7 @@ def _train(cfg, mngr, mesh, corpus, abstract, shardings, graphdef, make_state, t
                 if bar.disable:
                     log(f"step {done}: train_loss {row['train_loss']:.4f}, lr {row['lr']:.2e}, "
                         f"grad_norm {row['grad_norm']:.3f}, {row['tokens_per_s']:.0f} tok/s")
-                pending, step_last, t_last = [], done, now
+                step_last, t_last = done, now
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 losses = [evaluate(state["params"], state["rest"], b)["loss"] for b in eval_set]
                 val_loss = float(sum(jax.device_get(losses)) / len(losses))

@@ -9,9 +9,22 @@ def schedule(cfg, steps: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, decay_steps, end_value=cfg.min_lr)
 
 
+STACKED = "blocks"  # models keep layer-stacked params (leading N axis) under this name
+
+
+def decay_mask(params):
+    """True for matrices (embeddings included), False for biases and norm scales (nanoGPT, GPT-2).
+
+    A layer-stacked vector (N x D) is still a vector: its leading layer axis does not count.
+    """
+    def is_matrix(path, p):
+        stacked = any(getattr(k, "key", None) == STACKED for k in path)
+        return p.ndim - stacked >= 2
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
 def make_optimizer(cfg, steps: int) -> optax.GradientTransformation:
-    # Biases, norm scales and other vectors are not decayed (nanoGPT, GPT-2 practice).
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     adamw = optax.adamw(schedule(cfg, steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw

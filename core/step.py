@@ -56,7 +56,7 @@ def train_step(state, batch, *, graphdef, tx, loss_fn, lr_fn, seed: int, grad_ac
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                  "opt_state": opt_state, "rest": rest}
     metrics = {f"train_{k}": v for k, v in metrics.items()}
-    metrics |= {"grad_norm": optax.global_norm(grads), "lr": lr_fn(state["step"])}
+    metrics |= {"grad_norm": optax.tree.norm(grads), "lr": lr_fn(state["step"])}
     return new_state, metrics
 
 

@@ -1,0 +1,69 @@
+"""What a run's train state is, from its config: built fresh for training, or reloaded from a run dir.
+
+`load_run(out_dir)` is the whole story for sampling and for users' own reload scripts: the
+checkpoint carries its config and vocab, so nothing else is needed.
+"""
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+from omegaconf import OmegaConf
+
+import model as models
+from core import checkpoint, mesh as mesh_lib
+from core.errors import UserError
+from core.optim import make_optimizer, schedule
+from core.step import init_state
+
+
+@dataclass
+class StateSpec:
+    make_state: Callable  # () -> fresh state; jit it with out_shardings=shardings
+    abstract: Any  # ShapeDtypeStructs of the state
+    shardings: Any  # NamedShardings of the state on the mesh
+    graphdef: Any  # static NNX graph of the model
+    tx: Any
+    lr_fn: Callable
+
+
+def state_spec(cfg, vocab_size: int, mesh) -> StateSpec:
+    model_fn = partial(models.build, cfg.model, vocab_size)
+    tx = make_optimizer(cfg.optim, cfg.steps)
+    make_state = partial(init_state, model_fn, tx, cfg.seed)
+    abstract = jax.eval_shape(make_state)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0))))
+    return StateSpec(make_state, abstract, mesh_lib.state_shardings(mesh, abstract), graphdef, tx,
+                     schedule(cfg.optim, cfg.steps))
+
+
+@dataclass
+class Run:
+    cfg: Any  # the run's resolved config (OmegaConf)
+    vocab: str
+    step: int
+    model: nnx.Module  # ready to call; eval mode unless a dropout key is passed
+    state: dict  # the full train state: step, params, opt_state, rest
+
+
+def load_run(out_dir: str, step: int | None = None, mesh=None) -> Run:
+    """Reload a run directory (latest checkpoint, or `step`) onto `mesh` (default: all local devices)."""
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"out_dir={out_dir} does not exist; pass the directory of a training run")
+    if not os.path.isdir(checkpoint.ckpt_dir(out_dir)):
+        raise UserError(f"{out_dir} holds no checkpoints; train first (python train.py out_dir={out_dir})")
+    mngr = checkpoint.manager(out_dir, read_only=True)
+    steps = sorted(mngr.all_steps())
+    if not steps:
+        raise UserError(f"{out_dir} holds no complete checkpoint; train first or wait for the first save")
+    meta = checkpoint.read_meta(mngr, step if step is not None else steps[-1])
+    cfg = OmegaConf.create(meta["config"])
+    mesh = mesh or mesh_lib.make_mesh(OmegaConf.create({"data": -1, "fsdp": 1}))
+    spec = state_spec(cfg, len(meta["vocab"]), mesh)
+    restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(spec.abstract, spec.shardings), step=step)
+    mngr.close()
+    step_found, state, meta = restored
+    return Run(cfg, meta["vocab"], step_found, nnx.merge(spec.graphdef, state["params"], state["rest"]), state)

@@ -1,0 +1,62 @@
+"""Sample from a training run: `python sample.py out_dir=runs/NAME [num_samples=3 max_new_tokens=500 ...]`.
+
+Only the samples go to stdout, separated by lines `---`; logs go to stderr.
+"""
+import sys
+
+import hydra
+
+from core import cli, config
+from core.errors import UserError
+
+config.register()
+
+
+def check(cfg) -> None:
+    if not cfg.out_dir:
+        raise UserError("pass out_dir=DIR, the directory of a training run (e.g. out_dir=runs/shakespeare_char_cpu)")
+    if cfg.temperature < 0:
+        raise UserError(f"temperature={cfg.temperature} must be >= 0 (0 is greedy)")
+    if cfg.top_k < 0:
+        raise UserError(f"top_k={cfg.top_k} must be >= 0 (0 disables it)")
+    if not 0.0 < cfg.top_p <= 1.0:
+        raise UserError(f"top_p={cfg.top_p} must be in (0, 1]")
+    if cfg.num_samples <= 0 or cfg.max_new_tokens <= 0:
+        raise UserError("num_samples and max_new_tokens must be positive")
+    if not cfg.prompt:
+        raise UserError("prompt must not be empty (the default is a newline)")
+
+
+@hydra.main(config_path="configs", config_name="sample", version_base="1.3")
+def main(cfg) -> None:
+    try:
+        check(cfg)
+        import jax
+        import numpy as np
+
+        from core.sampler import compile_generate
+        from core.state import load_run
+        from data.text import decode, encode
+
+        run = load_run(cfg.out_dir, cfg.step)
+        if run.cfg.model.family not in ("transformer",):
+            raise UserError(f"{cfg.out_dir} holds a {run.cfg.model.family} model, which does not generate text")
+        prompt_P = encode(cfg.prompt, run.vocab)
+        print(f"sampling from step {run.step} of {cfg.out_dir}", file=sys.stderr)
+        from flax import nnx
+
+        graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
+        generate = compile_generate(graphdef, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                    top_k=cfg.top_k, top_p=cfg.top_p)
+        prompt_BP = np.broadcast_to(prompt_P, (cfg.num_samples, len(prompt_P)))
+        tokens_BN = jax.device_get(generate(nnx.to_pure_dict(params), nnx.to_pure_dict(rest), prompt_BP,
+                                            jax.random.key(cfg.seed)))
+        samples = [cfg.prompt + decode(row, run.vocab) for row in tokens_BN]
+        sys.stdout.write("\n---\n".join(samples) + "\n")
+    except UserError as e:
+        cli.fail(e)
+
+
+if __name__ == "__main__":
+    cli.preflight("sample", sys.argv[1:])
+    main()

@@ -1,0 +1,55 @@
+"""Fake CPU devices before JAX is imported; tiny configs and data shared by the tests."""
+import os
+import subprocess
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from core import config  # noqa: E402
+
+config.register()
+
+# The debug experiment, on one device unless a test asks for a mesh: fast to compile on 2 cores.
+TINY = ["+experiment=debug", "mesh.data=1"]
+
+
+def compose(overrides, config_name="train"):
+    """The config `python train.py OVERRIDES` would run with."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def run_cli(script, *args, timeout=300, env=None):
+    """Run `python SCRIPT ARGS` as a user would, on one CPU device; returns the CompletedProcess."""
+    env = {**os.environ, **(env or {})}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def make_text(n_chars=20_000, seed=0):
+    """Pseudo-English with structure a tiny model can learn quickly."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["the", "king", "queen", "and", "of", "to", "my", "lord", "thou", "art", "good", "night", "sweet"]
+    out = []
+    while sum(len(w) + 1 for w in out) < n_chars:
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 9)))
+        out.append(line.capitalize() + ".\n")
+    return "".join(out)[:n_chars]
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "input.txt"
+    path.write_text(make_text())
+    return str(path)
