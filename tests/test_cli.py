@@ -1,0 +1,77 @@
+"""What a user types: typos, unknown names and bad values fail at once with one line and exit 2."""
+import os
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+
+@pytest.fixture(scope="module")
+def typo_experiment():
+    path = os.path.join(ROOT, "configs", "experiment", "zz_test_typo.yaml")
+    with open(path, "w") as f:
+        f.write("# @package _global_\nmodel:\n  n_layre: 3\n")
+    yield "zz_test_typo"
+    os.remove(path)
+
+
+def one_line_error(proc):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-1500:])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["model.n_layre=3"], "unknown config key 'model.n_layre'"),
+    (["stpes=10"], "unknown config key 'stpes'"),
+    (["+optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    (["+experiment=nope"], "available: debug, shakespeare_char, shakespeare_char_cpu"),
+    (["experiment=debug"], "+experiment=NAME"),
+    (["model=nope"], "unknown model 'nope'; available: transformer"),
+    (["steps=abc"], "could not be converted to Integer (key 'steps')"),
+])
+def test_bad_overrides_fail_at_compose_time(args, expected, tmp_path):
+    line = one_line_error(run_cli("train.py", *args, f"out_dir={tmp_path}/run"))
+    assert expected in line
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_typo_in_an_experiment_yaml_names_the_key_and_file(typo_experiment):
+    line = one_line_error(run_cli("train.py", f"+experiment={typo_experiment}"))
+    assert "model.n_layre" in line and typo_experiment in line
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["data.path=/nonexistent/input.txt"], "does not exist"),
+    (["steps=0"], "steps=0 must be a positive integer"),
+    (["model.n_heads=3"], "not divisible by model.n_heads=3"),
+    (["batch_size=7", "optim.grad_accum=2"], "not divisible by optim.grad_accum=2"),
+])
+def test_bad_values_fail_before_anything_is_written(args, expected, tmp_path, text_file):
+    base = ["+experiment=debug", f"data.path={text_file}"]
+    line = one_line_error(run_cli("train.py", *base, *args, f"out_dir={tmp_path}/run"))
+    assert expected in line
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_block_size_larger_than_the_data(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("hello world\n" * 3)
+    line = one_line_error(run_cli("train.py", "+experiment=debug", f"data.path={small}", f"out_dir={tmp_path}/r"))
+    assert "block_size" in line
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["out_dir=/nonexistent/run"], "does not exist"),
+    ([], "pass out_dir=DIR"),
+    (["out_dir=.", "top_p=1.5"], "top_p=1.5 must be in (0, 1]"),
+    (["out_dir=.", "temperature=-1"], "temperature=-1.0 must be >= 0"),
+    (["out_dir=.", "tempreature=1"], "unknown config key 'tempreature'"),
+])
+def test_sample_py_bad_input(args, expected):
+    assert expected in one_line_error(run_cli("sample.py", *args))
+
+
+def test_sample_py_on_a_directory_without_checkpoints(tmp_path):
+    assert "holds no checkpoints" in one_line_error(run_cli("sample.py", f"out_dir={tmp_path}"))
