@@ -3,8 +3,12 @@
 `sample.py` and any reload script need only the run directory. Restores go through an abstract
 target that carries the *current* shardings, so a checkpoint moves between device counts.
 """
+import contextlib
+import logging
 import os
+import shutil
 import sys
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -27,10 +31,30 @@ def manager(out_dir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
     return ocp.CheckpointManager(ckpt_dir(out_dir), options=options, item_names=ITEMS)
 
 
+def _disk_error(mngr, e: Exception) -> UserError:
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return UserError(f"writing a checkpoint to {mngr.directory} failed ({first}); free disk space or fix "
+                     f"permissions, then rerun to resume from the last complete checkpoint")
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
-    """Start an async save; the device-to-host copy completes before this returns, so donation is safe."""
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-              force=True)
+    """Start an async save; the device-to-host copy completes before this returns, so donation is safe.
+
+    A failure of the previous async save surfaces here (or in `wait`) as a UserError.
+    """
+    try:
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                  force=True)
+    except Exception as e:  # noqa: BLE001 - disk full, permissions, vanished directory...
+        raise _disk_error(mngr, e) from None
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+    """Block until pending saves are committed; a failed one is an error, not a lost log line."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+        raise _disk_error(mngr, e) from None
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
@@ -42,11 +66,40 @@ def abstract_like(abstract_state, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, target, check_meta=None, step: int | None = None):
+@contextlib.contextmanager
+def _quiet_loggers(*names):
+    """A damaged checkpoint makes Orbax's async readers log one traceback per array: keep one line."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Move unreadable checkpoints to out_dir/unreadable_checkpoints/ so their step can be saved again."""
+    if not steps or jax.process_index() != 0:
+        return
+    root = os.path.join(os.path.dirname(str(mngr.directory)), "unreadable_checkpoints")
+    os.makedirs(root, exist_ok=True)
+    for s in steps:
+        target = os.path.join(root, f"{s}-{int(time.time())}")
+        shutil.move(os.path.join(str(mngr.directory), str(s)), target)
+        print(f"warning: moved unreadable checkpoint step {s} to {target}", file=sys.stderr)
+    mngr.reload()
+
+
+def restore_latest(mngr: ocp.CheckpointManager, target, check_meta=None, step: int | None = None,
+                   set_aside: bool = True):
     """(step, state, meta) of the newest readable checkpoint (or of `step`); None if there is none.
 
     check_meta(meta) runs before the state is read and may raise UserError (e.g. another model).
-    A checkpoint that fails to read is reported with a warning and the previous one is tried;
+    A checkpoint that fails to read is reported with a warning and the previous one is tried (the
+    unreadable ones are then moved aside if `set_aside`, so training can save those steps again);
     if checkpoints exist but none reads, that is an error, never a silent fresh start.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
@@ -56,18 +109,28 @@ def restore_latest(mngr: ocp.CheckpointManager, target, check_meta=None, step: i
         steps = [step]
     if not steps:
         return None
+    unreadable = []
     for s in steps:
         try:
             meta = read_meta(mngr, s)
             if check_meta is not None:
                 check_meta(meta)
-            state = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-            return s, state, meta
+            with _quiet_loggers("absl", "asyncio"):
+                state = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint surfaces as many error types
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-            print(f"warning: checkpoint step {s} in {mngr.directory} is unreadable ({type(e).__name__}: {first}); "
-                  f"falling back to an earlier one", file=sys.stderr)
+            if "structures do not match" in first or "shape" in first.lower():
+                raise UserError(f"checkpoint step {s} in {mngr.directory} holds a differently shaped train state "
+                                f"({first.rstrip(':')}); it was written by another model or code version: "
+                                f"use a matching checkout, or out_dir= for a new run") from None
+            print(f"warning: checkpoint step {s} in {mngr.directory} is unreadable ({type(e).__name__}: "
+                  f"{first.split(' See full TensorStore')[0]}); falling back to an earlier one", file=sys.stderr)
+            unreadable.append(s)
+            continue
+        if set_aside:
+            _set_aside(mngr, unreadable)
+        return s, state, meta
     raise UserError(f"no readable checkpoint in {mngr.directory} (tried steps {steps}); "
                     f"pass resume=false to start this run afresh, or out_dir= for a new one")

@@ -9,8 +9,15 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def fail(error: Exception) -> None:
+    """Print `error: ...` and exit at once: 2 for a mistake, 3 for a diverged run.
+
+    os._exit: by now `finally` blocks have run (checkpoints flushed, logs closed), and a normal
+    exit would wait on stray non-daemon threads, e.g. a TFDS download still retrying offline.
+    """
     print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(getattr(error, "exit_code", 2))
 
 
 def _groups(group: str) -> list[str]:

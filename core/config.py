@@ -66,7 +66,8 @@ class TrainConfig:
     ckpt_every: int = 250
     keep_checkpoints: int = 3
     log_every: int = 10
-    resume: bool = True  # False starts fresh and refuses to overwrite an existing run
+    resume: bool = True  # False starts afresh, deleting the run's old checkpoints and logs
+    on_nan: str = "stop"  # NaN/Inf loss or grads: "stop" the run, or "skip" the update and count it
     progress: bool = True
     mesh: MeshConfig = field(default_factory=MeshConfig)
     model: Any = None
@@ -103,6 +104,8 @@ def check(cfg) -> None:
     for key in ("steps", "batch_size", "eval_every", "eval_batches", "ckpt_every", "log_every"):
         if cfg[key] <= 0:
             raise UserError(f"{key}={cfg[key]} must be a positive integer")
+    if cfg.on_nan not in ("stop", "skip"):
+        raise UserError(f"on_nan={cfg.on_nan} must be 'stop' or 'skip'")
     m, o = cfg.model, cfg.optim
     if m.family == "transformer":
         if m.d_model % m.n_heads:
@@ -142,7 +145,7 @@ def check_keys(cfg) -> None:
 
 # Keys whose change between a run and its resumption cannot alter what was already trained.
 HARMLESS_KEYS = ("steps", "out_dir", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
-                 "log_every", "resume", "progress", "mesh", "model.scan_layers", "model.remat",
+                 "log_every", "resume", "progress", "on_nan", "mesh", "model.scan_layers", "model.remat",
                  "data.tfds_data_dir", "data.download_timeout")
 
 

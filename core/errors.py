@@ -3,3 +3,11 @@
 
 class UserError(Exception):
     """A mistake the user can fix (bad config, missing file, wrong checkpoint); the message says how."""
+
+    exit_code = 2
+
+
+class Diverged(UserError):
+    """The loss or gradients went non-finite with on_nan=stop."""
+
+    exit_code = 3

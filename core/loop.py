@@ -2,7 +2,8 @@
 
 It wires config -> mesh -> data -> state (fresh or restored) -> the jitted step, and keeps the
 host out of the device's way: the next batch is built while the step runs, and metrics are
-fetched only at log steps.
+fetched only at log steps. It stops cleanly on SIGTERM/SIGINT (checkpoint, exit 0) and on a
+non-finite loss (on_nan=stop), and never writes a checkpoint holding a NaN.
 """
 import os
 import shutil
@@ -15,9 +16,10 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from core import checkpoint, config, mesh as mesh_lib
-from core.errors import UserError
+from core.errors import Diverged, UserError
 from core.metrics import MetricsLog
-from core.state import StateSpec, state_spec
+from core.preempt import StopRequests
+from core.state import state_spec
 from core.step import compile_steps, lm_loss
 from data import text
 
@@ -44,82 +46,108 @@ def _check_resumable(current_meta: dict, saved_meta: dict) -> None:
         log(f"resuming with changed {', '.join(harmless)}")
 
 
-def _clear_run(out_dir: str) -> None:
-    for name in ("checkpoints", "tb", "metrics.jsonl"):
-        path = os.path.join(out_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
+def _prepare_out_dir(out_dir: str, fresh: bool) -> None:
+    """Create out_dir (clearing an old run if `fresh`) and prove it is writable, before any compile."""
+    if jax.process_index() != 0:
+        return
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if fresh:
+            for name in ("checkpoints", "tb", "metrics.jsonl"):
+                path = os.path.join(out_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+        probe = os.path.join(out_dir, ".write_probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir={out_dir} ({e.strerror}); choose a writable out_dir=") from None
 
 
 def run(cfg) -> dict:
-    """Train as the composed config says; returns {"out_dir", "step", "val_loss"}."""
+    """Train as the composed config says; returns {"out_dir", "step", "val_loss", "stopped_by"}."""
     config.check(cfg)
     cfg.out_dir = out_dir = resolve_out_dir(cfg)
     mesh = mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_batch(cfg.batch_size, mesh, cfg.optim.grad_accum)
     corpus = text.load_corpus(cfg.data)
-    block = cfg.model.block_size
-    text.check_fits(corpus, block)
-
+    text.check_fits(corpus, cfg.model.block_size)
     spec = state_spec(cfg, corpus.vocab_size, mesh)
     meta = {"config": OmegaConf.to_container(cfg, resolve=True), "vocab": corpus.vocab}
+    _prepare_out_dir(out_dir, fresh=not cfg.resume)
 
-    if not cfg.resume and jax.process_index() == 0:
-        _clear_run(out_dir)
     mngr = checkpoint.manager(out_dir, cfg.keep_checkpoints)
     try:
-        return _train(cfg, mngr, mesh, corpus, spec, meta)
+        restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(spec.abstract, spec.shardings),
+                                             check_meta=partial(_check_resumable, meta)) if cfg.resume else None
+        if restored:
+            start, state, _ = restored
+            log(f"resuming from step {start} in {out_dir}")
+        else:
+            start, state = 0, jax.jit(spec.make_state, out_shardings=spec.shardings)()
+        if start >= cfg.steps:
+            log(f"run in {out_dir} is already at step {start} (steps={cfg.steps}); raise steps= to train further")
+            return {"out_dir": out_dir, "step": start, "val_loss": None, "stopped_by": None}
+        if jax.process_index() == 0:
+            OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"), resolve=True)
+            log(OmegaConf.to_yaml(cfg, resolve=True).rstrip())
+        with StopRequests() as stop:
+            return _train(cfg, mngr, mesh, corpus, spec, meta, start, state, stop)
     finally:
-        mngr.wait_until_finished()
+        checkpoint.wait(mngr)
         mngr.close()
 
 
-def _train(cfg, mngr, mesh, corpus, spec: StateSpec, meta) -> dict:
+def _train(cfg, mngr, mesh, corpus, spec, meta, start, state, stop) -> dict:
     out_dir, B, block = cfg.out_dir, cfg.batch_size, cfg.model.block_size
-    restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(spec.abstract, spec.shardings),
-                                         check_meta=partial(_check_resumable, meta)) if cfg.resume else None
-    if restored:
-        start, state, _ = restored
-        log(f"resuming from step {start} in {out_dir}")
-    else:
-        start, state = 0, jax.jit(spec.make_state, out_shardings=spec.shardings)()
-    if start >= cfg.steps:
-        log(f"run in {out_dir} is already at step {start} (steps={cfg.steps}); raise steps= to train further")
-        return {"out_dir": out_dir, "step": start, "val_loss": None}
-
     n_params = sum(x.size for x in jax.tree.leaves(spec.abstract["params"]))
-    if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"), resolve=True)
-        log(OmegaConf.to_yaml(cfg, resolve=True).rstrip())
     dp = mesh_lib.data_parallel_size(mesh)
     log(f"{n_params / 1e6:.2f}M params, vocab {corpus.vocab_size}, mesh {dict(mesh.shape)}, "
         f"global batch {B} = {B // dp} per device x {dp} devices, out_dir {out_dir}")
 
-    train, evaluate = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=lm_loss, lr_fn=spec.lr_fn,
-                                    seed=cfg.seed, grad_accum=cfg.optim.grad_accum)
+    train, evaluate = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=lm_loss,
+                                    lr_fn=spec.lr_fn, seed=cfg.seed, grad_accum=cfg.optim.grad_accum)
     rows, batch_sh = mesh_lib.process_rows(B), mesh_lib.batch_sharding(mesh)
     batch_at = lambda step: mesh_lib.global_batch(  # noqa: E731
         text.train_batch(corpus, cfg.seed, step, B, block, rows), batch_sh)
     eval_set = [mesh_lib.global_batch(text.eval_batch(corpus, cfg.data.eval_seed, i, B, block, rows), batch_sh)
                 for i in range(cfg.eval_batches)]
 
+    last_ckpt = start if start else None
+    known_bad = int(jax.device_get(state["nonfinite"]["count"]))
+
+    def check_finite() -> None:
+        """Host-side NaN check at log and checkpoint steps only: one scalar, no per-step sync."""
+        nonlocal known_bad
+        bad = jax.device_get(state["nonfinite"])
+        if int(bad["count"]) > known_bad:
+            if cfg.on_nan == "stop":
+                where = f"step {last_ckpt} in {out_dir}" if last_ckpt else "none (the run had not saved yet)"
+                raise Diverged(f"non-finite loss or gradients at step {int(bad['last_step'])} (on_nan=stop); "
+                               f"last good checkpoint: {where}; lower optim.lr or pass on_nan=skip")
+            log(f"skipped {int(bad['count']) - known_bad} non-finite step(s), the last at step "
+                f"{int(bad['last_step'])} (on_nan=skip)")
+            known_bad = int(bad["count"])
+
     metrics_log = MetricsLog(out_dir, start)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True,
                disable=not (cfg.progress and sys.stderr.isatty() and jax.process_index() == 0))
     t_run = t_last = time.perf_counter()
-    step_last, val_loss = start, None
+    step_last, val_loss, done = start, None, start
     batch = batch_at(start)
     try:
         for step in range(start, cfg.steps):
             state, step_metrics = train(state, batch)
             done = step + 1
-            if done < cfg.steps:
+            stopping = stop.should_stop(done)
+            if done < cfg.steps and not stopping:
                 batch = batch_at(done)  # built on the host while the device runs the step
             bar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            final = done == cfg.steps or stopping
+            if done % cfg.log_every == 0 or final:
                 # The log step's own values (as nanoGPT): a resumed run logs exactly the same curve.
                 row = {k: float(v) for k, v in jax.device_get(step_metrics).items()}  # the only host sync
                 now = time.perf_counter()
@@ -131,18 +159,26 @@ def _train(cfg, mngr, mesh, corpus, spec: StateSpec, meta) -> dict:
                     log(f"step {done}: train_loss {row['train_loss']:.4f}, lr {row['lr']:.2e}, "
                         f"grad_norm {row['grad_norm']:.3f}, {row['tokens_per_s']:.0f} tok/s")
                 step_last, t_last = done, now
+                check_finite()
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 losses = [evaluate(state["params"], state["rest"], b)["loss"] for b in eval_set]
                 val_loss = float(sum(jax.device_get(losses)) / len(losses))
                 metrics_log.write(done, {"val_loss": val_loss, "time_s": time.perf_counter() - t_run})
                 log(f"step {done}: val_loss {val_loss:.4f}")
-            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            if done % cfg.ckpt_every == 0 or final:
+                check_finite()
                 checkpoint.save(mngr, done, state, meta)
+                last_ckpt = done
             if done % cfg.eval_every == 0 or done % cfg.ckpt_every == 0:
                 t_last = time.perf_counter()  # tokens/s counts training time only
+            if stopping:
+                checkpoint.wait(mngr)
+                log(f"stopped by {stop.signal} at step {done}; checkpoint saved in {out_dir}; "
+                    f"rerun the same command to resume")
+                return {"out_dir": out_dir, "step": done, "val_loss": val_loss, "stopped_by": stop.signal}
     finally:
         bar.close()
         metrics_log.close()
     log(f"done: step {cfg.steps}, val_loss {val_loss:.4f}, {time.perf_counter() - t_run:.1f}s; "
         f"sample with: python sample.py out_dir={out_dir}")
-    return {"out_dir": out_dir, "step": cfg.steps, "val_loss": val_loss}
+    return {"out_dir": out_dir, "step": cfg.steps, "val_loss": val_loss, "stopped_by": None}

@@ -63,7 +63,8 @@ def load_run(out_dir: str, step: int | None = None, mesh=None) -> Run:
     cfg = OmegaConf.create(meta["config"])
     mesh = mesh or mesh_lib.make_mesh(OmegaConf.create({"data": -1, "fsdp": 1}))
     spec = state_spec(cfg, len(meta["vocab"]), mesh)
-    restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(spec.abstract, spec.shardings), step=step)
+    restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(spec.abstract, spec.shardings), step=step,
+                                          set_aside=False)
     mngr.close()
     step_found, state, meta = restored
     return Run(cfg, meta["vocab"], step_found, nnx.merge(spec.graphdef, state["params"], state["rest"]), state)

@@ -1,6 +1,6 @@
 """The pure train and eval steps, and the one place they are jitted (with the mesh's shardings).
 
-State is a plain pytree: {"step", "params", "opt_state", "rest"}; params and rest (non-Param
+State is a plain pytree: {"step", "params", "opt_state", "rest", "nonfinite"}; params and rest (non-Param
 model state such as batch-norm statistics) are pure dicts that `nnx.merge` turns back into
 the module inside the jitted function.
 """
@@ -18,7 +18,9 @@ def init_state(model_fn, tx, seed: int) -> dict:
     """A fresh train state; call under jax.jit (or eval_shape) so params are born sharded."""
     _, params, rest = nnx.split(model_fn(nnx.Rngs(params=seed)), nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rest": rest}
+    zero = jnp.zeros((), jnp.int32)
+    return {"step": zero, "params": params, "opt_state": tx.init(params), "rest": rest,
+            "nonfinite": {"count": zero, "last_step": zero}}  # steps skipped for a NaN/Inf, and the last
 
 
 def _loss_and_grads(state, batch, key, *, graphdef, loss_fn):
@@ -53,10 +55,19 @@ def train_step(state, batch, *, graphdef, tx, loss_fn, lr_fn, seed: int, grad_ac
         (grads, metrics, rest), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum)))
         grads, metrics = jax.tree.map(lambda g: g / grad_accum, (grads, metrics))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                 "opt_state": opt_state, "rest": rest}
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient skips the update, so no NaN ever reaches params or checkpoints;
+    # the host learns of it from the counter at its next log or checkpoint (no per-step sync).
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    bad = state["nonfinite"]
+    new_state = {"step": state["step"] + 1,
+                 "params": keep(optax.apply_updates(state["params"], updates), state["params"]),
+                 "opt_state": keep(opt_state, state["opt_state"]), "rest": keep(rest, state["rest"]),
+                 "nonfinite": {"count": bad["count"] + (~ok).astype(jnp.int32),
+                               "last_step": jnp.where(ok, bad["last_step"], state["step"] + 1)}}
     metrics = {f"train_{k}": v for k, v in metrics.items()}
-    metrics |= {"grad_norm": optax.tree.norm(grads), "lr": lr_fn(state["step"])}
+    metrics |= {"grad_norm": grad_norm, "lr": lr_fn(state["step"]), "nonfinite_steps": new_state["nonfinite"]["count"]}
     return new_state, metrics
 
 

@@ -57,8 +57,12 @@ def _read_file(path: str) -> str:
 
 def _tfds_texts(cfg) -> tuple[str, str]:
     """(train, validation) text of a TFDS text dataset; the download gets a deadline, never a hang."""
+    import logging
+
     import tensorflow_datasets as tfds
 
+    tfds.disable_progress_bar()
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # offline, it logs every retry
     builder = tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir)
     error: list[BaseException] = []
 
