@@ -55,6 +55,15 @@ class MeshConfig:
 
 
 @dataclass
+class DistributedConfig:
+    enabled: bool = False  # call jax.distributed.initialize() once, before any device is touched
+    coordinator: Optional[str] = None  # "host:port" of process 0; None: auto-detect (TPU VM, SLURM)
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    timeout_s: int = 300
+
+
+@dataclass
 class TrainConfig:
     name: str = "default"
     steps: int = 5000
@@ -69,7 +78,9 @@ class TrainConfig:
     resume: bool = True  # False starts afresh, deleting the run's old checkpoints and logs
     on_nan: str = "stop"  # NaN/Inf loss or grads: "stop" the run, or "skip" the update and count it
     progress: bool = True
+    parallel: str = "jit"  # "jit" (sharded over the mesh) or "pmap" (replicated, pmean of grads)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     model: Any = None
     data: Any = None
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -104,6 +115,10 @@ def check(cfg) -> None:
     for key in ("steps", "batch_size", "eval_every", "eval_batches", "ckpt_every", "log_every"):
         if cfg[key] <= 0:
             raise UserError(f"{key}={cfg[key]} must be a positive integer")
+    if cfg.parallel not in ("jit", "pmap"):
+        raise UserError(f"parallel={cfg.parallel} must be 'jit' or 'pmap'")
+    if cfg.parallel == "pmap" and cfg.mesh.fsdp != 1:
+        raise UserError("parallel=pmap replicates the state: it needs mesh.fsdp=1 (use parallel=jit for FSDP)")
     if cfg.on_nan not in ("stop", "skip"):
         raise UserError(f"on_nan={cfg.on_nan} must be 'stop' or 'skip'")
     m, o = cfg.model, cfg.optim
@@ -135,7 +150,8 @@ def check_keys(cfg) -> None:
     if data_schema is None:
         raise UserError(f"unknown data.kind={cfg.data.get('kind')!r}; available: {', '.join(DATA_SCHEMAS)}")
     nodes = {"": (cfg, TrainConfig), "model.": (cfg.model, model_schema), "data.": (cfg.data, data_schema),
-             "optim.": (cfg.optim, OptimConfig), "mesh.": (cfg.mesh, MeshConfig)}
+             "optim.": (cfg.optim, OptimConfig), "mesh.": (cfg.mesh, MeshConfig),
+             "distributed.": (cfg.distributed, DistributedConfig)}
     for prefix, (node, schema) in nodes.items():
         unknown = sorted(set(node.keys()) - {f.name for f in dataclasses.fields(schema)})
         if unknown:
@@ -145,7 +161,7 @@ def check_keys(cfg) -> None:
 
 # Keys whose change between a run and its resumption cannot alter what was already trained.
 HARMLESS_KEYS = ("steps", "out_dir", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
-                 "log_every", "resume", "progress", "on_nan", "mesh", "model.scan_layers", "model.remat",
+                 "log_every", "resume", "progress", "on_nan", "mesh", "parallel", "distributed", "model.scan_layers", "model.remat",
                  "data.tfds_data_dir", "data.download_timeout")
 
 

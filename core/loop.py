@@ -15,12 +15,12 @@ import jax
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from core import checkpoint, config, mesh as mesh_lib
+from core import checkpoint, config, distributed, mesh as mesh_lib
 from core.errors import Diverged, UserError
 from core.metrics import MetricsLog
 from core.preempt import StopRequests
 from core.state import state_spec
-from core.step import compile_steps, lm_loss
+from core.step import compile_steps, first, lm_loss
 from data import text
 
 
@@ -70,6 +70,7 @@ def _prepare_out_dir(out_dir: str, fresh: bool) -> None:
 def run(cfg) -> dict:
     """Train as the composed config says; returns {"out_dir", "step", "val_loss", "stopped_by"}."""
     config.check(cfg)
+    distributed.initialize(cfg.distributed)
     cfg.out_dir = out_dir = resolve_out_dir(cfg)
     mesh = mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_batch(cfg.batch_size, mesh, cfg.optim.grad_accum)
@@ -78,6 +79,7 @@ def run(cfg) -> dict:
     spec = state_spec(cfg, corpus.vocab_size, mesh)
     meta = {"config": OmegaConf.to_container(cfg, resolve=True), "vocab": corpus.vocab}
     _prepare_out_dir(out_dir, fresh=not cfg.resume)
+    distributed.check_shared_dir(out_dir)
 
     mngr = checkpoint.manager(out_dir, cfg.keep_checkpoints)
     try:
@@ -108,21 +110,21 @@ def _train(cfg, mngr, mesh, corpus, spec, meta, start, state, stop) -> dict:
     log(f"{n_params / 1e6:.2f}M params, vocab {corpus.vocab_size}, mesh {dict(mesh.shape)}, "
         f"global batch {B} = {B // dp} per device x {dp} devices, out_dir {out_dir}")
 
-    train, evaluate = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=lm_loss,
-                                    lr_fn=spec.lr_fn, seed=cfg.seed, grad_accum=cfg.optim.grad_accum)
-    rows, batch_sh = mesh_lib.process_rows(B), mesh_lib.batch_sharding(mesh)
-    batch_at = lambda step: mesh_lib.global_batch(  # noqa: E731
-        text.train_batch(corpus, cfg.seed, step, B, block, rows), batch_sh)
-    eval_set = [mesh_lib.global_batch(text.eval_batch(corpus, cfg.data.eval_seed, i, B, block, rows), batch_sh)
+    runner = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=lm_loss,
+                           lr_fn=spec.lr_fn, seed=cfg.seed, grad_accum=cfg.optim.grad_accum, parallel=cfg.parallel)
+    rows = mesh_lib.process_rows(B)
+    batch_at = lambda step: runner.batch(text.train_batch(corpus, cfg.seed, step, B, block, rows))  # noqa: E731
+    eval_set = [runner.batch(text.eval_batch(corpus, cfg.data.eval_seed, i, B, block, rows))
                 for i in range(cfg.eval_batches)]
 
     last_ckpt = start if start else None
     known_bad = int(jax.device_get(state["nonfinite"]["count"]))
+    state = runner.put(state)
 
     def check_finite() -> None:
         """Host-side NaN check at log and checkpoint steps only: one scalar, no per-step sync."""
         nonlocal known_bad
-        bad = jax.device_get(state["nonfinite"])
+        bad = jax.device_get(runner.get(state["nonfinite"]))
         if int(bad["count"]) > known_bad:
             if cfg.on_nan == "stop":
                 where = f"step {last_ckpt} in {out_dir}" if last_ckpt else "none (the run had not saved yet)"
@@ -140,7 +142,7 @@ def _train(cfg, mngr, mesh, corpus, spec, meta, start, state, stop) -> dict:
     batch = batch_at(start)
     try:
         for step in range(start, cfg.steps):
-            state, step_metrics = train(state, batch)
+            state, step_metrics = runner.train(state, batch)
             done = step + 1
             stopping = stop.should_stop(done)
             if done < cfg.steps and not stopping:
@@ -149,7 +151,7 @@ def _train(cfg, mngr, mesh, corpus, spec, meta, start, state, stop) -> dict:
             final = done == cfg.steps or stopping
             if done % cfg.log_every == 0 or final:
                 # The log step's own values (as nanoGPT): a resumed run logs exactly the same curve.
-                row = {k: float(v) for k, v in jax.device_get(step_metrics).items()}  # the only host sync
+                row = {k: first(v) for k, v in jax.device_get(step_metrics).items()}  # the only host sync
                 now = time.perf_counter()
                 row["tokens_per_s"] = (done - step_last) * B * block / (now - t_last)
                 row["time_s"] = now - t_run
@@ -161,13 +163,13 @@ def _train(cfg, mngr, mesh, corpus, spec, meta, start, state, stop) -> dict:
                 step_last, t_last = done, now
                 check_finite()
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                losses = [evaluate(state["params"], state["rest"], b)["loss"] for b in eval_set]
-                val_loss = float(sum(jax.device_get(losses)) / len(losses))
+                losses = jax.device_get([runner.evaluate(state, b)["loss"] for b in eval_set])
+                val_loss = sum(first(x) for x in losses) / len(losses)
                 metrics_log.write(done, {"val_loss": val_loss, "time_s": time.perf_counter() - t_run})
                 log(f"step {done}: val_loss {val_loss:.4f}")
             if done % cfg.ckpt_every == 0 or final:
                 check_finite()
-                checkpoint.save(mngr, done, state, meta)
+                checkpoint.save(mngr, done, runner.get(state), meta)
                 last_ckpt = done
             if done % cfg.eval_every == 0 or done % cfg.ckpt_every == 0:
                 t_last = time.perf_counter()  # tokens/s counts training time only

@@ -4,10 +4,13 @@ State is a plain pytree: {"step", "params", "opt_state", "rest", "nonfinite"}; p
 model state such as batch-norm statistics) are pure dicts that `nnx.merge` turns back into
 the module inside the jitted function.
 """
+from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -23,20 +26,27 @@ def init_state(model_fn, tx, seed: int) -> dict:
             "nonfinite": {"count": zero, "last_step": zero}}  # steps skipped for a NaN/Inf, and the last
 
 
-def _loss_and_grads(state, batch, key, *, graphdef, loss_fn):
+def _loss_and_grads(state, batch, key, *, graphdef, loss_fn, axis_name=None):
     def loss_of(params, rest):
         model = nnx.merge(graphdef, params, rest)
         loss, metrics = loss_fn(model, batch, key)
         return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
 
     (loss, (metrics, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"], state["rest"])
+    if axis_name is not None:  # pmap: every device saw B/n rows; the mean over devices is the global mean
+        grads, metrics, rest = jax.lax.pmean((grads, metrics, rest), axis_name)
     return grads, metrics, rest
 
 
-def train_step(state, batch, *, graphdef, tx, loss_fn, lr_fn, seed: int, grad_accum: int = 1):
-    """One optimizer update from the global batch: (state, batch) -> (state, metrics). Pure."""
+def train_step(state, batch, *, graphdef, tx, loss_fn, lr_fn, seed: int, grad_accum: int = 1, axis_name=None):
+    """One optimizer update from the global batch: (state, batch) -> (state, metrics). Pure.
+
+    Under pmap (`axis_name` set) the same function runs per device on its rows of the batch.
+    """
     key = jax.random.fold_in(jax.random.key(seed), state["step"])
-    grads_of = partial(_loss_and_grads, graphdef=graphdef, loss_fn=loss_fn)
+    if axis_name is not None:  # dropout masks differ per device, as the rows they apply to do
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    grads_of = partial(_loss_and_grads, graphdef=graphdef, loss_fn=loss_fn, axis_name=axis_name)
     if grad_accum == 1:
         grads, metrics, rest = grads_of(state, batch, key)
     else:
@@ -71,22 +81,58 @@ def train_step(state, batch, *, graphdef, tx, loss_fn, lr_fn, seed: int, grad_ac
     return new_state, metrics
 
 
-def eval_step(params, rest, batch, *, graphdef, loss_fn):
+def eval_step(params, rest, batch, *, graphdef, loss_fn, axis_name=None):
     """Metrics of the deterministic model (no dropout, running statistics) on one batch."""
     _, metrics = loss_fn(nnx.merge(graphdef, params, rest), batch, None)
-    return metrics
+    return metrics if axis_name is None else jax.lax.pmean(metrics, axis_name)
 
 
-def compile_steps(mesh, state_sharding, *, graphdef, tx, loss_fn, lr_fn, seed, grad_accum):
-    """jit both steps once, with in/out shardings and the train state donated."""
+@dataclass
+class Runner:
+    """The compiled steps plus the state layout they want.
+
+    jit keeps the canonical state (sharded by the mesh rules); pmap keeps one replica per device
+    along a leading axis. `put`/`get` convert, so checkpoints and the loop see one format, and a
+    run can switch `parallel` between resumes. Metrics come back as scalars (jit) or one equal
+    value per device (pmap): read them with `first`.
+    """
+    train: Callable  # (state, batch) -> (state, metrics)
+    evaluate: Callable  # (state, batch) -> metrics
+    put: Callable  # canonical state -> runner layout
+    get: Callable  # runner layout (any subtree) -> canonical
+    batch: Callable  # process-local rows -> global batch in the runner's layout
+
+
+def first(x) -> float:
+    return float(np.ravel(x)[0])
+
+
+def compile_steps(mesh, state_sharding, *, graphdef, tx, loss_fn, lr_fn, seed, grad_accum, parallel="jit") -> Runner:
+    """Compile both steps once: jit with in/out shardings and the state donated, or pmap."""
     batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
-    train = jax.jit(
-        partial(train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn, lr_fn=lr_fn, seed=seed, grad_accum=grad_accum),
-        in_shardings=(state_sharding, batch_sh), out_shardings=(state_sharding, repl), donate_argnums=0)
-    evaluate = jax.jit(partial(eval_step, graphdef=graphdef, loss_fn=loss_fn),
-                       in_shardings=(state_sharding["params"], state_sharding["rest"], batch_sh),
-                       out_shardings=repl)
-    return train, evaluate
+    step = partial(train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn, lr_fn=lr_fn, seed=seed, grad_accum=grad_accum)
+    evaluate = partial(eval_step, graphdef=graphdef, loss_fn=loss_fn)
+    if parallel == "jit":
+        train = jax.jit(step, in_shardings=(state_sharding, batch_sh), out_shardings=(state_sharding, repl),
+                        donate_argnums=0)
+        ev = jax.jit(evaluate, in_shardings=(state_sharding["params"], state_sharding["rest"], batch_sh),
+                     out_shardings=repl)
+        identity = lambda t: t  # noqa: E731
+        return Runner(train, lambda s, b: ev(s["params"], s["rest"], b), identity, identity,
+                      partial(mesh_lib.global_batch, sharding=batch_sh))
+    n = mesh_lib.data_parallel_size(mesh)
+    axis = "batch"
+    train = jax.pmap(partial(step, axis_name=axis), axis_name=axis, donate_argnums=0)
+    ev = jax.pmap(partial(evaluate, axis_name=axis), axis_name=axis)
+    put = jax.jit(lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), t), out_shardings=batch_sh)
+    get = jax.jit(lambda t: jax.tree.map(lambda x: x[0], t), out_shardings=repl)
+    n_local = n // jax.process_count()
+
+    def batch(local_rows: dict) -> dict:
+        per_device = {k: v.reshape(n_local, -1, *v.shape[1:]) for k, v in local_rows.items()}
+        return mesh_lib.global_batch(per_device, batch_sh)
+
+    return Runner(train, lambda s, b: ev(s["params"], s["rest"], b), put, get, batch)
 
 
 def lm_loss(model, batch, key):

@@ -1,0 +1,52 @@
+"""Multi-host runs through JAX's own multi-controller runtime: one process per host, same command.
+
+`jax.distributed.initialize()` auto-detects TPU VMs and SLURM; elsewhere (and in the tests, with
+several local processes) the coordinator, process count and id are given explicitly.
+"""
+import os
+
+import jax
+import numpy as np
+
+from core.errors import UserError
+
+
+def initialize(cfg) -> None:
+    """Start the runtime once per process (a Hydra multirun calls this for every job)."""
+    if not cfg.enabled or jax.distributed.is_initialized():
+        return
+    explicit = {"coordinator_address": cfg.coordinator, "num_processes": cfg.num_processes,
+                "process_id": cfg.process_id}
+    given = {k: v for k, v in explicit.items() if v is not None}
+    if given and len(given) < 3:
+        raise UserError("distributed.coordinator, distributed.num_processes and distributed.process_id go "
+                        "together: give all three, or none to auto-detect (TPU VM, SLURM)")
+    try:
+        jax.distributed.initialize(**given, initialization_timeout=cfg.timeout_s)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise UserError(f"jax.distributed.initialize failed ({first}); check distributed.coordinator and that "
+                        f"every process was started with the same command") from None
+
+
+def check_shared_dir(out_dir: str) -> None:
+    """Every process must see the directory process 0 writes checkpoints to (a shared filesystem)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(np.random.randint(1, 2**31 - 1))))
+    probe = os.path.join(out_dir, f".shared_probe_{token}")
+    if jax.process_index() == 0:
+        with open(probe, "w") as f:
+            f.write(str(token))
+    multihost_utils.sync_global_devices("shared_probe_written")
+    seen = np.int32(os.path.exists(probe))
+    all_seen = multihost_utils.process_allgather(seen)
+    multihost_utils.sync_global_devices("shared_probe_read")
+    if jax.process_index() == 0:
+        os.remove(probe)
+    if not np.all(all_seen):
+        missing = [i for i, s in enumerate(np.ravel(all_seen)) if not s]
+        raise UserError(f"processes {missing} cannot see out_dir={out_dir}; put out_dir on a filesystem every "
+                        f"host mounts (NFS, GCS via gcsfuse)")

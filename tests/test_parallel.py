@@ -1,0 +1,114 @@
+"""Scale-out on 8 fake CPU devices: every layout follows the same curve; checkpoints move between them."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, compose, run_cli
+from core import metrics
+from core.errors import UserError
+from core.loop import run
+from core.state import load_run, state_spec
+from core import mesh as mesh_lib
+
+# d_model=64 makes the MLP and attention matrices big enough for the FSDP rule to shard them.
+BASE = ["+experiment=debug", "model.d_model=64", "steps=6", "log_every=1", "eval_every=100", "ckpt_every=100"]
+LAYOUTS = {
+    "1 device": ["mesh.data=1"],
+    "jit data=8": ["mesh.data=8"],
+    "jit data=4 x fsdp=2": ["mesh.data=4", "mesh.fsdp=2"],
+    "pmap over 8": ["parallel=pmap", "mesh.data=8"],
+}
+
+
+def losses(out_dir):
+    return np.array([r["train_loss"] for r in metrics.read(os.path.join(out_dir, "metrics.jsonl")) if "train_loss" in r])
+
+
+@pytest.fixture(scope="module")
+def curves(tmp_path_factory, text_file):
+    root = tmp_path_factory.mktemp("layouts")
+    out = {}
+    for name, extra in LAYOUTS.items():
+        d = str(root / name.replace(" ", "_").replace("=", ""))
+        run(compose(BASE + [f"data.path={text_file}", f"out_dir={d}"] + extra))
+        out[name] = (d, losses(d))
+    return out
+
+
+@pytest.mark.parametrize("name", [n for n in LAYOUTS if n != "1 device"])
+def test_every_layout_follows_the_single_device_curve(curves, name):
+    reference, curve = curves["1 device"][1], curves[name][1]
+    assert len(curve) == len(reference) == 6
+    np.testing.assert_allclose(curve, reference, atol=5e-6, rtol=0)
+
+
+def test_fsdp_really_shards_the_big_params():
+    cfg = compose(BASE + ["mesh.data=4", "mesh.fsdp=2"])
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    spec = state_spec(cfg, 65, mesh)
+    state = jax.jit(spec.make_state, out_shardings=spec.shardings)()
+    fc = state["params"]["blocks"]["fc"]["kernel"]  # (N, D, F) = (2, 64, 256)
+    assert "fsdp" in str(fc.sharding.spec)
+    assert fc.sharding.shard_shape(fc.shape) == (2, 64, 128)
+    mu = state["opt_state"][1][0].mu["blocks"]["fc"]["kernel"]  # Adam moments follow their params
+    assert mu.sharding.shard_shape(mu.shape) == (2, 64, 128)
+    scale = state["params"]["blocks"]["ln1"]["scale"]
+    assert scale.sharding.is_fully_replicated
+
+
+def test_checkpoint_from_8_devices_continues_on_1_and_4_with_the_same_losses(curves, tmp_path, text_file):
+    sharded_dir = curves["jit data=4 x fsdp=2"][0]
+    nexts = []
+    for extra in (["mesh.data=1"], ["mesh.data=4"], ["mesh.data=2", "mesh.fsdp=2"]):
+        d = str(tmp_path / "_".join(extra).replace("=", ""))
+        shutil.copytree(sharded_dir, d)
+        run(compose(BASE + [f"data.path={text_file}", f"out_dir={d}", "steps=8"] + extra))
+        nexts.append(losses(d)[-2:])
+    for other in nexts[1:]:
+        np.testing.assert_allclose(other, nexts[0], atol=5e-6, rtol=0)
+
+
+def test_sample_py_on_one_device_reads_a_sharded_checkpoint(curves):
+    proc = run_cli("sample.py", f"out_dir={curves['jit data=4 x fsdp=2'][0]}", "num_samples=2",
+                   "max_new_tokens=20", "temperature=0")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert len(proc.stdout.split("\n---\n")) == 2
+    assert load_run(curves["pmap over 8"][0]).step == 6  # pmap runs save the same checkpoint format
+
+
+def test_two_processes_follow_the_same_curve_as_one_process_with_as_many_devices(tmp_path, text_file):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [os.path.join(ROOT, "train.py"), *BASE, f"data.path={text_file}", "steps=8"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen([sys.executable, *args, f"out_dir={tmp_path / 'multi'}", "distributed.enabled=true",
+                               f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2",
+                               f"distributed.process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-1500:] + outs[1][1][-1500:]
+    assert "global batch 8 = 2 per device x 4 devices" in outs[0][1]
+    assert "step 8: val_loss" not in outs[1][1]  # only process 0 logs
+    single = subprocess.run([sys.executable, *args, f"out_dir={tmp_path / 'single'}"], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert single.returncode == 0, single.stderr[-1500:]
+    np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"), atol=5e-6, rtol=0)
+
+
+def test_layout_mistakes_are_user_errors(text_file):
+    with pytest.raises(UserError, match="not divisible by the 8 data-parallel devices"):
+        run(compose(BASE + [f"data.path={text_file}", "batch_size=12", "mesh.data=8"]))
+    with pytest.raises(UserError, match="does not fit the 8 devices"):
+        run(compose(BASE + [f"data.path={text_file}", "mesh.data=4", "mesh.fsdp=4"]))
+    with pytest.raises(UserError, match="needs mesh.fsdp=1"):
+        run(compose(BASE + [f"data.path={text_file}", "parallel=pmap", "mesh.fsdp=2", "mesh.data=4"]))
+    with pytest.raises(UserError, match="go together"):
+        run(compose(BASE + [f"data.path={text_file}", "distributed.enabled=true",
+                            "distributed.coordinator=127.0.0.1:1234"]))
