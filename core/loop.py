@@ -15,7 +15,7 @@ import jax
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from core import checkpoint, config, distributed, mesh as mesh_lib
+from core import checkpoint, config, distributed, mesh as mesh_lib, metrics
 from core.errors import Diverged, UserError
 from core.metrics import MetricsLog
 from core.preempt import StopRequests
@@ -34,11 +34,17 @@ def resolve_out_dir(cfg) -> str:
     return os.path.abspath(os.path.expanduser(cfg.out_dir or os.path.join("runs", cfg.name)))
 
 
-def _check_resumable(current_meta: dict, saved_meta: dict) -> None:
-    harmful, harmless = config.diff(saved_meta["config"], current_meta["config"])
+def _refuse_harmful_changes(saved: dict, current: dict) -> list[str]:
+    """The harmless keys changed since the checkpoint; a change that alters training is an error."""
+    harmful, harmless = config.diff(saved, current)
     if harmful:
         raise UserError(f"this run's config differs from its checkpoint in {', '.join(harmful)}; "
                         f"restore those values, or pass out_dir= (new run) or resume=false (start afresh)")
+    return harmless
+
+
+def _check_resumable(current_meta: dict, saved_meta: dict) -> None:
+    harmless = _refuse_harmful_changes(saved_meta["config"], current_meta["config"])
     if saved_meta["vocab"] != current_meta["vocab"]:
         raise UserError("the data's vocabulary differs from the checkpoint's; train on the same data "
                         "or pass out_dir= for a new run")
@@ -67,11 +73,39 @@ def _prepare_out_dir(out_dir: str, fresh: bool) -> None:
         raise UserError(f"cannot write to out_dir={out_dir} ({e.strerror}); choose a writable out_dir=") from None
 
 
+def _finished_step(cfg, out_dir: str):
+    """The step of a run that already reached `steps` (checked before any data is loaded), else None."""
+    if not cfg.resume or not os.path.isdir(checkpoint.ckpt_dir(out_dir)):
+        return None
+    mngr = checkpoint.manager(out_dir, read_only=True)
+    try:
+        step = mngr.latest_step()
+        if step is None or step < cfg.steps:
+            return None
+        saved = checkpoint.read_meta(mngr, step)["config"]
+    except Exception:  # noqa: BLE001 - a damaged checkpoint: the full restore path reports it
+        return None
+    finally:
+        mngr.close()
+    _refuse_harmful_changes(saved, OmegaConf.to_container(cfg, resolve=True))
+    return step
+
+
+def _last_val_loss(out_dir: str):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    rows = [r for r in metrics.read(path) if "val_loss" in r] if os.path.exists(path) else []
+    return rows[-1]["val_loss"] if rows else None
+
+
 def run(cfg) -> dict:
     """Train as the composed config says; returns {"out_dir", "step", "val_loss", "stopped_by"}."""
     config.check(cfg)
     distributed.initialize(cfg.distributed)
     cfg.out_dir = out_dir = resolve_out_dir(cfg)
+    done = _finished_step(cfg, out_dir)
+    if done is not None:
+        log(f"run in {out_dir} is already at step {done} (steps={cfg.steps}); raise steps= to train further")
+        return {"out_dir": out_dir, "step": done, "val_loss": _last_val_loss(out_dir), "stopped_by": None}
     mesh = mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_batch(cfg.batch_size, mesh, cfg.optim.grad_accum)
     corpus = text.load_corpus(cfg.data)
@@ -90,9 +124,8 @@ def run(cfg) -> dict:
             log(f"resuming from step {start} in {out_dir}")
         else:
             start, state = 0, jax.jit(spec.make_state, out_shardings=spec.shardings)()
-        if start >= cfg.steps:
-            log(f"run in {out_dir} is already at step {start} (steps={cfg.steps}); raise steps= to train further")
-            return {"out_dir": out_dir, "step": start, "val_loss": None, "stopped_by": None}
+        if start >= cfg.steps:  # the newest checkpoint was unreadable and an older one suffices
+            return {"out_dir": out_dir, "step": start, "val_loss": _last_val_loss(out_dir), "stopped_by": None}
         if jax.process_index() == 0:
             OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"), resolve=True)
             log(OmegaConf.to_yaml(cfg, resolve=True).rstrip())

@@ -1,0 +1,73 @@
+"""Sweeps: Hydra multirun jobs get their own directories, failures are recorded, reruns skip, reports read."""
+import csv
+import os
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+SWEEP = ["-m", "+experiment=debug", "steps=6", "eval_every=3", "ckpt_every=3", "log_every=3", "eval_batches=1"]
+
+
+def job_dirs(root):
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, text_file):
+    root = str(tmp_path_factory.mktemp("sweep"))
+    args = SWEEP + [f"data.path={text_file}", f"hydra.sweep.dir={root}", "optim.lr=1e-3,3e-3", "seed=0,1"]
+    first = run_cli("train.py", *args)
+    return root, args, first
+
+
+def test_a_2x2_sweep_gives_four_run_dirs_named_by_their_overrides(sweep):
+    root, _, first = sweep
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert job_dirs(root) == ["optim.lr=0.001,seed=0", "optim.lr=0.001,seed=1",
+                              "optim.lr=0.003,seed=0", "optim.lr=0.003,seed=1"]
+    for d in job_dirs(root):
+        rows = open(os.path.join(root, d, "metrics.jsonl")).read().splitlines()
+        assert any('"val_loss"' in r for r in rows)
+    losses = {open(os.path.join(root, d, "metrics.jsonl")).read() for d in job_dirs(root)}
+    assert len(losses) == 4  # every job trained its own config (no state shared between jobs)
+
+
+def test_rerunning_the_sweep_skips_finished_jobs(sweep):
+    root, args, _ = sweep
+    again = run_cli("train.py", *args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stderr.count("is already at step 6") == 4 and "done: step" not in again.stderr
+
+
+def test_a_failing_job_is_recorded_and_the_others_finish(tmp_path, text_file):
+    root = str(tmp_path)
+    # d_model=18 with 4 heads is the one invalid combination of the four.
+    args = SWEEP + [f"data.path={text_file}", f"hydra.sweep.dir={root}", "model.d_model=16,18", "model.n_heads=2,4"]
+    proc = run_cli("train.py", *args)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "1 sweep job(s) failed" in proc.stderr
+    failed = [d for d in job_dirs(root) if os.path.exists(os.path.join(root, d, "FAILED"))]
+    assert failed == ["model.d_model=18,model.n_heads=4"]
+    assert "not divisible by model.n_heads=4" in open(os.path.join(root, failed[0], "FAILED")).read()
+    finished = [d for d in job_dirs(root) if os.path.exists(os.path.join(root, d, "checkpoints", "6"))]
+    assert len(finished) == 3
+
+
+def test_report_ranks_the_runs_and_plots_their_curves(sweep):
+    root, _, _ = sweep
+    proc = run_cli("report.py", root)
+    assert proc.returncode == 0, proc.stderr
+    with open(os.path.join(root, "report.csv")) as f:
+        table = list(csv.DictReader(f))
+    assert sorted(r["run"] for r in table) == job_dirs(root)
+    best = [float(r["best_val_loss"]) for r in table]
+    assert best == sorted(best) and all(r["status"] == "done" and r["steps"] == "6" for r in table)
+    assert proc.stdout.splitlines()[0].startswith("| run | status | final_val_loss")
+    with open(os.path.join(root, "val_curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(os.path.join(root, "val_curves.png")) as image:
+        assert image.size == (800, 500)
+    assert run_cli("report.py", os.path.join(root, "nope")).returncode == 2
