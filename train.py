@@ -44,12 +44,17 @@ def main(cfg) -> float | None:
     if os.path.exists(os.path.join(out_dir, "FAILED")):
         os.remove(os.path.join(out_dir, "FAILED"))  # this attempt decides anew
     try:
-        return run(cfg)["val_loss"]
+        result = run(cfg)
     except UserError as e:
         _record_failure(out_dir, f"error: {e}\n")
     except Exception:  # noqa: BLE001 - one job's crash must not end the sweep
         _record_failure(out_dir, traceback.format_exc())
-    return None
+    else:
+        if result["stopped_by"]:  # SIGTERM/Ctrl-C stops the whole sweep, not just this job
+            print(f"sweep stopped by {result['stopped_by']}; rerun the same command to resume it", file=sys.stderr)
+            sys.exit(0)
+        return result["val_loss"]
+    return float("nan")  # what sweepers such as Optuna read as a failed trial
 
 
 if __name__ == "__main__":

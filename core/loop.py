@@ -102,12 +102,12 @@ def run(cfg) -> dict:
     config.check(cfg)
     distributed.initialize(cfg.distributed)
     cfg.out_dir = out_dir = resolve_out_dir(cfg)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh_lib.check_batch(cfg.batch_size, mesh, cfg.optim.grad_accum)
     done = _finished_step(cfg, out_dir)
     if done is not None:
         log(f"run in {out_dir} is already at step {done} (steps={cfg.steps}); raise steps= to train further")
         return {"out_dir": out_dir, "step": done, "val_loss": _last_val_loss(out_dir), "stopped_by": None}
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    mesh_lib.check_batch(cfg.batch_size, mesh, cfg.optim.grad_accum)
     corpus = text.load_corpus(cfg.data)
     text.check_fits(corpus, cfg.model.block_size)
     spec = state_spec(cfg, corpus.vocab_size, mesh)

@@ -29,6 +29,7 @@ def one_line_error(proc):
     (["+experiment=nope"], "available: debug, shakespeare_char, shakespeare_char_cpu"),
     (["experiment=debug"], "+experiment=NAME"),
     (["model=nope"], "unknown model 'nope'; available: transformer"),
+    (["data=nope"], "unknown data 'nope'; available: text"),
     (["steps=abc"], "could not be converted to Integer (key 'steps')"),
 ])
 def test_bad_overrides_fail_at_compose_time(args, expected, tmp_path):
@@ -55,6 +56,39 @@ def test_bad_values_fail_before_anything_is_written(args, expected, tmp_path, te
     assert not os.path.exists(tmp_path / "run")
 
 
+def _file(tmp_path, name, content: bytes):
+    path = tmp_path / name
+    path.write_bytes(content)
+    return str(path)
+
+
+# The same mistakes, in-process (no interpreter start-up each): each raises the UserError that
+# train.py prints as one line with exit 2, before anything is compiled or written.
+@pytest.mark.parametrize("overrides, expected", [
+    (["batch_size=0"], "batch_size=0 must be a positive integer"),
+    (["batch_size=-4"], "batch_size=-4 must be a positive integer"),
+    (["steps=-1"], "steps=-1 must be a positive integer"),
+    (["on_nan=ignore"], "on_nan=ignore must be 'stop' or 'skip'"),
+    (["parallel=vmap"], "parallel=vmap must be 'jit' or 'pmap'"),
+    (["model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1)"),
+    (["model.dtype=int8"], "model.dtype=int8 must be float32, bfloat16 or float16"),
+    (["data.path=EMPTY"], "is empty"),
+    (["data.path=BINARY"], "is not UTF-8"),
+    (["data.val_fraction=1.5"], "data.val_fraction=1.5 must be in (0, 1)"),
+])
+def test_bad_input_table(overrides, expected, tmp_path, text_file):
+    from conftest import TINY, compose
+    from core.errors import UserError
+    from core.loop import run
+
+    files = {"EMPTY": _file(tmp_path, "empty.txt", b""), "BINARY": _file(tmp_path, "bin.txt", b"\xff\xfe\x00\x80")}
+    overrides = [o.split("=")[0] + "=" + files.get(o.split("=")[1], o.split("=")[1]) for o in overrides]
+    with pytest.raises(UserError) as error:
+        run(compose(TINY + [f"data.path={text_file}", f"out_dir={tmp_path}/run"] + overrides))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_block_size_larger_than_the_data(tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("hello world\n" * 3)
@@ -67,6 +101,7 @@ def test_block_size_larger_than_the_data(tmp_path):
     ([], "pass out_dir=DIR"),
     (["out_dir=.", "top_p=1.5"], "top_p=1.5 must be in (0, 1]"),
     (["out_dir=.", "temperature=-1"], "temperature=-1.0 must be >= 0"),
+    (["out_dir=.", "top_k=-5"], "top_k=-5 must be >= 0"),
     (["out_dir=.", "tempreature=1"], "unknown config key 'tempreature'"),
 ])
 def test_sample_py_bad_input(args, expected):

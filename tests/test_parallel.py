@@ -102,7 +102,8 @@ def test_two_processes_follow_the_same_curve_as_one_process_with_as_many_devices
     np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"), atol=5e-6, rtol=0)
 
 
-def test_layout_mistakes_are_user_errors(text_file):
+def test_layout_mistakes_are_user_errors(text_file, tmp_path):
+    BASE = globals()["BASE"] + [f"out_dir={tmp_path}/run"]  # noqa: N806
     with pytest.raises(UserError, match="not divisible by the 8 data-parallel devices"):
         run(compose(BASE + [f"data.path={text_file}", "batch_size=12", "mesh.data=8"]))
     with pytest.raises(UserError, match="does not fit the 8 devices"):

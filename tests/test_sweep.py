@@ -71,3 +71,39 @@ def test_report_ranks_the_runs_and_plots_their_curves(sweep):
     with Image.open(os.path.join(root, "val_curves.png")) as image:
         assert image.size == (800, 500)
     assert run_cli("report.py", os.path.join(root, "nope")).returncode == 2
+
+
+# Run a sweep, but have the second job's process get SIGTERM while it builds the batch of step 3.
+SIGTERM_IN_SECOND_JOB = """
+import os, signal, sys
+sys.argv = sys.argv[1:]
+from data import text
+orig, jobs = text.train_batch, []
+def train_batch(corpus, seed, step, *a, **k):
+    if step == 0:
+        jobs.append(seed)
+    if len(jobs) == 2 and step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return orig(corpus, seed, step, *a, **k)
+text.train_batch = train_batch
+exec(open("train.py").read())
+"""
+
+
+def test_a_sweep_killed_part_way_resumes_where_it_stopped(tmp_path, text_file):
+    import subprocess
+    import sys
+
+    root = str(tmp_path)
+    args = SWEEP + [f"data.path={text_file}", f"hydra.sweep.dir={root}", "seed=0,1,2"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    killed = subprocess.run([sys.executable, "-c", SIGTERM_IN_SECOND_JOB, "train.py", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 0, killed.stderr[-2000:]
+    assert "sweep stopped by SIGTERM; rerun the same command to resume it" in killed.stderr
+    assert job_dirs(root) == ["seed=0", "seed=1"]  # the third job never started
+    assert os.path.isdir(os.path.join(root, "seed=1", "checkpoints", "4"))
+    again = run_cli("train.py", *args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "seed=0 is already at step 6" in again.stderr and "resuming from step 4" in again.stderr
+    assert all(os.path.isdir(os.path.join(root, d, "checkpoints", "6")) for d in ["seed=0", "seed=1", "seed=2"])

@@ -108,6 +108,8 @@ def test_sample_py_works_from_the_run_directory_alone(tmp_path, text_file):
     assert hot.returncode == 0 and len(hot.stdout.split("\n---\n")) == 2
     assert json.loads(json.dumps(hot.stdout))  # plain text on stdout, nothing else
     assert "sampling from step 10" in hot.stderr and "sampling" not in hot.stdout
+    outside = run_cli("sample.py", f"out_dir={moved}", "prompt='the€'")
+    assert outside.returncode == 2 and "characters '€' are not in the model's vocabulary" in outside.stderr
 
 
 def test_weight_decay_hits_matrices_only_including_layer_stacked_ones():
