@@ -22,16 +22,18 @@ from data import text
 orig = text.train_batch
 def train_batch(corpus, seed, step, *a, **k):
     if step == {step}:
-        os.kill(os.getpid(), signal.{signal})
+        for sig in {signals}:
+            os.kill(os.getpid(), getattr(signal, sig))
     return orig(corpus, seed, step, *a, **k)
 text.train_batch = train_batch
 exec(open("train.py").read())
 """
 
 
-def train_with_signal_at(step, sig, *args):
+def train_with_signal_at(step, signals, *args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP.format(step=step, signal=sig), "train.py", *args],
+    code = SIGNAL_AT_STEP.format(step=step, signals=list(signals))
+    return subprocess.run([sys.executable, "-c", code, "train.py", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -57,7 +59,8 @@ def test_sigterm_saves_at_that_step_exits_0_and_resumes_exactly(reference, tmp_p
     ref_dir, args = reference
     out = tmp_path / "run"
     # The signal lands while step 11 runs (its batch is being built): the run stops once it is done.
-    proc = train_with_signal_at(11, "SIGTERM", *args, f"out_dir={out}")
+    # A second signal (SIGINT) right after the first only repeats the request: one clean stop.
+    proc = train_with_signal_at(11, ["SIGTERM", "SIGINT"], *args, f"out_dir={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stopped by SIGTERM at step 12" in proc.stderr and "rerun the same command to resume" in proc.stderr
     assert 12 in checkpoint.manager(str(out), read_only=True).all_steps()
@@ -72,7 +75,7 @@ def test_sigterm_saves_at_that_step_exits_0_and_resumes_exactly(reference, tmp_p
 def test_sigkill_then_rerun_equals_uninterrupted(reference, tmp_path):
     ref_dir, args = reference
     out = tmp_path / "run"
-    assert train_with_signal_at(19, "SIGKILL", *args, f"out_dir={out}").returncode == -signal.SIGKILL
+    assert train_with_signal_at(19, ["SIGKILL"], *args, f"out_dir={out}").returncode == -signal.SIGKILL
     resumed = run_cli("train.py", *args, f"out_dir={out}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from step 16" in resumed.stderr or "resuming from step 8" in resumed.stderr

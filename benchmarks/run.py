@@ -1,0 +1,177 @@
+"""Speed of the pieces a researcher waits on: `python benchmarks/run.py [--quick] [--out FILE]`.
+
+Prints a table and writes JSON (machine, versions, command, every figure). Measures:
+- the fp32 matmul rate of this machine (best of several large jnp.dot), the ceiling for MFU;
+- train throughput and MFU of the CPU Shakespeare config and the GPU one (fewer steps), with
+  model FLOPs per token from the PaLM appendix, 6N + 12*L*T*D (N non-embedding params), and
+  the causal-halved 6N + 6*L*T*D beside it;
+- the sampler: new tokens/s at batch 1 and 16, KV-cached scan vs uncached recompute, prefill;
+- checkpoint overhead: the share of wall time the loop is blocked by saving, async vs sync.
+Speed is reported here, never asserted in tests.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from core import checkpoint, config, mesh as mesh_lib  # noqa: E402
+from core.sampler import compile_generate  # noqa: E402
+from core.state import state_spec  # noqa: E402
+from core.step import compile_steps, lm_loss  # noqa: E402
+
+config.register()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 65
+
+
+def cfg_of(experiment, *overrides):
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
+        return compose(config_name="train", overrides=[f"+experiment={experiment}", "mesh.data=1", *overrides])
+
+
+def matmul_rate(n=2048, repeats=10) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    best = min(_timed(lambda: dot(a, a).block_until_ready()) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def flops_per_token(cfg) -> tuple[float, float]:
+    m = cfg.model
+    D, L, T = m.d_model, m.n_layers, m.block_size
+    n_non_embedding = L * (4 * D * D + 2 * m.mlp_ratio * D * D)  # attention + MLP matrices
+    return 6 * n_non_embedding + 12 * L * T * D, 6 * n_non_embedding + 6 * L * T * D
+
+
+def _setup(cfg):
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    spec = state_spec(cfg, VOCAB, mesh)
+    runner = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=lm_loss,
+                           lr_fn=spec.lr_fn, seed=0, grad_accum=1)
+    state = jax.jit(spec.make_state, out_shardings=spec.shardings)()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, VOCAB, size=(4, cfg.batch_size, cfg.model.block_size + 1)).astype(np.int32)
+    batches = [runner.batch({"x": t[:, :-1], "y": t[:, 1:]}) for t in tokens]
+    return spec, runner, state, batches
+
+
+def train_throughput(cfg, steps: int, peak: float) -> dict:
+    spec, runner, state, batches = _setup(cfg)
+    t0 = time.perf_counter()
+    state, m = runner.train(state, batches[0])
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    for i in range(3):
+        state, m = runner.train(state, batches[i % 4])
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        state, m = runner.train(state, batches[i % 4])
+    jax.block_until_ready((state, m))
+    step_s = (time.perf_counter() - t0) / steps
+    tokens = cfg.batch_size * cfg.model.block_size
+    fpt, fpt_causal = flops_per_token(cfg)
+    return {"step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s, "compile_s": compile_s,
+            "mfu": fpt * tokens / step_s / peak, "mfu_causal": fpt_causal * tokens / step_s / peak}
+
+
+def sampler_speed(cfg, batch: int, new_tokens: int, cached: bool) -> dict:
+    spec = state_spec(cfg, VOCAB, mesh_lib.make_mesh(cfg.mesh))
+    state = jax.jit(spec.make_state)()
+    gen = compile_generate(spec.graphdef, cached=cached, max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0)
+    prompt = jnp.zeros((batch, 1), jnp.int32)
+    gen(state["params"], state["rest"], prompt, jax.random.key(0)).block_until_ready()
+    best = min(_timed(lambda: gen(state["params"], state["rest"], prompt, jax.random.key(1)).block_until_ready())
+               for _ in range(3))
+    out = {"new_tokens_per_s": batch * new_tokens / best, "seconds": best}
+    if cached:  # prefill of a full block, alone
+        model = nnx.merge(spec.graphdef, state["params"], state["rest"])
+        full = jnp.zeros((batch, cfg.model.block_size), jnp.int32)
+        prefill = jax.jit(lambda p: model(p, cache=model.init_cache(batch), pos=0)[0])
+        prefill(full).block_until_ready()
+        out["prefill_ms"] = 1e3 * min(_timed(lambda: prefill(full).block_until_ready()) for _ in range(5))
+    return out
+
+
+def checkpoint_overhead(cfg, steps: int, every: int) -> dict:
+    spec, runner, state, batches = _setup(cfg)
+    out = {}
+    for mode in ("async", "sync"):
+        with tempfile.TemporaryDirectory() as d:
+            mngr = checkpoint.manager(d, keep=2)
+            blocked, t0 = 0.0, time.perf_counter()
+            for i in range(1, steps + 1):
+                state, m = runner.train(state, batches[i % 4])
+                if i % every == 0:
+                    jax.block_until_ready(state)  # waiting for the step itself is not saving
+                    t = time.perf_counter()
+                    checkpoint.save(mngr, i, state, {"config": {}, "vocab": ""})
+                    if mode == "sync":
+                        checkpoint.wait(mngr)
+                    blocked += time.perf_counter() - t
+            jax.block_until_ready(state)
+            checkpoint.wait(mngr)
+            wall = time.perf_counter() - t0
+            mngr.close()
+        out[mode] = {"blocked_share": blocked / wall, "wall_s": wall}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run of the suite)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results.json"))
+    args = parser.parse_args()
+    q = args.quick
+    peak = matmul_rate()
+    results = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "devices": [str(d) for d in jax.devices()]},
+        "versions": {"jax": jax.__version__, "flax": __import__("flax").__version__, "python": platform.python_version()},
+        "matmul_gflops": peak / 1e9,
+        "train": {
+            "shakespeare_char_cpu": train_throughput(cfg_of("shakespeare_char_cpu"), 10 if q else 60, peak),
+            "shakespeare_char": train_throughput(cfg_of("shakespeare_char", "model.dropout=0"), 1 if q else 3, peak),
+        },
+        "sampler": {f"{'cached' if c else 'uncached'}_batch{b}": sampler_speed(cfg_of("shakespeare_char_cpu"), b,
+                                                                                   100 if q else 500, c)
+                    for b in (1, 16) for c in (True, False)},
+        "checkpoint": checkpoint_overhead(cfg_of("shakespeare_char_cpu"), 50 if q else 500, 10 if q else 250),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"fp32 matmul: {results['matmul_gflops']:.0f} GFLOP/s ({results['machine']['cpus']} CPUs, jax {jax.__version__})")
+    print("| train config | ms/step | tokens/s | MFU (6N+12LTD) | MFU causal | compile s |\n|---|---|---|---|---|---|")
+    for name, r in results["train"].items():
+        print(f"| {name} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
+              f"{100 * r['mfu_causal']:.1f}% | {r['compile_s']:.1f} |")
+    print("| sampler (CPU config) | new tokens/s | prefill ms |\n|---|---|---|")
+    for name, r in results["sampler"].items():
+        print(f"| {name} | {r['new_tokens_per_s']:.0f} | {r.get('prefill_ms', float('nan')):.2f} |")
+    for mode, r in results["checkpoint"].items():
+        print(f"checkpoint {mode}: {100 * r['blocked_share']:.2f}% of wall time blocked on saving")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
