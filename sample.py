@@ -33,6 +33,7 @@ def main(cfg) -> None:
         check(cfg)
         import jax
         import numpy as np
+        from flax import nnx
 
         from core.sampler import compile_generate
         from core.state import load_run
@@ -43,13 +44,10 @@ def main(cfg) -> None:
             raise UserError(f"{cfg.out_dir} holds a {run.cfg.model.family} model, which does not generate text")
         prompt_P = encode(cfg.prompt, run.vocab)
         print(f"sampling from step {run.step} of {cfg.out_dir}", file=sys.stderr)
-        from flax import nnx
-
-        graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
-        generate = compile_generate(graphdef, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                    top_k=cfg.top_k, top_p=cfg.top_p)
+        generate = compile_generate(nnx.graphdef(run.model), max_new_tokens=cfg.max_new_tokens,
+                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         prompt_BP = np.broadcast_to(prompt_P, (cfg.num_samples, len(prompt_P)))
-        tokens_BN = jax.device_get(generate(nnx.to_pure_dict(params), nnx.to_pure_dict(rest), prompt_BP,
+        tokens_BN = jax.device_get(generate(run.state["params"], run.state["rest"], prompt_BP,
                                             jax.random.key(cfg.seed)))
         samples = [cfg.prompt + decode(row, run.vocab) for row in tokens_BN]
         sys.stdout.write("\n---\n".join(samples) + "\n")

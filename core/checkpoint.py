@@ -13,7 +13,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 ITEMS = ("state", "meta")
 
@@ -32,8 +32,7 @@ def manager(out_dir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
 
 
 def _disk_error(mngr, e: Exception) -> UserError:
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    return UserError(f"writing a checkpoint to {mngr.directory} failed ({first}); free disk space or fix "
+    return UserError(f"writing a checkpoint to {mngr.directory} failed ({first_line(e)}); free disk space or fix "
                      f"permissions, then rerun to resume from the last complete checkpoint")
 
 
@@ -120,7 +119,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target, check_meta=None, step: i
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint surfaces as many error types
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            first = first_line(e, 160)
             if "structures do not match" in first or "shape" in first.lower():
                 raise UserError(f"checkpoint step {s} in {mngr.directory} holds a differently shaped train state "
                                 f"({first.rstrip(':')}); it was written by another model or code version: "

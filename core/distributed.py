@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 
 def initialize(cfg) -> None:
@@ -24,8 +24,7 @@ def initialize(cfg) -> None:
     try:
         jax.distributed.initialize(**given, initialization_timeout=cfg.timeout_s)
     except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:200]
-        raise UserError(f"jax.distributed.initialize failed ({first}); check distributed.coordinator and that "
+        raise UserError(f"jax.distributed.initialize failed ({first_line(e)}); check distributed.coordinator and that "
                         f"every process was started with the same command") from None
 
 

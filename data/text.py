@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 
@@ -81,8 +81,7 @@ def _tfds_texts(cfg) -> tuple[str, str]:
         raise UserError(f"TFDS dataset {cfg.tfds_name!r} did not download within "
                         f"{cfg.download_timeout:.0f}s (offline?); {hint}")
     if error:
-        first_line = str(error[0]).strip().splitlines()[0][:200] if str(error[0]).strip() else type(error[0]).__name__
-        raise UserError(f"TFDS dataset {cfg.tfds_name!r} could not be prepared ({first_line}); {hint}")
+        raise UserError(f"TFDS dataset {cfg.tfds_name!r} could not be prepared ({first_line(error[0])}); {hint}")
     texts = []
     for split in ("train", "validation"):
         source = builder.as_data_source(split=split)
