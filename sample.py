@@ -1,4 +1,7 @@
-"""Sample from a training run: `python sample.py out_dir=runs/NAME [num_samples=3 max_new_tokens=500 ...]`.
+"""Sample from a language-model run (transformer or RNN): `python sample.py out_dir=runs/NAME [...]`.
+
+The same jitted scan sampler drives both: the transformer's KV cache and the RNN's recurrent
+carry are each the model's `cache`; the prompt is consumed first, then one token per scan step.
 
 Only the samples go to stdout, separated by lines `---`; logs go to stderr.
 """
@@ -40,8 +43,9 @@ def main(cfg) -> None:
         from data.text import decode, encode
 
         run = load_run(cfg.out_dir, cfg.step)
-        if run.cfg.model.family not in ("transformer",):
-            raise UserError(f"{cfg.out_dir} holds a {run.cfg.model.family} model, which does not generate text")
+        if run.meta.get("task", "lm") != "lm":
+            raise UserError(f"{cfg.out_dir} holds a {run.cfg.model.family} model trained on data={run.cfg.data.kind}, "
+                            f"which does not generate text; sample from a language-model run (data=text)")
         prompt_P = encode(cfg.prompt, run.vocab)
         print(f"sampling from step {run.step} of {cfg.out_dir}", file=sys.stderr)
         generate = compile_generate(nnx.graphdef(run.model), max_new_tokens=cfg.max_new_tokens,

@@ -28,7 +28,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from core import checkpoint, config, mesh as mesh_lib  # noqa: E402
 from core.sampler import compile_generate  # noqa: E402
 from core.state import state_spec  # noqa: E402
-from core.step import compile_steps, lm_loss  # noqa: E402
+from core.step import compile_steps  # noqa: E402
+from core.task import lm_loss  # noqa: E402
 
 config.register()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +64,7 @@ def flops_per_token(cfg) -> tuple[float, float]:
 
 def _setup(cfg):
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    spec = state_spec(cfg, VOCAB, mesh)
+    spec = state_spec(cfg, {"vocab_size": VOCAB}, mesh)
     runner = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=lm_loss,
                            lr_fn=spec.lr_fn, seed=0, grad_accum=1)
     state = jax.jit(spec.make_state, out_shardings=spec.shardings)()
@@ -94,7 +95,7 @@ def train_throughput(cfg, steps: int, peak: float) -> dict:
 
 
 def sampler_speed(cfg, batch: int, new_tokens: int, cached: bool) -> dict:
-    spec = state_spec(cfg, VOCAB, mesh_lib.make_mesh(cfg.mesh))
+    spec = state_spec(cfg, {"vocab_size": VOCAB}, mesh_lib.make_mesh(cfg.mesh))
     state = jax.jit(spec.make_state)()
     gen = compile_generate(spec.graphdef, cached=cached, max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0)
     prompt = jnp.zeros((batch, 1), jnp.int32)

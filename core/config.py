@@ -1,7 +1,7 @@
 """Typed config schemas, registered in Hydra's ConfigStore so a typo'd key fails at compose time."""
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -24,6 +24,33 @@ class TransformerConfig:
 
 
 @dataclass
+class CNNConfig:
+    family: str = "cnn"
+    # The classic CIFAR-10 network: conv 32 -> pool -> conv 64 -> pool -> conv 64 -> dense 64 -> classes.
+    channels: List[int] = field(default_factory=lambda: [32, 64, 64])
+    pool: List[bool] = field(default_factory=lambda: [True, True, False])  # 2x2 max-pool after conv i
+    kernel_size: int = 3
+    stride: int = 1
+    padding: str = "VALID"  # or SAME
+    batch_norm: bool = False  # after each conv; statistics live in the state's `rest`
+    activation: str = "relu"  # relu | gelu | tanh | silu
+    dense: List[int] = field(default_factory=lambda: [64])  # hidden dense layers before the classifier
+    dropout: float = 0.0  # before each dense layer
+    dtype: str = "float32"
+
+
+@dataclass
+class RNNConfig:
+    family: str = "rnn"
+    cell: str = "lstm"  # lstm | gru
+    n_layers: int = 2
+    d_hidden: int = 256
+    dropout: float = 0.0  # between layers and before the head
+    block_size: int = 128  # training window (truncated BPTT); sampling runs for any length
+    dtype: str = "float32"
+
+
+@dataclass
 class TextDataConfig:
     kind: str = "text"
     path: Optional[str] = None  # a local UTF-8 file; None means TFDS `tfds_name`
@@ -32,6 +59,27 @@ class TextDataConfig:
     download_timeout: float = 60.0
     val_fraction: float = 0.1  # for local files: the last fraction of the text is validation
     eval_seed: int = 1234  # validation windows are fixed by this, not by the run's seed
+
+
+@dataclass
+class ImageDataConfig:
+    kind: str = "images"
+    path: Optional[str] = None  # FILE.npz with x_train/y_train/x_test/y_test, or x/y; None: TFDS `tfds_name`
+    tfds_name: str = "cifar10"  # or mnist, fashion_mnist (anything with image/label features)
+    tfds_data_dir: Optional[str] = None
+    download_timeout: float = 60.0
+    val_fraction: float = 0.1  # for an .npz holding only x, y: the last fraction is validation
+    augment: bool = False  # random crop (padding 4) and horizontal flip, keyed on (seed, step)
+    crop_padding: int = 4
+
+
+@dataclass
+class SeriesDataConfig:
+    kind: str = "series"
+    # Generated noisy sines (random frequency, phase and amplitude per window of model.block_size + 1
+    # values), so sequence regression runs offline: predict x[t+1] from x[..t] at every t.
+    noise: float = 0.05
+    eval_seed: int = 1234
 
 
 @dataclass
@@ -105,7 +153,11 @@ def register() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(group="model", name="transformer_schema", node=TransformerConfig)
+    cs.store(group="model", name="cnn_schema", node=CNNConfig)
+    cs.store(group="model", name="rnn_schema", node=RNNConfig)
     cs.store(group="data", name="text_schema", node=TextDataConfig)
+    cs.store(group="data", name="images_schema", node=ImageDataConfig)
+    cs.store(group="data", name="series_schema", node=SeriesDataConfig)
     cs.store(group="optim", name="adamw_schema", node=OptimConfig)
 
 
@@ -122,23 +174,39 @@ def check(cfg) -> None:
     if cfg.on_nan not in ("stop", "skip"):
         raise UserError(f"on_nan={cfg.on_nan} must be 'stop' or 'skip'")
     m, o = cfg.model, cfg.optim
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"model.dtype={m.dtype} must be float32, bfloat16 or float16")
     if m.family == "transformer":
         if m.d_model % m.n_heads:
             raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
         if m.block_size <= 0 or m.n_layers <= 0:
             raise UserError("model.block_size and model.n_layers must be positive")
-        if not 0.0 <= m.dropout < 1.0:
-            raise UserError(f"model.dropout={m.dropout} must be in [0, 1)")
-        if m.dtype not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"model.dtype={m.dtype} must be float32, bfloat16 or float16")
+    elif m.family == "rnn":
+        if m.cell not in ("lstm", "gru"):
+            raise UserError(f"model.cell={m.cell} must be 'lstm' or 'gru'")
+        if m.block_size <= 0 or m.n_layers <= 0 or m.d_hidden <= 0:
+            raise UserError("model.block_size, model.n_layers and model.d_hidden must be positive")
+    elif m.family == "cnn":
+        if len(m.pool) != len(m.channels) or not m.channels:
+            raise UserError(f"model.pool has {len(m.pool)} entries for {len(m.channels)} model.channels; "
+                            f"give one true/false per conv layer")
+        if m.padding not in ("VALID", "SAME"):
+            raise UserError(f"model.padding={m.padding} must be VALID or SAME")
+        if m.activation not in ACTIVATIONS:
+            raise UserError(f"model.activation={m.activation} must be one of {', '.join(ACTIVATIONS)}")
+        if min([m.kernel_size, m.stride, *m.channels, *m.dense]) <= 0:
+            raise UserError("model.kernel_size, model.stride, model.channels and model.dense must be positive")
     if o.grad_accum <= 0 or cfg.batch_size % o.grad_accum:
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by optim.grad_accum={o.grad_accum}")
     if o.lr <= 0 or o.min_lr < 0 or o.warmup_steps < 0:
         raise UserError("optim.lr must be > 0, optim.min_lr and optim.warmup_steps >= 0")
 
 
-MODEL_SCHEMAS = {"transformer": TransformerConfig}
-DATA_SCHEMAS = {"text": TextDataConfig}
+ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
+MODEL_SCHEMAS = {"transformer": TransformerConfig, "cnn": CNNConfig, "rnn": RNNConfig}
+DATA_SCHEMAS = {"text": TextDataConfig, "images": ImageDataConfig, "series": SeriesDataConfig}
 
 
 def check_keys(cfg) -> None:

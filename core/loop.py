@@ -15,13 +15,13 @@ import jax
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from core import checkpoint, config, distributed, mesh as mesh_lib, metrics
+import model as models
+from core import checkpoint, config, distributed, mesh as mesh_lib, metrics, task as tasks
 from core.errors import Diverged, UserError
 from core.metrics import MetricsLog
 from core.preempt import StopRequests
 from core.state import state_spec
-from core.step import compile_steps, first, lm_loss
-from data import text
+from core.step import compile_steps, first
 
 
 def log(msg: str) -> None:
@@ -45,9 +45,13 @@ def _refuse_harmful_changes(saved: dict, current: dict) -> list[str]:
 
 def _check_resumable(current_meta: dict, saved_meta: dict) -> None:
     harmless = _refuse_harmful_changes(saved_meta["config"], current_meta["config"])
-    if saved_meta["vocab"] != current_meta["vocab"]:
+    if saved_meta.get("vocab") != current_meta.get("vocab"):
         raise UserError("the data's vocabulary differs from the checkpoint's; train on the same data "
                         "or pass out_dir= for a new run")
+    changed = sorted(k for k in saved_meta if k != "config" and saved_meta[k] != current_meta.get(k))
+    if changed:
+        raise UserError(f"the data differs from the checkpoint's ({', '.join(changed)}); train on the same data "
+                        f"or pass out_dir= for a new run")
     if harmless:
         log(f"resuming with changed {', '.join(harmless)}")
 
@@ -100,6 +104,7 @@ def _last_val_loss(out_dir: str):
 def run(cfg) -> dict:
     """Train as the composed config says; returns {"out_dir", "step", "val_loss", "stopped_by"}."""
     config.check(cfg)
+    models.check_task(cfg.model.family, tasks.TASK_OF_DATA[cfg.data.kind], cfg.data.kind)
     distributed.initialize(cfg.distributed)
     cfg.out_dir = out_dir = resolve_out_dir(cfg)
     mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -108,10 +113,9 @@ def run(cfg) -> dict:
     if done is not None:
         log(f"run in {out_dir} is already at step {done} (steps={cfg.steps}); raise steps= to train further")
         return {"out_dir": out_dir, "step": done, "val_loss": _last_val_loss(out_dir), "stopped_by": None}
-    corpus = text.load_corpus(cfg.data)
-    text.check_fits(corpus, cfg.model.block_size)
-    spec = state_spec(cfg, corpus.vocab_size, mesh)
-    meta = {"config": OmegaConf.to_container(cfg, resolve=True), "vocab": corpus.vocab}
+    task = tasks.load(cfg)
+    spec = state_spec(cfg, task.dims, mesh)
+    meta = {"config": OmegaConf.to_container(cfg, resolve=True), "task": task.kind, "dims": task.dims, **task.meta}
     _prepare_out_dir(out_dir, fresh=not cfg.resume)
     distributed.check_shared_dir(out_dir)
 
@@ -130,25 +134,34 @@ def run(cfg) -> dict:
             OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"), resolve=True)
             log(OmegaConf.to_yaml(cfg, resolve=True).rstrip())
         with StopRequests() as stop:
-            return _train(cfg, mngr, mesh, corpus, spec, meta, start, state, stop)
+            return _train(cfg, mngr, mesh, task, spec, meta, start, state, stop)
     finally:
         checkpoint.wait(mngr)
         mngr.close()
 
 
-def _train(cfg, mngr, mesh, corpus, spec, meta, start, state, stop) -> dict:
-    out_dir, B, block = cfg.out_dir, cfg.batch_size, cfg.model.block_size
+def _evaluate(runner, state, task) -> dict:
+    """Validation metrics: each batch's means weighted by its count of real examples."""
+    totals, weight = {}, 0.0
+    for i in range(task.eval_count):
+        rows, n = task.eval_batch(i)
+        for k, v in jax.device_get(runner.evaluate(state, runner.batch(rows))).items():
+            totals[k] = totals.get(k, 0.0) + first(v) * n
+        weight += n
+    return {f"val_{k}": v / weight for k, v in totals.items()}
+
+
+def _train(cfg, mngr, mesh, task, spec, meta, start, state, stop) -> dict:
+    out_dir, B = cfg.out_dir, cfg.batch_size
     n_params = sum(x.size for x in jax.tree.leaves(spec.abstract["params"]))
     dp = mesh_lib.data_parallel_size(mesh)
-    log(f"{n_params / 1e6:.2f}M params, vocab {corpus.vocab_size}, mesh {dict(mesh.shape)}, "
+    log(f"{cfg.model.family} ({task.kind}): {n_params / 1e6:.2f}M params; {task.summary}; mesh {dict(mesh.shape)}, "
         f"global batch {B} = {B // dp} per device x {dp} devices, out_dir {out_dir}")
 
-    runner = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=lm_loss,
+    runner = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=task.loss_fn,
                            lr_fn=spec.lr_fn, seed=cfg.seed, grad_accum=cfg.optim.grad_accum, parallel=cfg.parallel)
-    rows = mesh_lib.process_rows(B)
-    batch_at = lambda step: runner.batch(text.train_batch(corpus, cfg.seed, step, B, block, rows))  # noqa: E731
-    eval_set = [runner.batch(text.eval_batch(corpus, cfg.data.eval_seed, i, B, block, rows))
-                for i in range(cfg.eval_batches)]
+    batch_at = lambda step: runner.batch(task.train_batch(step))  # noqa: E731
+    rate_key = f"{task.unit}_per_s"
 
     last_ckpt = start if start else None
     known_bad = int(jax.device_get(state["nonfinite"]["count"]))
@@ -186,20 +199,20 @@ def _train(cfg, mngr, mesh, corpus, spec, meta, start, state, stop) -> dict:
                 # The log step's own values (as nanoGPT): a resumed run logs exactly the same curve.
                 row = {k: first(v) for k, v in jax.device_get(step_metrics).items()}  # the only host sync
                 now = time.perf_counter()
-                row["tokens_per_s"] = (done - step_last) * B * block / (now - t_last)
+                row[rate_key] = (done - step_last) * B * task.units_per_example / (now - t_last)
                 row["time_s"] = now - t_run
                 metrics_log.write(done, row)
-                bar.set_postfix(loss=f"{row['train_loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{row['train_loss']:.4f}", **{rate_key: f"{row[rate_key]:.0f}"})
                 if bar.disable:
                     log(f"step {done}: train_loss {row['train_loss']:.4f}, lr {row['lr']:.2e}, "
-                        f"grad_norm {row['grad_norm']:.3f}, {row['tokens_per_s']:.0f} tok/s")
+                        f"grad_norm {row['grad_norm']:.3f}, {row[rate_key]:.0f} {task.unit}/s")
                 step_last, t_last = done, now
                 check_finite()
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                losses = jax.device_get([runner.evaluate(state, b)["loss"] for b in eval_set])
-                val_loss = sum(first(x) for x in losses) / len(losses)
-                metrics_log.write(done, {"val_loss": val_loss, "time_s": time.perf_counter() - t_run})
-                log(f"step {done}: val_loss {val_loss:.4f}")
+                val = _evaluate(runner, state, task)
+                val_loss = val["val_loss"]
+                metrics_log.write(done, {**val, "time_s": time.perf_counter() - t_run})
+                log(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
             if done % cfg.ckpt_every == 0 or final:
                 check_finite()
                 checkpoint.save(mngr, done, runner.get(state), meta)

@@ -1,4 +1,6 @@
 """AdamW with weight decay on matrices only, linear warmup + cosine decay, global-norm clipping."""
+import re
+
 import jax
 import optax
 
@@ -9,16 +11,18 @@ def schedule(cfg, steps: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, decay_steps, end_value=cfg.min_lr)
 
 
-STACKED = "blocks"  # models keep layer-stacked params (leading N axis) under this name
+STACKED = "blocks"  # models keep layer-stacked params (leading N axis) under this name ...
+STACKED_NAME = re.compile(r"_N[A-Z]*$")  # ... or name them with a shape suffix that starts with N (w_in_NHG)
 
 
 def decay_mask(params):
-    """True for matrices (embeddings included), False for biases and norm scales (nanoGPT, GPT-2).
+    """True for matrices (embeddings and conv kernels included), False for biases and norm scales.
 
     A layer-stacked vector (N x D) is still a vector: its leading layer axis does not count.
     """
     def is_matrix(path, p):
-        stacked = any(getattr(k, "key", None) == STACKED for k in path)
+        keys = [str(getattr(k, "key", "")) for k in path]
+        stacked = STACKED in keys or bool(keys and STACKED_NAME.search(keys[-1]))
         return p.ndim - stacked >= 2
 
     return jax.tree_util.tree_map_with_path(is_matrix, params)

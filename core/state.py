@@ -1,7 +1,8 @@
 """What a run's train state is, from its config: built fresh for training, or reloaded from a run dir.
 
 `load_run(out_dir)` is the whole story for sampling and for users' own reload scripts: the
-checkpoint carries its config and vocab, so nothing else is needed.
+checkpoint carries its config and what the data contributed (vocab; class count, image shape and
+normalisation), so nothing else is needed.
 """
 import os
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ class StateSpec:
     lr_fn: Callable
 
 
-def state_spec(cfg, vocab_size: int, mesh) -> StateSpec:
-    model_fn = partial(models.build, cfg.model, vocab_size)
+def state_spec(cfg, dims: dict, mesh) -> StateSpec:
+    """The state of `cfg`'s model; `dims` are the task's model arguments (e.g. {"vocab_size": 65})."""
+    model_fn = partial(models.build, cfg.model, dims)
     tx = make_optimizer(cfg.optim, cfg.steps)
     make_state = partial(init_state, model_fn, tx, cfg.seed)
     abstract = jax.eval_shape(make_state)
@@ -42,10 +44,15 @@ def state_spec(cfg, vocab_size: int, mesh) -> StateSpec:
 @dataclass
 class Run:
     cfg: Any  # the run's resolved config (OmegaConf)
-    vocab: str
+    meta: dict  # the checkpoint's meta: config, task, dims, and vocab (text) or num_classes, mean, std (images)
     step: int
     model: nnx.Module  # ready to call; eval mode unless a dropout key is passed
     state: dict  # the full train state: step, params, opt_state, rest
+
+    @property
+    def vocab(self) -> str:
+        """The characters of the token ids (text runs); images use meta["mean"], meta["std"] instead."""
+        return self.meta.get("vocab", "")
 
 
 def load_run(out_dir: str, step: int | None = None, mesh=None) -> Run:
@@ -62,9 +69,10 @@ def load_run(out_dir: str, step: int | None = None, mesh=None) -> Run:
     meta = checkpoint.read_meta(mngr, step if step is not None else steps[-1])
     cfg = OmegaConf.create(meta["config"])
     mesh = mesh or mesh_lib.make_mesh(OmegaConf.create({"data": -1, "fsdp": 1}))
-    spec = state_spec(cfg, len(meta["vocab"]), mesh)
+    dims = meta.get("dims") or {"vocab_size": len(meta["vocab"])}  # older checkpoints stored only the vocab
+    spec = state_spec(cfg, dims, mesh)
     restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(spec.abstract, spec.shardings), step=step,
                                           set_aside=False)
     mngr.close()
     step_found, state, meta = restored
-    return Run(cfg, meta["vocab"], step_found, nnx.merge(spec.graphdef, state["params"], state["rest"]), state)
+    return Run(cfg, meta, step_found, nnx.merge(spec.graphdef, state["params"], state["rest"]), state)

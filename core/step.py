@@ -134,9 +134,3 @@ def compile_steps(mesh, state_sharding, *, graphdef, tx, loss_fn, lr_fn, seed, g
 
     return Runner(train, lambda s, b: ev(s["params"], s["rest"], b), put, get, batch)
 
-
-def lm_loss(model, batch, key):
-    """Next-token cross-entropy; `key` enables dropout (None: eval)."""
-    logits_BLV = model(batch["x"], key=key)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32), batch["y"]).mean()
-    return loss, {"loss": loss}

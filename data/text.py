@@ -6,12 +6,12 @@ preemption and a change of device or host count therefore need nothing saved but
 """
 import os
 import sys
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 
-from core.errors import UserError, first_line
+from core.errors import UserError
+from data import download
 
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 
@@ -45,6 +45,9 @@ def _read_file(path: str) -> str:
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
         raise UserError(f"data.path={path} does not exist; pass data.path=/path/to/input.txt")
+    if path.endswith(".npz"):
+        raise UserError(f"data.path={path} is an array file, and data=text reads text; for images pass "
+                        f"model=cnn data=images (or +experiment=mnist_cnn)")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -56,32 +59,8 @@ def _read_file(path: str) -> str:
 
 
 def _tfds_texts(cfg) -> tuple[str, str]:
-    """(train, validation) text of a TFDS text dataset; the download gets a deadline, never a hang."""
-    import logging
-
-    import tensorflow_datasets as tfds
-
-    tfds.disable_progress_bar()
-    logging.getLogger("urllib3").setLevel(logging.ERROR)  # offline, it logs every retry
-    builder = tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir)
-    error: list[BaseException] = []
-
-    def prepare():
-        try:
-            builder.download_and_prepare(file_format="array_record")
-        except BaseException as e:  # noqa: BLE001 - reported to the main thread below
-            error.append(e)
-
-    # A daemon thread: offline, TFDS retries DNS for minutes; we give up after the deadline.
-    worker = threading.Thread(target=prepare, daemon=True)
-    worker.start()
-    worker.join(cfg.download_timeout)
-    hint = "pass data.path=/path/to/input.txt to train on a local text file"
-    if worker.is_alive():
-        raise UserError(f"TFDS dataset {cfg.tfds_name!r} did not download within "
-                        f"{cfg.download_timeout:.0f}s (offline?); {hint}")
-    if error:
-        raise UserError(f"TFDS dataset {cfg.tfds_name!r} could not be prepared ({first_line(error[0])}); {hint}")
+    """(train, validation) text of a TFDS text dataset."""
+    builder = download.prepare(cfg, hint="pass data.path=/path/to/input.txt to train on a local text file")
     texts = []
     for split in ("train", "validation"):
         source = builder.as_data_source(split=split)

@@ -1,12 +1,38 @@
-"""Model families: config `model.family` -> constructor(model_cfg, vocab_size, rngs=...)."""
+"""Model families: config `model.family` -> a Flax NNX module class.
+
+A family is one module file plus one config file. Its class takes (model_cfg, **dims, rngs=) where
+`dims` come from the task (vocab_size; num_classes and image_shape; in_features and out_features),
+and its module lists the tasks it serves in `TASKS`. Every family is called as
+`model(x, key=None)`; a key means training mode (dropout, batch statistics).
+"""
 from core.errors import UserError
 
 
-def build(cfg, vocab_size: int, rngs):
-    """Instantiate the module named by `cfg.family`."""
+def families() -> dict:
+    from model.cnn import CNN
+    from model.rnn import RNN
     from model.transformer import Transformer
 
-    families = {"transformer": Transformer}
-    if cfg.family not in families:
-        raise UserError(f"unknown model.family={cfg.family!r}; available: {', '.join(sorted(families))}")
-    return families[cfg.family](cfg, vocab_size, rngs=rngs)
+    return {"transformer": Transformer, "cnn": CNN, "rnn": RNN}
+
+
+def tasks_of(family: str) -> tuple:
+    import importlib
+
+    return importlib.import_module(f"model.{family}").TASKS
+
+
+def check_task(family: str, task: str, data_kind: str) -> None:
+    """A one-line error when the model family cannot do the data's task (e.g. a CNN on text)."""
+    if task not in tasks_of(family):
+        fits = [f for f in families() if task in tasks_of(f)]
+        raise UserError(f"model={family} cannot train on data={data_kind} (task {task}); "
+                        f"use model={' or model='.join(fits)}, or a data= that suits {family}")
+
+
+def build(cfg, dims: dict, rngs):
+    """Instantiate the module named by `cfg.family` for the task's dims."""
+    known = families()
+    if cfg.family not in known:
+        raise UserError(f"unknown model.family={cfg.family!r}; available: {', '.join(sorted(known))}")
+    return known[cfg.family](cfg, **dims, rngs=rngs)

@@ -1,6 +1,7 @@
 """What a user types: typos, unknown names and bad values fail at once with one line and exit 2."""
 import os
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli
@@ -26,10 +27,10 @@ def one_line_error(proc):
     (["model.n_layre=3"], "unknown config key 'model.n_layre'"),
     (["stpes=10"], "unknown config key 'stpes'"),
     (["+optim.lrr=1"], "unknown config key 'optim.lrr'"),
-    (["+experiment=nope"], "available: debug, shakespeare_char, shakespeare_char_cpu"),
+    (["+experiment=nope"], "available: cifar10_cnn, debug, mnist_cnn, shakespeare_char, shakespeare_char_cpu"),
     (["experiment=debug"], "+experiment=NAME"),
-    (["model=nope"], "unknown model 'nope'; available: transformer"),
-    (["data=nope"], "unknown data 'nope'; available: text"),
+    (["model=nope"], "unknown model 'nope'; available: cnn, rnn, transformer"),
+    (["data=nope"], "unknown data 'nope'; available: images, series, text"),
     (["steps=abc"], "could not be converted to Integer (key 'steps')"),
 ])
 def test_bad_overrides_fail_at_compose_time(args, expected, tmp_path):
@@ -85,6 +86,46 @@ def test_bad_input_table(overrides, expected, tmp_path, text_file):
     overrides = [o.split("=")[0] + "=" + files.get(o.split("=")[1], o.split("=")[1]) for o in overrides]
     with pytest.raises(UserError) as error:
         run(compose(TINY + [f"data.path={text_file}", f"out_dir={tmp_path}/run"] + overrides))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def _npz(tmp_path, name, **arrays):
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return str(path)
+
+
+IMAGES = ["model=cnn", "data=images", "batch_size=8", "mesh.data=1"]
+
+
+# Family and image-data mistakes: each a one-line UserError before anything is compiled or written.
+@pytest.mark.parametrize("overrides, expected", [
+    (["model=cnn", "data.path=TEXT"], "model=cnn cannot train on data=text (task lm); use model=transformer or model=rnn"),
+    (["model=rnn", "data=images", "data.path=NPZ"], "model=rnn cannot train on data=images"),
+    (["data.path=NPZ"], "is an array file, and data=text reads text"),
+    (IMAGES + ["data.path=/nonexistent/images.npz"], "does not exist; pass data.path=FILE.npz"),
+    (IMAGES + ["data.path=TEXT"], "is not a readable .npz file"),
+    (IMAGES + ["data.path=WRONG_KEYS"], "it needs x_train, y_train, x_test, y_test (or x, y)"),
+    (IMAGES + ["data.path=FLOAT_LABELS"], "must be a vector of non-negative integer class labels"),
+    (IMAGES + ["data.path=NPZ", "model.pool=[true]"], "model.pool has 1 entries for 3 model.channels"),
+    (IMAGES + ["data.path=NPZ"], "shrinks 8x8 images to nothing; use model.padding=SAME"),
+    (IMAGES + ["data.path=NPZ", "model.padding=same"], "model.padding=same must be VALID or SAME"),
+    (["model=rnn", "data.path=TEXT", "model.cell=rnn"], "model.cell=rnn must be 'lstm' or 'gru'"),
+])
+def test_bad_family_input_table(overrides, expected, tmp_path, text_file):
+    from conftest import compose
+    from core.errors import UserError
+    from core.loop import run
+
+    rng = np.random.default_rng(0)
+    files = {"TEXT": text_file,
+             "NPZ": _npz(tmp_path, "ok.npz", x=rng.integers(0, 255, (20, 8, 8), np.uint8), y=np.arange(20) % 3),
+             "WRONG_KEYS": _npz(tmp_path, "keys.npz", images=np.zeros((4, 8, 8))),
+             "FLOAT_LABELS": _npz(tmp_path, "float.npz", x=np.zeros((10, 8, 8)), y=np.linspace(0, 1, 10))}
+    overrides = [o.split("=")[0] + "=" + files.get(o.split("=")[1], o.split("=")[1]) for o in overrides]
+    with pytest.raises(UserError) as error:
+        run(compose(overrides + [f"out_dir={tmp_path}/run"]))
     assert expected in str(error.value) and "\n" not in str(error.value)
     assert not os.path.exists(tmp_path / "run")
 

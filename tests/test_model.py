@@ -13,7 +13,7 @@ V = 13
 
 def tiny_model(**overrides):
     cfg = compose(TINY + [f"model.{k}={v}" for k, v in overrides.items()])
-    return build(cfg.model, V, rngs=nnx.Rngs(0))
+    return build(cfg.model, {"vocab_size": V}, rngs=nnx.Rngs(0))
 
 
 def test_no_gradient_flows_from_future_tokens():

@@ -51,7 +51,7 @@ def test_every_layout_follows_the_single_device_curve(curves, name):
 def test_fsdp_really_shards_the_big_params():
     cfg = compose(BASE + ["mesh.data=4", "mesh.fsdp=2"])
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    spec = state_spec(cfg, 65, mesh)
+    spec = state_spec(cfg, {"vocab_size": 65}, mesh)
     state = jax.jit(spec.make_state, out_shardings=spec.shardings)()
     fc = state["params"]["blocks"]["fc"]["kernel"]  # (N, D, F) = (2, 64, 256)
     assert "fsdp" in str(fc.sharding.spec)

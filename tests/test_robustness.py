@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY, compose, run_cli
-from core import checkpoint, loop, metrics
+from core import checkpoint, loop, metrics, task
 from core.errors import Diverged, UserError
 from core.state import load_run
 from data import text
@@ -120,7 +120,7 @@ def test_config_changes_between_runs(tmp_path, text_file):
 
 def _poison(monkeypatch, at_steps):
     """Batches at `at_steps` carry a marker that makes the loss NaN (a stand-in for a bad batch)."""
-    orig_batch, orig_loss = text.train_batch, loop.lm_loss
+    orig_batch, orig_loss = text.train_batch, task.lm_loss
 
     def train_batch(corpus, seed, step, *a, **k):
         batch = orig_batch(corpus, seed, step, *a, **k)
@@ -135,7 +135,7 @@ def _poison(monkeypatch, at_steps):
         return loss, {**m, "loss": loss}
 
     monkeypatch.setattr(text, "train_batch", train_batch)
-    monkeypatch.setattr(loop, "lm_loss", lm_loss)
+    monkeypatch.setattr(task, "lm_loss", lm_loss)
 
 
 def test_nan_stops_the_run_naming_the_step_and_last_good_checkpoint(monkeypatch, tmp_path, text_file):

@@ -22,7 +22,9 @@ def test_every_experiment_composes_and_builds_its_model(name):
     from core.config import check
 
     check(cfg)
-    model = nnx.eval_shape(lambda: build(cfg.model, 65, rngs=nnx.Rngs(0)))
+    dims = {"text": {"vocab_size": 65}, "series": {"in_features": 1, "out_features": 1},
+            "images": {"num_classes": 10, "image_shape": [28, 28, 1] if "mnist" in name else [32, 32, 3]}}
+    model = nnx.eval_shape(lambda: build(cfg.model, dims[cfg.data.kind], rngs=nnx.Rngs(0)))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert n_params > 0 and cfg.name == name
     header = open(os.path.join(ROOT, "configs", "experiment", f"{name}.yaml")).read().splitlines()
@@ -32,12 +34,13 @@ def test_every_experiment_composes_and_builds_its_model(name):
 def test_overfitting_one_batch_drives_loss_near_zero(tmp_path):
     from core import mesh as mesh_lib
     from core.state import state_spec
-    from core.step import compile_steps, lm_loss
+    from core.step import compile_steps
+    from core.task import lm_loss
 
     cfg = compose(TINY + ["model.d_model=32", "optim.lr=3e-3", "optim.warmup_steps=0", "optim.weight_decay=0", "optim.min_lr=3e-3",
                           "steps=150"])
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    spec = state_spec(cfg, 16, mesh)
+    spec = state_spec(cfg, {"vocab_size": 16}, mesh)
     runner = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=lm_loss,
                            lr_fn=spec.lr_fn, seed=0, grad_accum=1)
     x = np.random.default_rng(0).integers(0, 16, size=(8, 17)).astype(np.int32)
@@ -53,13 +56,14 @@ def test_overfitting_one_batch_drives_loss_near_zero(tmp_path):
 def test_grad_accumulation_matches_one_big_batch():
     from core import mesh as mesh_lib
     from core.state import state_spec
-    from core.step import compile_steps, lm_loss
+    from core.step import compile_steps
+    from core.task import lm_loss
 
     results = []
     for accum in (1, 4):
         cfg = compose(TINY + [f"optim.grad_accum={accum}"])
         mesh = mesh_lib.make_mesh(cfg.mesh)
-        spec = state_spec(cfg, 16, mesh)
+        spec = state_spec(cfg, {"vocab_size": 16}, mesh)
         runner = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=lm_loss,
                                lr_fn=spec.lr_fn, seed=0, grad_accum=accum)
         x = np.random.default_rng(0).integers(0, 16, size=(8, 17)).astype(np.int32)
@@ -114,7 +118,14 @@ def test_sample_py_works_from_the_run_directory_alone(tmp_path, text_file):
 def test_weight_decay_hits_matrices_only_including_layer_stacked_ones():
     from core.optim import decay_mask
 
-    model = build(compose(TINY).model, 11, rngs=nnx.Rngs(0))
-    mask = decay_mask(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    def mask_of(overrides, dims):
+        return decay_mask(nnx.to_pure_dict(nnx.state(build(compose(overrides).model, dims, rngs=nnx.Rngs(0)), nnx.Param)))
+
+    mask = mask_of(TINY, {"vocab_size": 11})
     assert mask["wte"]["embedding"] and mask["blocks"]["qkv"]["kernel"] and mask["blocks"]["fc_proj"]["kernel"]
     assert not mask["blocks"]["ln1"]["scale"] and not mask["ln_f"]["scale"]
+    rnn = mask_of(["model=rnn"], {"vocab_size": 11})  # stacked by name: w_in_NHG is N matrices, b_in_NG N vectors
+    assert rnn["w_in_NHG"] and rnn["w_rec_NHG"] and rnn["embed"]["embedding"] and rnn["head"]["kernel"]
+    assert not rnn["b_in_NG"] and not rnn["b_rec_NG"] and not rnn["head"]["bias"]
+    cnn = mask_of(["model=cnn", "data=images", "model.batch_norm=true"], {"num_classes": 3, "image_shape": [32, 32, 1]})
+    assert cnn["convs"][0]["kernel"] and cnn["dense"][0]["kernel"] and not cnn["norms"][0]["scale"]

@@ -1,0 +1,38 @@
+"""TFDS datasets prepared with a deadline: offline, TFDS retries DNS for minutes instead of failing."""
+import logging
+import threading
+
+from core.errors import UserError, first_line
+
+
+def prepare(cfg, hint: str):
+    """A TFDS builder for `cfg.tfds_name`, downloaded and prepared (array_record) within cfg.download_timeout.
+
+    Raises UserError ending in `hint` (the local-file alternative) when it cannot be.
+    """
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # offline, it logs every retry
+    try:
+        builder = tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir)
+    except Exception as e:  # noqa: BLE001 - an unknown or misspelt dataset name
+        raise UserError(f"TFDS has no dataset {cfg.tfds_name!r} ({first_line(e)}); check data.tfds_name, or {hint}") from None
+    error: list[BaseException] = []
+
+    def run():
+        try:
+            builder.download_and_prepare(file_format="array_record")
+        except BaseException as e:  # noqa: BLE001 - reported to the main thread below
+            error.append(e)
+
+    # A daemon thread, so a hung download cannot keep the process alive past the deadline.
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(cfg.download_timeout)
+    if worker.is_alive():
+        raise UserError(f"TFDS dataset {cfg.tfds_name!r} did not download within "
+                        f"{cfg.download_timeout:.0f}s (offline?); {hint}")
+    if error:
+        raise UserError(f"TFDS dataset {cfg.tfds_name!r} could not be prepared ({first_line(error[0])}); {hint}")
+    return builder

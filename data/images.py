@@ -1,0 +1,166 @@
+"""Image classification data: whole splits held as arrays; batches are pure functions of (seed, step).
+
+The global batch at `step` takes examples step*B .. step*B+B-1 of an endless stream in which
+epoch e is a permutation of the training split keyed on (seed, e); augmentation (random crop with
+padding, horizontal flip) is keyed on (seed, step). Each process gathers and augments only its
+own rows, so resume and a change of device or host count need nothing saved but the step.
+
+Images are kept in their stored dtype (uint8 for TFDS) and normalised per batch with the
+training split's per-channel mean and std, which the checkpoint's meta carries for reload scripts.
+"""
+import functools
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.errors import UserError
+from data import download
+
+_ORDER_STREAM, _AUGMENT_STREAM = 2, 3
+_HINT = "pass data.path=FILE.npz (arrays x_train, y_train, x_test, y_test, or x, y) to use local images"
+
+
+@dataclass
+class Images:
+    x_train: np.ndarray  # N x H x W x C
+    y_train: np.ndarray  # N int32
+    x_val: np.ndarray
+    y_val: np.ndarray
+    num_classes: int
+    mean_C: np.ndarray  # per-channel statistics of the training split (float32)
+    std_C: np.ndarray
+
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+
+def _as_nhwc(x: np.ndarray, name: str, path: str) -> np.ndarray:
+    if x.ndim == 3:  # N x H x W greyscale
+        x = x[..., None]
+    if x.ndim != 4 or not np.issubdtype(x.dtype, np.number):
+        raise UserError(f"{path}: {name} has shape {x.shape} ({x.dtype}); images must be numeric N x H x W x C "
+                        f"or N x H x W")
+    return x
+
+
+def _labels(y: np.ndarray, name: str, path: str) -> np.ndarray:
+    y = np.asarray(y).reshape(-1) if np.asarray(y).ndim == 2 and np.asarray(y).shape[1] == 1 else np.asarray(y)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (y.size and y.min() < 0):
+        raise UserError(f"{path}: {name} must be a vector of non-negative integer class labels "
+                        f"(got shape {y.shape}, {y.dtype})")
+    return y.astype(np.int32)
+
+
+def _from_npz(path: str, val_fraction: float) -> tuple:
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(path):
+        raise UserError(f"data.path={path} does not exist; {_HINT}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (ValueError, OSError) as e:
+        raise UserError(f"data.path={path} is not a readable .npz file ({e}); {_HINT}") from None
+    if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
+        parts = [arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+    elif {"x", "y"} <= arrays.keys():
+        if not 0.0 < val_fraction < 1.0:
+            raise UserError(f"data.val_fraction={val_fraction} must be in (0, 1)")
+        cut = int(len(arrays["x"]) * (1.0 - val_fraction))
+        parts = [arrays["x"][:cut], arrays["y"][:cut], arrays["x"][cut:], arrays["y"][cut:]]
+    else:
+        raise UserError(f"{path} holds arrays {sorted(arrays)}; it needs x_train, y_train, x_test, y_test (or x, y)")
+    x_tr, x_va = _as_nhwc(parts[0], "x_train", path), _as_nhwc(parts[2], "x_test", path)
+    y_tr, y_va = _labels(parts[1], "y_train", path), _labels(parts[3], "y_test", path)
+    if len(x_tr) != len(y_tr) or len(x_va) != len(y_va) or x_tr.shape[1:] != x_va.shape[1:]:
+        raise UserError(f"{path}: images and labels disagree in count, or train and test images in shape "
+                        f"({x_tr.shape}, {y_tr.shape}, {x_va.shape}, {y_va.shape})")
+    if not len(x_tr) or not len(x_va):
+        raise UserError(f"{path}: the training and validation splits must both hold images")
+    return x_tr, y_tr, x_va, y_va, int(max(y_tr.max(), y_va.max())) + 1
+
+
+def _from_tfds(cfg) -> tuple:
+    builder = download.prepare(cfg, hint=_HINT)
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise UserError(f"TFDS dataset {cfg.tfds_name!r} has no image/label features; {_HINT}")
+    out = []
+    for split in ("train", "test"):
+        source = builder.as_data_source(split=split)
+        examples = [source[i] for i in range(len(source))]
+        out += [np.stack([e["image"] for e in examples]), np.array([e["label"] for e in examples], np.int32)]
+    return (*out, int(features["label"].num_classes))
+
+
+def load(cfg) -> Images:
+    """The train and validation splits named by the data config, with normalisation statistics."""
+    x_tr, y_tr, x_va, y_va, num_classes = _from_npz(cfg.path, cfg.val_fraction) if cfg.path else _from_tfds(cfg)
+    if len(np.unique(y_va)) < min(num_classes, len(y_va)) // 2:
+        print(f"warning: the validation split holds only {len(np.unique(y_va))} of {num_classes} classes; "
+              f"is the file sorted by class? shuffle it before saving", file=sys.stderr)
+    sample = x_tr[:: max(1, len(x_tr) // 10_000)].astype(np.float64)  # statistics of <= 10k images suffice
+    mean_C, std_C = sample.mean(axis=(0, 1, 2)), sample.std(axis=(0, 1, 2))
+    std_C = np.where(std_C > 0, std_C, 1.0)
+    return Images(x_tr, y_tr, x_va, y_va, num_classes, mean_C.astype(np.float32), std_C.astype(np.float32))
+
+
+def normalise(x_BHWC: np.ndarray, mean_C, std_C) -> np.ndarray:
+    return ((x_BHWC.astype(np.float32) - np.asarray(mean_C, np.float32)) / np.asarray(std_C, np.float32))
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the n training examples in `epoch`: a permutation keyed on (seed, epoch)."""
+    return np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(n)
+
+
+def train_indices(n: int, seed: int, step: int, batch_size: int) -> np.ndarray:
+    """Indices into the training split of the B examples of the global batch at `step`."""
+    stream_B = step * batch_size + np.arange(batch_size)
+    epochs_B, pos_B = np.divmod(stream_B, n)
+    idx_B = np.empty(batch_size, np.int64)
+    for epoch in np.unique(epochs_B):  # a batch may straddle an epoch boundary
+        here = epochs_B == epoch
+        idx_B[here] = epoch_order(n, seed, int(epoch))[pos_B[here]]
+    return idx_B
+
+
+def augment(x_BHWC: np.ndarray, seed: int, step: int, batch_size: int, rows: slice, padding: int) -> np.ndarray:
+    """Random crop (zero padding) and horizontal flip of this process's rows, keyed on (seed, step)."""
+    B, H, W, _ = x_BHWC.shape
+    rng = np.random.default_rng([seed, _AUGMENT_STREAM, step])  # drawn for the global batch, then sliced
+    dy_B, dx_B = (rng.integers(0, 2 * padding + 1, size=batch_size)[rows] for _ in range(2))
+    flip_B = rng.random(batch_size)[rows] < 0.5
+    padded = np.pad(x_BHWC, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    rows_BH = dy_B[:, None] + np.arange(H)
+    cols_BW = dx_B[:, None] + np.arange(W)
+    cols_BW = np.where(flip_B[:, None], cols_BW[:, ::-1], cols_BW)
+    return padded[np.arange(B)[:, None, None], rows_BH[:, :, None], cols_BW[:, None, :]]
+
+
+def train_batch(images: Images, seed: int, step: int, batch_size: int, rows: slice, augment_padding: int = 0) -> dict:
+    """This process's `rows` of the global training batch at `step`: {"x": B x H x W x C float32, "y"}."""
+    idx = train_indices(len(images.x_train), seed, step, batch_size)[rows]
+    x = normalise(images.x_train[idx], images.mean_C, images.std_C)
+    if augment_padding:
+        x = augment(x, seed, step, batch_size, rows, augment_padding)
+    return {"x": x, "y": images.y_train[idx]}
+
+
+def eval_batch(images: Images, i: int, batch_size: int, rows: slice) -> tuple[dict, int]:
+    """Validation batch i in order (the last is padded, with mask 0), and its count of real examples."""
+    n = len(images.x_val)
+    idx_B = i * batch_size + np.arange(batch_size)
+    mask_B = idx_B < n
+    idx_B = np.where(mask_B, idx_B, 0)[rows]
+    batch = {"x": normalise(images.x_val[idx_B], images.mean_C, images.std_C), "y": images.y_val[idx_B],
+             "mask": mask_B[rows].astype(np.float32)}
+    return batch, int(mask_B.sum())
+
+
+def eval_batch_count(images: Images, batch_size: int, max_batches: int) -> int:
+    """Batches that cover the validation split, capped at eval_batches."""
+    return min(max_batches, -(-len(images.x_val) // batch_size))

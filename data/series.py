@@ -1,0 +1,33 @@
+"""Generated sequence-regression data: noisy sines, each window a pure function of (seed, step).
+
+Every window has its own frequency, phase and amplitude, so the model must infer them from the
+values it has seen; the targets carry independent noise, so the best possible MSE is noise**2.
+"""
+import numpy as np
+
+_TRAIN_STREAM, _EVAL_STREAM = 0, 1
+
+
+def windows(seed: int, stream: int, step: int, batch_size: int, length: int, noise: float) -> np.ndarray:
+    """The global batch's B series of length + 1 values (float32)."""
+    rng = np.random.default_rng([seed, stream, step])
+    freq_B1 = rng.uniform(0.01, 0.1, size=(batch_size, 1))  # cycles per time step
+    phase_B1 = rng.uniform(0.0, 2 * np.pi, size=(batch_size, 1))
+    amp_B1 = rng.uniform(0.5, 1.5, size=(batch_size, 1))
+    t_L = np.arange(length + 1)
+    clean_BL = amp_B1 * np.sin(2 * np.pi * freq_B1 * t_L + phase_B1)
+    return (clean_BL + noise * rng.standard_normal(clean_BL.shape)).astype(np.float32)
+
+
+def _rows(series_BL: np.ndarray, rows: slice) -> dict:
+    s = series_BL[rows, :, None]
+    return {"x": s[:, :-1], "y": s[:, 1:]}  # x_BL1 -> next values y_BL1
+
+
+def train_batch(seed: int, step: int, batch_size: int, length: int, noise: float, rows: slice) -> dict:
+    return _rows(windows(seed, _TRAIN_STREAM, step, batch_size, length, noise), rows)
+
+
+def eval_batch(eval_seed: int, i: int, batch_size: int, length: int, noise: float, rows: slice) -> dict:
+    """Validation batch i: the same windows in every run with the same eval_seed."""
+    return _rows(windows(eval_seed, _EVAL_STREAM, i, batch_size, length, noise), rows)
