@@ -111,16 +111,16 @@ def test_resume_equals_uninterrupted_bitwise(family, tmp_path, images_npz, text_
         assert jax.tree.leaves(a["rest"])  # batch-norm statistics were checkpointed and restored
 
 
-def test_cnn_on_tfds_mock_mnist_end_to_end(tmp_path):
+def test_cifar10_experiment_end_to_end_on_tfds_mock_data(tmp_path):
     out = str(tmp_path / "run")
     with tfds.testing.mock_data(num_examples=48):
-        result = run(compose(CNN_TINY + ["data.tfds_name=mnist", f"data.tfds_data_dir={tmp_path}/tfds",
-                                         f"out_dir={out}", "steps=10"]))
-    assert result["step"] == 10 and np.isfinite(result["val_loss"])
+        result = run(compose(["+experiment=cifar10_cnn", f"data.tfds_data_dir={tmp_path}/tfds", f"out_dir={out}",
+                              "steps=4", "batch_size=16", "eval_every=4", "progress=false", "mesh.data=1"]))
+    assert result["step"] == 4 and np.isfinite(result["val_loss"])
     reloaded = load_run(out)
-    assert reloaded.meta["image_shape"] == [28, 28, 1] and reloaded.meta["num_classes"] == 10
-    logits = reloaded.model(jnp.zeros((2, 28, 28, 1)))
-    assert logits.shape == (2, 10)
+    assert reloaded.meta["image_shape"] == [32, 32, 3] and reloaded.meta["num_classes"] == 10
+    assert [c["kernel"].shape[-1] for c in reloaded.state["params"]["convs"].values()] == [32, 64, 64]
+    assert reloaded.model(jnp.zeros((2, 32, 32, 3))).shape == (2, 10)
 
 
 def test_cnn_learns_real_structure_through_train_py(tmp_path, images_npz):
