@@ -167,3 +167,14 @@ def test_sample_py_generates_from_an_rnn_run(tmp_path, text_file):
     assert proc.returncode == 0, proc.stderr[-2000:]
     samples = proc.stdout.rstrip("\n").split("\n---\n")
     assert len(samples) == 2 and all(s.startswith("The") and len(s) == 43 for s in samples)
+
+
+def test_batch_norm_over_a_sharded_batch_equals_one_device(tmp_path, images_npz):
+    """Under jit the batch statistics are the global batch's, whatever the mesh (pmap: per device)."""
+    base = [o for o in CNN_TINY if not o.startswith("mesh.")] + ["model.batch_norm=true", f"data.path={images_npz}"]
+    one = run(compose(base + ["mesh.data=1", f"out_dir={tmp_path}/one"]))
+    four = run(compose(base + ["mesh.data=4", f"out_dir={tmp_path}/four"]))
+    assert four["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    stats_one, stats_four = load_run(f"{tmp_path}/one").state["rest"], load_run(f"{tmp_path}/four").state["rest"]
+    for a, b in zip(jax.tree.leaves(stats_one), jax.tree.leaves(stats_four), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
