@@ -1,9 +1,10 @@
 """Autoregressive sampling: prefill the prompt, then one jitted `lax.scan` over decode steps.
 
 Any model with `init_cache(batch)` and `model(idx_BL, cache=, pos=) -> (logits_BLV, cache)`
-samples here. Models with a finite context (`block_size` T) slide: when the cache is full,
-the most recent T/2 tokens are prefilled again at positions 0..T/2-1 and decoding goes on,
-so any number of tokens can be generated with every token seeing at least T/2 of context.
+samples here: the transformer's cache is its keys and values, the RNN's its recurrent carry.
+Models with a finite context (`block_size` T) slide: when the cache is full, the most recent
+T/2 tokens are prefilled again at positions 0..T/2-1 and decoding goes on, so any number of
+tokens can be generated with every token seeing at least T/2 of context.
 """
 import jax
 import jax.numpy as jnp
@@ -30,34 +31,52 @@ def pick(logits_BV, key, temperature: float, top_k: int, top_p: float):
 
 def generate(model, prompt_BP, key, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0):
-    """New tokens_BN after the prompt, with the KV cache (or recurrent carry). Jit the caller."""
+    """New tokens_BN after the prompt, with the KV cache (or recurrent carry). Jit the caller.
+
+    A finite context is decoded in segments with static lengths, so no step inside a scan ever
+    branches: the first segment fills the context after the prompt, and each later one re-prefills
+    the last T/2 tokens into a fresh cache and decodes T - T/2 more (an outer scan over segments).
+    """
     B, P = prompt_BP.shape
     T = getattr(model, "block_size", None)
     if T is not None and P > T:
         prompt_BP, P = prompt_BP[:, -T:], T
-    cache = model.init_cache(B)
-    logits_BPV, cache = model(prompt_BP, cache=cache, pos=0)
-    window_BT = None if T is None else jnp.zeros((B, T), jnp.int32).at[:, :P].set(prompt_BP)
+    logits_BPV, cache = model(prompt_BP, cache=model.init_cache(B), pos=0)
 
-    def slide(carry):
-        cache, window_BT, _ = carry
-        keep = T // 2
-        window_BT = jnp.zeros_like(window_BT).at[:, :keep].set(window_BT[:, T - keep:])
-        _, cache = model(window_BT[:, :keep], cache=model.init_cache(B), pos=0)
-        return cache, window_BT, jnp.int32(keep)
+    def decode(cache, pos, logits_BV, first: int, n: int):
+        """n tokens numbered first.. (for their keys), the first written at `pos`."""
+        def step(carry, i):
+            cache, pos, logits_BV = carry
+            token_B = pick(logits_BV, jax.random.fold_in(key, i), temperature, top_k, top_p)
+            logits_B1V, cache = model(token_B[:, None], cache=cache, pos=pos)
+            return (cache, pos + 1, logits_B1V[:, -1]), token_B
 
-    def step(carry, i):
-        cache, window_BT, pos, logits_BV = carry
-        token_B = pick(logits_BV, jax.random.fold_in(key, i), temperature, top_k, top_p)
-        if T is not None:
-            cache, window_BT, pos = jax.lax.cond(pos == T, slide, lambda c: c, (cache, window_BT, pos))
-            window_BT = jax.lax.dynamic_update_slice(window_BT, token_B[:, None], (0, pos))
-        logits_B1V, cache = model(token_B[:, None], cache=cache, pos=pos)
-        return (cache, window_BT, pos + 1, logits_B1V[:, -1]), token_B
+        # Unrolling a few steps per loop iteration saves XLA-CPU's per-iteration overhead (~20% at batch 1).
+        (_, _, logits_BV), tokens_NB = jax.lax.scan(step, (cache, pos, logits_BV), first + jnp.arange(n),
+                                                    unroll=min(4, max(n, 1)))
+        return logits_BV, tokens_NB.T
 
-    carry = (cache, window_BT, jnp.int32(P), logits_BPV[:, -1])
-    _, tokens_NB = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
-    return tokens_NB.T
+    if T is None:  # a recurrent carry: no context limit
+        return decode(cache, jnp.int32(P), logits_BPV[:, -1], 0, max_new_tokens)[1]
+    n0 = min(max_new_tokens, T - P)
+    logits_BV, tokens_BN = decode(cache, jnp.int32(P), logits_BPV[:, -1], 0, n0)
+    rest = max_new_tokens - n0
+    if rest == 0:
+        return tokens_BN
+    keep = T // 2
+    per_segment = T - keep
+    last_BK = jnp.concatenate([prompt_BP, tokens_BN], axis=1)[:, -keep:]
+
+    def segment(carry, s):
+        last_BK, logits_BV = carry
+        _, cache = model(last_BK, cache=model.init_cache(B), pos=0)
+        logits_BV, new_BS = decode(cache, jnp.int32(keep), logits_BV, n0 + s * per_segment, per_segment)
+        return (new_BS[:, -keep:], logits_BV), new_BS
+
+    n_segments = -(-rest // per_segment)
+    _, segments_SBN = jax.lax.scan(segment, (last_BK, logits_BV), jnp.arange(n_segments))
+    tail_BN = segments_SBN.transpose(1, 0, 2).reshape(B, -1)[:, :rest]
+    return jnp.concatenate([tokens_BN, tail_BN], axis=1)
 
 
 def generate_uncached(model, prompt_BP, key, *, max_new_tokens: int, temperature: float = 1.0,

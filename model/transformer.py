@@ -38,8 +38,12 @@ class Block(nnx.Module):
     def _dropout(self, x, key):
         return x if key is None else self.drop(x, rngs=key)
 
-    def __call__(self, x_BLD, cache, pos, key):
-        """Returns (x_BLD, cache). cache is None (training) or (k_BHMK, v_BHMK) written at `pos`."""
+    def __call__(self, x_BLD, cache, layer, pos, key):
+        """Returns (x_BLD, cache). cache is None (training) or every layer's (k_NBHMK, v_NBHMK).
+
+        This block writes its new keys/values into the shared cache at [layer, :, :, pos] and reads
+        its own layer back: the cache is updated in place, never copied per token.
+        """
         k_attn, k_res1, k_res2 = (None,) * 3 if key is None else jax.random.split(key, 3)
         B, L, D = x_BLD.shape
         H = self.n_heads
@@ -49,9 +53,11 @@ class Block(nnx.Module):
         if cache is None:
             k_BHMK, v_BHMK, offset = k_BHLK, v_BHLK, 0
         else:
-            k_BHMK = jax.lax.dynamic_update_slice(cache[0], k_BHLK.astype(cache[0].dtype), (0, 0, pos, 0))
-            v_BHMK = jax.lax.dynamic_update_slice(cache[1], v_BHLK.astype(cache[1].dtype), (0, 0, pos, 0))
-            cache, offset = (k_BHMK, v_BHMK), pos
+            at = (layer, 0, 0, pos, 0)
+            cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), at)
+                          for c, new in zip(cache, (k_BHLK, v_BHLK)))
+            k_BHMK, v_BHMK = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in cache)
+            offset = pos
         M = k_BHMK.shape[2]
         scores_BHLM = jnp.einsum("BHLK,BHMK->BHLM", q_BHLK, k_BHMK) / math.sqrt(D // H)
         causal_LM = jnp.arange(M)[None, :] <= (jnp.arange(L)[:, None] + offset)
@@ -105,20 +111,22 @@ class Transformer(nnx.Module):
         graphdef, block_state = nnx.split(self.blocks)
         keys_N = None if k_blocks is None else jax.random.split(k_blocks, self.n_layers)
 
-        def apply(x, layer_state, layer_cache, layer_key):
-            return nnx.merge(graphdef, layer_state)(x, layer_cache, pos, layer_key)
+        def apply(x, cache, layer_state, layer, layer_key):
+            return nnx.merge(graphdef, layer_state)(x, cache, layer, pos, layer_key)
 
         if self.remat:
             apply = jax.checkpoint(apply)
         if self.scan_layers:
-            x_BLD, new_cache = jax.lax.scan(lambda x, xs: apply(x, *xs), x_BLD, (block_state, cache, keys_N))
+            def body(carry, xs):
+                return apply(*carry, *xs), None
+
+            layers = (block_state, jnp.arange(self.n_layers), keys_N)
+            (x_BLD, new_cache), _ = jax.lax.scan(body, (x_BLD, cache), layers)
         else:
-            caches = []
+            new_cache = cache
             for i in range(self.n_layers):
-                layer = jax.tree.map(lambda a: a[i], (block_state, cache, keys_N))
-                x_BLD, layer_cache = apply(x_BLD, *layer)
-                caches.append(layer_cache)
-            new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
+                layer_state, layer_key = jax.tree.map(lambda a: a[i], (block_state, keys_N))
+                x_BLD, new_cache = apply(x_BLD, new_cache, layer_state, i, layer_key)
 
         logits_BLV = self.wte.attend(self.ln_f(x_BLD.astype(jnp.float32)))
         return logits_BLV if cache is None else (logits_BLV, new_cache)
