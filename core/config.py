@@ -127,6 +127,9 @@ class TrainConfig:
     on_nan: str = "stop"  # NaN/Inf loss or grads: "stop" the run, or "skip" the update and count it
     progress: bool = True
     parallel: str = "jit"  # "jit" (sharded over the mesh) or "pmap" (replicated, pmean of grads)
+    # Train steps per dispatch (a lax.scan over K batches): less host overhead for small models.
+    # Logging, eval, checkpoints and stop requests still land on their steps (calls end there).
+    steps_per_call: int = 1
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     model: Any = None
@@ -164,11 +167,13 @@ def register() -> None:
 def check(cfg) -> None:
     """Semantic checks compose cannot do; raise UserError naming the key, before anything compiles."""
     check_keys(cfg)
-    for key in ("steps", "batch_size", "eval_every", "eval_batches", "ckpt_every", "log_every"):
+    for key in ("steps", "batch_size", "eval_every", "eval_batches", "ckpt_every", "log_every", "steps_per_call"):
         if cfg[key] <= 0:
             raise UserError(f"{key}={cfg[key]} must be a positive integer")
     if cfg.parallel not in ("jit", "pmap"):
         raise UserError(f"parallel={cfg.parallel} must be 'jit' or 'pmap'")
+    if cfg.parallel == "pmap" and cfg.steps_per_call != 1:
+        raise UserError("parallel=pmap runs one step per call: use steps_per_call=1, or parallel=jit")
     if cfg.parallel == "pmap" and cfg.mesh.fsdp != 1:
         raise UserError("parallel=pmap replicates the state: it needs mesh.fsdp=1 (use parallel=jit for FSDP)")
     if cfg.on_nan not in ("stop", "skip"):
@@ -229,7 +234,8 @@ def check_keys(cfg) -> None:
 
 # Keys whose change between a run and its resumption cannot alter what was already trained.
 HARMLESS_KEYS = ("steps", "out_dir", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
-                 "log_every", "resume", "progress", "on_nan", "mesh", "parallel", "distributed", "model.scan_layers", "model.remat",
+                 "log_every", "resume", "progress", "on_nan", "mesh", "parallel", "steps_per_call",
+                 "distributed", "model.scan_layers", "model.remat",
                  "data.tfds_data_dir", "data.download_timeout")
 
 

@@ -160,7 +160,20 @@ def _train(cfg, mngr, mesh, task, spec, meta, start, state, stop) -> dict:
 
     runner = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=task.loss_fn,
                            lr_fn=spec.lr_fn, seed=cfg.seed, grad_accum=cfg.optim.grad_accum, parallel=cfg.parallel)
-    batch_at = lambda step: runner.batch(task.train_batch(step))  # noqa: E731
+
+    def call_length(step: int) -> int:
+        """Steps in the call starting at `step`: up to steps_per_call, ending at the next log/eval/ckpt step."""
+        every = (cfg.log_every, cfg.eval_every, cfg.ckpt_every)
+        next_event = min([cfg.steps] + [(step // e + 1) * e for e in every])
+        return min(cfg.steps_per_call, next_event - step)
+
+    def batches_at(step: int):
+        """The global batches of the call starting at `step`, built on the host."""
+        k = call_length(step)
+        if k == 1:
+            return runner.batch(task.train_batch(step))
+        return runner.stack([task.train_batch(s) for s in range(step, step + k)])
+
     rate_key = f"{task.unit}_per_s"
 
     last_ckpt = start if start else None
@@ -185,15 +198,17 @@ def _train(cfg, mngr, mesh, task, spec, meta, start, state, stop) -> dict:
                disable=not (cfg.progress and sys.stderr.isatty() and jax.process_index() == 0))
     t_run = t_last = time.perf_counter()
     step_last, val_loss, done = start, None, start
-    batch = batch_at(start)
+    step, batch = start, batches_at(start)
     try:
-        for step in range(start, cfg.steps):
-            state, step_metrics = runner.train(state, batch)
-            done = step + 1
-            stopping = stop.should_stop(done)
+        while step < cfg.steps:
+            k = call_length(step)
+            state, step_metrics = (runner.train if k == 1 else runner.train_many)(state, batch)
+            done = step + k
+            stopping = any([stop.should_stop(s) for s in range(step + 1, done + 1)])  # every host sees every id
             if done < cfg.steps and not stopping:
-                batch = batch_at(done)  # built on the host while the device runs the step
-            bar.update(1)
+                batch = batches_at(done)  # built on the host while the device runs the call
+            bar.update(k)
+            step = done
             final = done == cfg.steps or stopping
             if done % cfg.log_every == 0 or final:
                 # The log step's own values (as nanoGPT): a resumed run logs exactly the same curve.

@@ -97,6 +97,8 @@ class Runner:
     value per device (pmap): read them with `first`.
     """
     train: Callable  # (state, batch) -> (state, metrics)
+    train_many: Callable  # (state, K stacked batches) -> (state, metrics of the last): K steps in one dispatch
+    stack: Callable  # K process-local row dicts -> stacked global batches for train_many
     evaluate: Callable  # (state, batch) -> metrics
     put: Callable  # canonical state -> runner layout
     get: Callable  # runner layout (any subtree) -> canonical
@@ -117,8 +119,20 @@ def compile_steps(mesh, state_sharding, *, graphdef, tx, loss_fn, lr_fn, seed, g
                         donate_argnums=0)
         ev = jax.jit(evaluate, in_shardings=(state_sharding["params"], state_sharding["rest"], batch_sh),
                      out_shardings=repl)
+        stacked_sh = mesh_lib.stacked_batch_sharding(mesh)
+
+        def many(state, batches):
+            state, metrics = jax.lax.scan(step, state, batches)
+            return state, jax.tree.map(lambda m: m[-1], metrics)
+
+        train_many = jax.jit(many, in_shardings=(state_sharding, stacked_sh), out_shardings=(state_sharding, repl),
+                             donate_argnums=0)
+
+        def stack(rows: list) -> dict:
+            return mesh_lib.global_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]}, stacked_sh)
+
         identity = lambda t: t  # noqa: E731
-        return Runner(train, lambda s, b: ev(s["params"], s["rest"], b), identity, identity,
+        return Runner(train, train_many, stack, lambda s, b: ev(s["params"], s["rest"], b), identity, identity,
                       partial(mesh_lib.global_batch, sharding=batch_sh))
     n = mesh_lib.data_parallel_size(mesh)
     axis = "batch"
@@ -132,5 +146,8 @@ def compile_steps(mesh, state_sharding, *, graphdef, tx, loss_fn, lr_fn, seed, g
         per_device = {k: v.reshape(n_local, -1, *v.shape[1:]) for k, v in local_rows.items()}
         return mesh_lib.global_batch(per_device, batch_sh)
 
-    return Runner(train, lambda s, b: ev(s["params"], s["rest"], b), put, get, batch)
+    def one_at_a_time(*_):
+        raise AssertionError("parallel=pmap runs one step per call (config.check enforces steps_per_call=1)")
+
+    return Runner(train, one_at_a_time, one_at_a_time, lambda s, b: ev(s["params"], s["rest"], b), put, get, batch)
 

@@ -71,6 +71,7 @@ def _file(tmp_path, name, content: bytes):
     (["steps=-1"], "steps=-1 must be a positive integer"),
     (["on_nan=ignore"], "on_nan=ignore must be 'stop' or 'skip'"),
     (["parallel=vmap"], "parallel=vmap must be 'jit' or 'pmap'"),
+    (["parallel=pmap", "steps_per_call=4"], "parallel=pmap runs one step per call"),
     (["model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1)"),
     (["model.dtype=int8"], "model.dtype=int8 must be float32, bfloat16 or float16"),
     (["data.path=EMPTY"], "is empty"),

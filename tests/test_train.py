@@ -129,3 +129,19 @@ def test_weight_decay_hits_matrices_only_including_layer_stacked_ones():
     assert not rnn["b_in_NG"] and not rnn["b_rec_NG"] and not rnn["head"]["bias"]
     cnn = mask_of(["model=cnn", "data=images", "model.batch_norm=true"], {"num_classes": 3, "image_shape": [32, 32, 1]})
     assert cnn["convs"][0]["kernel"] and cnn["dense"][0]["kernel"] and not cnn["norms"][0]["scale"]
+
+
+def test_several_steps_per_call_follow_the_same_curve_and_land_events_on_their_steps(tmp_path, text_file):
+    from core import checkpoint
+
+    base = ["+experiment=debug", f"data.path={text_file}", "log_every=3", "steps=20"]
+    one = run(compose(base + ["mesh.data=1", f"out_dir={tmp_path}/one"]))
+    many = run(compose(base + ["mesh.data=2", "steps_per_call=4", f"out_dir={tmp_path}/many"]))  # batch sharded too
+    rows_one, rows_many = (metrics.read(os.path.join(tmp_path, d, "metrics.jsonl")) for d in ("one", "many"))
+    assert [r["step"] for r in rows_one] == [r["step"] for r in rows_many]  # logs at 3, 6, 9, 10 (eval), 12...
+    for a, b in zip(rows_one, rows_many):
+        for k in ("train_loss", "val_loss", "grad_norm"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4), (a["step"], k)
+    assert many["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
+    assert checkpoint.manager(str(tmp_path / "many"), read_only=True).all_steps() == [10, 20]
