@@ -4,7 +4,10 @@ Prints a table and writes JSON (machine, versions, command, every figure). Measu
 - the fp32 matmul rate of this machine (best of several large jnp.dot), the ceiling for MFU;
 - train throughput and MFU of the CPU Shakespeare config and the GPU one (fewer steps), with
   model FLOPs per token from the PaLM appendix, 6N + 12*L*T*D (N non-embedding params), and
-  the causal-halved 6N + 6*L*T*D beside it;
+  the causal-halved 6N + 6*L*T*D beside it, with
+  one step per dispatch and ten (`steps_per_call=10`);
+- the CNN (images/s) and RNN (tokens/s) experiment configs;
+- compile time and step time against depth (L = 2..32), with and without scan-over-layers;
 - the sampler: new tokens/s at batch 1 and 16, KV-cached scan vs uncached recompute, prefill;
 - checkpoint overhead: the share of wall time the loop is blocked by saving, async vs sync.
 Speed is reported here, never asserted in tests.
@@ -29,7 +32,7 @@ from core import checkpoint, config, mesh as mesh_lib  # noqa: E402
 from core.sampler import compile_generate  # noqa: E402
 from core.state import state_spec  # noqa: E402
 from core.step import compile_steps  # noqa: E402
-from core.task import lm_loss  # noqa: E402
+from core.task import classify_loss, lm_loss  # noqa: E402
 
 config.register()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,36 +65,85 @@ def flops_per_token(cfg) -> tuple[float, float]:
     return 6 * n_non_embedding + 12 * L * T * D, 6 * n_non_embedding + 6 * L * T * D
 
 
-def _setup(cfg):
+def _rows(cfg, rng) -> dict:
+    """One batch of random process-local rows for the config's task."""
+    B = cfg.batch_size
+    if cfg.data.kind == "images":
+        shape = IMAGE_SHAPES[cfg.data.tfds_name]
+        return {"x": rng.normal(size=(B, *shape)).astype(np.float32), "y": rng.integers(0, 10, B).astype(np.int32)}
+    t = rng.integers(0, VOCAB, size=(B, cfg.model.block_size + 1)).astype(np.int32)
+    return {"x": t[:, :-1], "y": t[:, 1:]}
+
+
+IMAGE_SHAPES = {"cifar10": (32, 32, 3), "mnist": (28, 28, 1)}
+
+
+def _setup(cfg, k: int = 1):
+    """State, runner and 4 batches (each K stacked steps when k > 1) for the config."""
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    spec = state_spec(cfg, {"vocab_size": VOCAB}, mesh)
-    runner = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=lm_loss,
-                           lr_fn=spec.lr_fn, seed=0, grad_accum=1)
+    images = cfg.data.kind == "images"
+    dims = ({"num_classes": 10, "image_shape": list(IMAGE_SHAPES[cfg.data.tfds_name])} if images
+            else {"vocab_size": VOCAB})
+    spec = state_spec(cfg, dims, mesh)
+    runner = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx,
+                           loss_fn=classify_loss if images else lm_loss, lr_fn=spec.lr_fn, seed=0, grad_accum=1)
     state = jax.jit(spec.make_state, out_shardings=spec.shardings)()
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, VOCAB, size=(4, cfg.batch_size, cfg.model.block_size + 1)).astype(np.int32)
-    batches = [runner.batch({"x": t[:, :-1], "y": t[:, 1:]}) for t in tokens]
+    if k == 1:
+        batches = [runner.batch(_rows(cfg, rng)) for _ in range(4)]
+    else:
+        batches = [runner.stack([_rows(cfg, rng) for _ in range(k)]) for _ in range(4)]
     return spec, runner, state, batches
 
 
-def train_throughput(cfg, steps: int, peak: float) -> dict:
-    spec, runner, state, batches = _setup(cfg)
+def train_throughput(cfg, steps: int, peak: float | None, k: int = 1) -> dict:
+    """Step time with k steps per dispatch (steps_per_call); MFU for transformer LMs."""
+    spec, runner, state, batches = _setup(cfg, k)
+    train = runner.train if k == 1 else runner.train_many
     t0 = time.perf_counter()
-    state, m = runner.train(state, batches[0])
+    state, m = train(state, batches[0])
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
-    for i in range(3):
-        state, m = runner.train(state, batches[i % 4])
+    for i in range(2):
+        state, m = train(state, batches[i % 4])
     jax.block_until_ready(m)
+    calls = max(1, steps // k)
     t0 = time.perf_counter()
-    for i in range(steps):
-        state, m = runner.train(state, batches[i % 4])
+    for i in range(calls):
+        state, m = train(state, batches[i % 4])
     jax.block_until_ready((state, m))
-    step_s = (time.perf_counter() - t0) / steps
+    step_s = (time.perf_counter() - t0) / (calls * k)
+    out = {"step_ms": 1e3 * step_s, "compile_s": compile_s, "steps_per_call": k}
+    if cfg.data.kind == "images":
+        return out | {"images_per_s": cfg.batch_size / step_s}
     tokens = cfg.batch_size * cfg.model.block_size
-    fpt, fpt_causal = flops_per_token(cfg)
-    return {"step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s, "compile_s": compile_s,
-            "mfu": fpt * tokens / step_s / peak, "mfu_causal": fpt_causal * tokens / step_s / peak}
+    out["tokens_per_s"] = tokens / step_s
+    if cfg.model.family == "transformer":
+        fpt, fpt_causal = flops_per_token(cfg)
+        out |= {"mfu": fpt * tokens / step_s / peak, "mfu_causal": fpt_causal * tokens / step_s / peak}
+    return out
+
+
+def compile_vs_depth(depths, steps: int) -> dict:
+    """Compile time and step time of the CPU config's train step at several depths, scan-over-layers or not."""
+    out = {}
+    for scan in (False, True):
+        for n in depths:
+            cfg = cfg_of("shakespeare_char_cpu", f"model.n_layers={n}", f"model.scan_layers={scan}")
+            spec, runner, state, batches = _setup(cfg)
+            t0 = time.perf_counter()
+            compiled = runner.train.lower(state, batches[0]).compile()
+            compile_s = time.perf_counter() - t0
+            state, m = compiled(state, batches[0])
+            jax.block_until_ready(m)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                state, m = compiled(state, batches[i % 4])
+            jax.block_until_ready(m)
+            out[f"L{n}_{'scan' if scan else 'unrolled'}"] = {
+                "n_layers": n, "scan_layers": scan, "compile_s": compile_s,
+                "step_ms": 1e3 * (time.perf_counter() - t0) / steps}
+    return out
 
 
 def sampler_speed(cfg, batch: int, new_tokens: int, cached: bool) -> dict:
@@ -151,8 +203,16 @@ def main() -> None:
         "matmul_gflops": peak / 1e9,
         "train": {
             "shakespeare_char_cpu": train_throughput(cfg_of("shakespeare_char_cpu"), 10 if q else 60, peak),
+            "shakespeare_char_cpu_steps_per_call_10": train_throughput(cfg_of("shakespeare_char_cpu"), 20 if q else 60,
+                                                                       peak, k=10),
             "shakespeare_char": train_throughput(cfg_of("shakespeare_char", "model.dropout=0"), 1 if q else 3, peak),
         },
+        "families": {
+            "mnist_cnn": train_throughput(cfg_of("mnist_cnn"), 5 if q else 30, peak),
+            "cifar10_cnn": train_throughput(cfg_of("cifar10_cnn"), 5 if q else 30, peak),
+            "shakespeare_rnn": train_throughput(cfg_of("shakespeare_rnn"), 5 if q else 30, peak),
+        },
+        "compile_vs_depth": compile_vs_depth((2, 8) if q else (2, 4, 8, 16, 32), 2 if q else 5),
         "sampler": {f"{'cached' if c else 'uncached'}_batch{b}": sampler_speed(cfg_of("shakespeare_char_cpu"), b,
                                                                                    100 if q else 500, c)
                     for b in (1, 16) for c in (True, False)},
@@ -162,10 +222,18 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"fp32 matmul: {results['matmul_gflops']:.0f} GFLOP/s ({results['machine']['cpus']} CPUs, jax {jax.__version__})")
-    print("| train config | ms/step | tokens/s | MFU (6N+12LTD) | MFU causal | compile s |\n|---|---|---|---|---|---|")
+    print("| train config | steps/call | ms/step | tokens/s | MFU (6N+12LTD) | MFU causal | compile s |\n"
+          "|---|---|---|---|---|---|---|")
     for name, r in results["train"].items():
-        print(f"| {name} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
+        print(f"| {name} | {r['steps_per_call']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
               f"{100 * r['mfu_causal']:.1f}% | {r['compile_s']:.1f} |")
+    print("| family config | ms/step | throughput | compile s |\n|---|---|---|---|")
+    for name, r in results["families"].items():
+        rate = f"{r['images_per_s']:.0f} images/s" if "images_per_s" in r else f"{r['tokens_per_s']:.0f} tokens/s"
+        print(f"| {name} | {r['step_ms']:.1f} | {rate} | {r['compile_s']:.1f} |")
+    print("| depth (CPU config width) | layers | compile s | step ms |\n|---|---|---|---|")
+    for name, r in results["compile_vs_depth"].items():
+        print(f"| {'scan' if r['scan_layers'] else 'unrolled'} | {r['n_layers']} | {r['compile_s']:.2f} | {r['step_ms']:.1f} |")
     print("| sampler (CPU config) | new tokens/s | prefill ms |\n|---|---|---|")
     for name, r in results["sampler"].items():
         print(f"| {name} | {r['new_tokens_per_s']:.0f} | {r.get('prefill_ms', float('nan')):.2f} |")
