@@ -38,7 +38,8 @@ def _refuse_harmful_changes(saved: dict, current: dict) -> list[str]:
     """The harmless keys changed since the checkpoint; a change that alters training is an error."""
     harmful, harmless = config.diff(saved, current)
     if harmful:
-        raise UserError(f"this run's config differs from its checkpoint in {', '.join(harmful)}; "
+        keys = ", ".join(harmful[:6]) + (f" and {len(harmful) - 6} more" if len(harmful) > 6 else "")
+        raise UserError(f"this run's config differs from its checkpoint in {keys}; "
                         f"restore those values, or pass out_dir= (new run) or resume=false (start afresh)")
     return harmless
 

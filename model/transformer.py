@@ -39,10 +39,11 @@ class Block(nnx.Module):
         return x if key is None else self.drop(x, rngs=key)
 
     def __call__(self, x_BLD, cache, layer, pos, key):
-        """Returns (x_BLD, cache). cache is None (training) or every layer's (k_NBHMK, v_NBHMK).
+        """Returns (x_BLD, cache). cache is None (training), this layer's (k_BHMK, v_BHMK) (layer=None),
+        or every layer's stacked (k_NBHMK, v_NBHMK) under scan-over-layers.
 
-        This block writes its new keys/values into the shared cache at [layer, :, :, pos] and reads
-        its own layer back: the cache is updated in place, never copied per token.
+        New keys/values are written at position `pos` (and [layer] when stacked) with
+        dynamic_update_slice, so the cache is updated in place, never copied per token.
         """
         k_attn, k_res1, k_res2 = (None,) * 3 if key is None else jax.random.split(key, 3)
         B, L, D = x_BLD.shape
@@ -53,10 +54,15 @@ class Block(nnx.Module):
         if cache is None:
             k_BHMK, v_BHMK, offset = k_BHLK, v_BHLK, 0
         else:
-            at = (layer, 0, 0, pos, 0)
-            cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), at)
-                          for c, new in zip(cache, (k_BHLK, v_BHLK)))
-            k_BHMK, v_BHMK = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in cache)
+            if layer is None:  # this layer's own (k_BHMK, v_BHMK)
+                cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, pos, 0))
+                              for c, new in zip(cache, (k_BHLK, v_BHLK)))
+                k_BHMK, v_BHMK = cache
+            else:
+                at = (layer, 0, 0, pos, 0)
+                cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), at)
+                              for c, new in zip(cache, (k_BHLK, v_BHLK)))
+                k_BHMK, v_BHMK = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in cache)
             offset = pos
         M = k_BHMK.shape[2]
         scores_BHLM = jnp.einsum("BHLK,BHMK->BHLM", q_BHLK, k_BHMK) / math.sqrt(D // H)
@@ -93,8 +99,15 @@ class Transformer(nnx.Module):
         self.ln_f = nnx.LayerNorm(cfg.d_model, use_bias=cfg.bias, epsilon=1e-5, rngs=rngs)
 
     def init_cache(self, batch: int, length: int | None = None):
-        """Zeroed KV cache, stacked over layers: (k_NBHMK, v_NBHMK)."""
-        shape = (self.n_layers, batch, self.n_heads, length or self.block_size, self.d_model // self.n_heads)
+        """Zeroed KV cache: one (k_BHMK, v_BHMK) per layer, or (k_NBHMK, v_NBHMK) under scan-over-layers.
+
+        Separate per-layer buffers are updated in place without slicing a stacked array (~17% faster
+        decode at batch 16 on CPU); the layer scan needs the stacked form.
+        """
+        shape = (batch, self.n_heads, length or self.block_size, self.d_model // self.n_heads)
+        if not self.scan_layers:
+            return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(self.n_layers))
+        shape = (self.n_layers, *shape)
         return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
 
     def __call__(self, idx_BL, *, key=None, cache=None, pos=0):
@@ -123,10 +136,13 @@ class Transformer(nnx.Module):
             layers = (block_state, jnp.arange(self.n_layers), keys_N)
             (x_BLD, new_cache), _ = jax.lax.scan(body, (x_BLD, cache), layers)
         else:
-            new_cache = cache
+            new_cache = [] if cache is not None else None
             for i in range(self.n_layers):
                 layer_state, layer_key = jax.tree.map(lambda a: a[i], (block_state, keys_N))
-                x_BLD, new_cache = apply(x_BLD, new_cache, layer_state, i, layer_key)
+                x_BLD, layer_cache = apply(x_BLD, None if cache is None else cache[i], layer_state, None, layer_key)
+                if cache is not None:
+                    new_cache.append(layer_cache)
+            new_cache = None if cache is None else tuple(new_cache)
 
         logits_BLV = self.wte.attend(self.ln_f(x_BLD.astype(jnp.float32)))
         return logits_BLV if cache is None else (logits_BLV, new_cache)

@@ -178,3 +178,15 @@ def test_batch_norm_over_a_sharded_batch_equals_one_device(tmp_path, images_npz)
     stats_one, stats_four = load_run(f"{tmp_path}/one").state["rest"], load_run(f"{tmp_path}/four").state["rest"]
     for a, b in zip(jax.tree.leaves(stats_one), jax.tree.leaves(stats_four), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_a_checkpoint_of_another_family_is_refused_in_one_line(tmp_path, text_file):
+    from conftest import TINY
+    from core.errors import UserError
+
+    out = str(tmp_path / "run")
+    run(compose(RNN_TINY + [f"data.path={text_file}", f"out_dir={out}", "steps=10"]))
+    with pytest.raises(UserError, match=r"differs from its checkpoint in .*model\.family.*; restore those values") as e:
+        run(compose(TINY + [f"data.path={text_file}", f"out_dir={out}"]))
+    assert "\n" not in str(e.value) and "more" in str(e.value)
+    assert load_run(out).cfg.model.family == "rnn"  # the RNN's checkpoint is untouched
