@@ -31,7 +31,8 @@ def _rows(path: str) -> list[dict]:
 def summarize(run_dir: str, root: str, metric: str, higher_is_better: bool) -> dict:
     rows = _rows(os.path.join(run_dir, "metrics.jsonl"))
     evals = [(r["step"], r[metric]) for r in rows if r.get(metric) is not None]
-    speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
+    rate_key = next((k for r in rows for k in r if k.endswith("_per_s")), "tokens_per_s")  # tokens, images...
+    speeds = [r[rate_key] for r in rows if r.get(rate_key)]
     steps_wanted = None
     if os.path.exists(os.path.join(run_dir, "config.yaml")):
         from omegaconf import OmegaConf
@@ -50,7 +51,7 @@ def summarize(run_dir: str, root: str, metric: str, higher_is_better: bool) -> d
         f"best_{metric}": pick(v for _, v in evals) if evals else None,
         "steps": last_step,
         "wall_time_s": max((r.get("time_s", 0.0) for r in rows), default=None),
-        "tokens_per_s": statistics.median(speeds) if speeds else None,
+        "throughput": f"{statistics.median(speeds):.0f} {rate_key[:-6]}/s" if speeds else None,
         "curve": evals,
     }
 
