@@ -1,4 +1,5 @@
 """Text data: batches are pure functions of (seed, step); splits, vocab and TFDS behave as documented."""
+import os
 import time
 
 import numpy as np
@@ -68,3 +69,17 @@ def test_tfds_download_that_hangs_gives_up_with_a_hint(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="did not download within 1s.*data.path=/path/to/input.txt"):
         text.load_corpus(data_cfg(tfds_data_dir=str(tmp_path), download_timeout=1))
     assert time.perf_counter() - t0 < 10
+
+
+def test_a_timed_out_download_leaves_no_partial_files(monkeypatch, tmp_path):
+    def hang(self, **kwargs):
+        os.makedirs(os.path.join(str(tmp_path), "tiny_shakespeare", "incomplete.ABC_1.0.0"))
+        os.makedirs(os.path.join(str(tmp_path), "downloads", "tiny_shakespeare"))
+        open(os.path.join(str(tmp_path), "downloads", "tiny_shakespeare", "file.tar.gz.tmp.123"), "w").close()
+        time.sleep(60)
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", hang)
+    with pytest.raises(UserError, match="did not download within 1s"):
+        text.load_corpus(data_cfg(tfds_data_dir=str(tmp_path), download_timeout=1))
+    leftovers = [os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert leftovers == [] and not os.path.exists(tmp_path / "tiny_shakespeare")
