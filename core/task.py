@@ -6,7 +6,6 @@
 Metrics are means over the batch's real examples (eval batches may carry a `mask` of padding).
 """
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable
 
 import jax.numpy as jnp
@@ -79,8 +78,10 @@ def load(cfg) -> Task:
         meta = {"num_classes": data.num_classes, "image_shape": list(data.image_shape),
                 "mean": data.mean_C.tolist(), "std": data.std_C.tolist()}
         shape = "x".join(map(str, data.image_shape))
+        pad = d.crop_padding if d.augment else 0
         return Task("classify", classify_loss, {"num_classes": data.num_classes, "image_shape": list(data.image_shape)},
-                    meta, partial(_image_batch, images, data, cfg), partial(images.eval_batch, data, batch_size=B, rows=rows),
+                    meta, lambda step: images.train_batch(data, cfg.seed, step, B, rows, pad),
+                    lambda i: images.eval_batch(data, i, B, rows),
                     images.eval_batch_count(data, B, cfg.eval_batches), "images", 1,
                     f"{len(data.x_train):,} training / {len(data.x_val):,} validation images of {shape}, "
                     f"{data.num_classes} classes")
@@ -92,8 +93,3 @@ def load(cfg) -> Task:
                     "values", L, f"generated noisy sines, windows of {L}, noise {d.noise}")
     raise AssertionError(d.kind)  # config.check_keys rejects unknown kinds first
 
-
-def _image_batch(images, data, cfg, step: int) -> dict:
-    rows = mesh_lib.process_rows(cfg.batch_size)
-    pad = cfg.data.crop_padding if cfg.data.augment else 0
-    return images.train_batch(data, cfg.seed, step, cfg.batch_size, rows, pad)
