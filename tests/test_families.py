@@ -39,6 +39,14 @@ def quadrant_images(path, n=400, size=12, seed=0):
 
 
 @pytest.fixture(scope="module")
+def rnn_run(tmp_path_factory, text_file):
+    """A tiny RNN char-LM run directory, trained once for the tests that only read it."""
+    out = str(tmp_path_factory.mktemp("rnn") / "run")
+    assert run(compose(RNN_TINY + [f"data.path={text_file}", f"out_dir={out}"]))["step"] == 20
+    return out
+
+
+@pytest.fixture(scope="module")
 def images_npz(tmp_path_factory):
     return quadrant_images(tmp_path_factory.mktemp("img") / "quadrants.npz")
 
@@ -167,10 +175,8 @@ def test_rnn_scan_sampler_equals_feeding_tokens_one_at_a_time(cell):
     np.testing.assert_allclose(full_BLV[:, :-1], jnp.concatenate(step_logits, axis=1)[:, :-1], atol=1e-5)
 
 
-def test_sample_py_generates_from_an_rnn_run(tmp_path, text_file):
-    out = str(tmp_path / "rnn")
-    assert run(compose(RNN_TINY + [f"data.path={text_file}", f"out_dir={out}"]))["step"] == 20
-    proc = run_cli("sample.py", f"out_dir={out}", "num_samples=2", "max_new_tokens=40", "prompt=The")
+def test_sample_py_generates_from_an_rnn_run(rnn_run):
+    proc = run_cli("sample.py", f"out_dir={rnn_run}", "num_samples=2", "max_new_tokens=40", "prompt=The")
     assert proc.returncode == 0, proc.stderr[-2000:]
     samples = proc.stdout.rstrip("\n").split("\n---\n")
     assert len(samples) == 2 and all(s.startswith("The") and len(s) == 43 for s in samples)
@@ -187,13 +193,11 @@ def test_batch_norm_over_a_sharded_batch_equals_one_device(tmp_path, images_npz)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
-def test_a_checkpoint_of_another_family_is_refused_in_one_line(tmp_path, text_file):
+def test_a_checkpoint_of_another_family_is_refused_in_one_line(rnn_run, text_file):
     from conftest import TINY
     from core.errors import UserError
 
-    out = str(tmp_path / "run")
-    run(compose(RNN_TINY + [f"data.path={text_file}", f"out_dir={out}", "steps=10"]))
     with pytest.raises(UserError, match=r"differs from its checkpoint in .*model\.family.*; restore those values") as e:
-        run(compose(TINY + [f"data.path={text_file}", f"out_dir={out}"]))
+        run(compose(TINY + [f"data.path={text_file}", f"out_dir={rnn_run}", "steps=30"]))
     assert "\n" not in str(e.value) and "more" in str(e.value)
-    assert load_run(out).cfg.model.family == "rnn"  # the RNN's checkpoint is untouched
+    assert load_run(rnn_run).cfg.model.family == "rnn"  # the RNN's checkpoint is untouched
