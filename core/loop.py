@@ -202,13 +202,13 @@ def _train(cfg, mngr, mesh, task, spec, meta, start, state, stop) -> dict:
     step, batch = start, batches_at(start)
     try:
         while step < cfg.steps:
-            k = call_length(step)
-            state, step_metrics = (runner.train if k == 1 else runner.train_many)(state, batch)
-            done = step + k
+            n_steps = call_length(step)
+            state, step_metrics = (runner.train if n_steps == 1 else runner.train_many)(state, batch)
+            done = step + n_steps
             stopping = any([stop.should_stop(s) for s in range(step + 1, done + 1)])  # every host sees every id
             if done < cfg.steps and not stopping:
                 batch = batches_at(done)  # built on the host while the device runs the call
-            bar.update(k)
+            bar.update(n_steps)
             step = done
             final = done == cfg.steps or stopping
             if done % cfg.log_every == 0 or final:

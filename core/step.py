@@ -150,4 +150,3 @@ def compile_steps(mesh, state_sharding, *, graphdef, tx, loss_fn, lr_fn, seed, g
         raise AssertionError("parallel=pmap runs one step per call (config.check enforces steps_per_call=1)")
 
     return Runner(train, one_at_a_time, one_at_a_time, lambda s, b: ev(s["params"], s["rest"], b), put, get, batch)
-

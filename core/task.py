@@ -1,7 +1,7 @@
 """Tasks: a loss plus metrics, wired to the data source that feeds it. The loop does not care which.
 
 `data.kind` picks the task (text -> next-token LM, images -> classification, series -> regression);
-`model.family` picks the module, which must list the task in its TASKS. A loss function is
+`model.family` picks the module, whose class must list the task in its TASKS. A loss function is
 `(model, batch, key) -> (loss, metrics)`: `key` set means training (dropout, batch statistics).
 Metrics are means over the batch's real examples (eval batches may carry a `mask` of padding).
 """
@@ -92,4 +92,3 @@ def load(cfg) -> Task:
                     lambda i: (series.eval_batch(d.eval_seed, i, B, L, d.noise, rows), B), cfg.eval_batches,
                     "values", L, f"generated noisy sines, windows of {L}, noise {d.noise}")
     raise AssertionError(d.kind)  # config.check_keys rejects unknown kinds first
-

@@ -47,7 +47,9 @@ def _as_nhwc(x: np.ndarray, name: str, path: str) -> np.ndarray:
 
 
 def _labels(y: np.ndarray, name: str, path: str) -> np.ndarray:
-    y = np.asarray(y).reshape(-1) if np.asarray(y).ndim == 2 and np.asarray(y).shape[1] == 1 else np.asarray(y)
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:  # a column of labels
+        y = y[:, 0]
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (y.size and y.min() < 0):
         raise UserError(f"{path}: {name} must be a vector of non-negative integer class labels "
                         f"(got shape {y.shape}, {y.dtype})")

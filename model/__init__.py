@@ -2,7 +2,7 @@
 
 A family is one module file plus one config file. Its class takes (model_cfg, **dims, rngs=) where
 `dims` come from the task (vocab_size; num_classes and image_shape; in_features and out_features),
-and its module lists the tasks it serves in `TASKS`. Every family is called as
+and its class lists the tasks it serves in `TASKS`. Every family is called as
 `model(x, key=None)`; a key means training mode (dropout, batch statistics).
 """
 from core.errors import UserError
@@ -16,16 +16,11 @@ def families() -> dict:
     return {"transformer": Transformer, "cnn": CNN, "rnn": RNN}
 
 
-def tasks_of(family: str) -> tuple:
-    import importlib
-
-    return importlib.import_module(f"model.{family}").TASKS
-
-
 def check_task(family: str, task: str, data_kind: str) -> None:
     """A one-line error when the model family cannot do the data's task (e.g. a CNN on text)."""
-    if task not in tasks_of(family):
-        fits = [f for f in families() if task in tasks_of(f)]
+    known = families()
+    if task not in known[family].TASKS:
+        fits = [name for name, cls in known.items() if task in cls.TASKS]
         raise UserError(f"model={family} cannot train on data={data_kind} (task {task}); "
                         f"use model={' or model='.join(fits)}, or a data= that suits {family}")
 

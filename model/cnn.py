@@ -12,8 +12,6 @@ from flax import nnx
 
 from core.errors import UserError
 
-TASKS = ("classify",)
-
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: str, pool: bool) -> int:
     """Spatial size after one conv (and its optional 2x2 max-pool)."""
@@ -23,6 +21,8 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: str, pool: bo
 
 class CNN(nnx.Module):
     """conv(k x k, stride) -> [batch norm] -> act -> [2x2 max-pool], repeated; flatten; dense; head."""
+
+    TASKS = ("classify",)  # the tasks (core/task.py) this family can train on
 
     def __init__(self, cfg, *, num_classes: int, image_shape, rngs: nnx.Rngs):
         H, W, C = image_shape

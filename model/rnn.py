@@ -15,8 +15,6 @@ The recurrent carry plays the role of the transformer's KV cache: `model(x, cach
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-TASKS = ("lm", "regress")
 GATES = {"lstm": 4, "gru": 3}
 
 
@@ -43,6 +41,8 @@ CELLS = {"lstm": lstm_cell, "gru": gru_cell}
 
 class RNN(nnx.Module):
     """Embedding or input dense -> N recurrent layers (dropout between) -> dense head."""
+
+    TASKS = ("lm", "regress")  # the tasks (core/task.py) this family can train on
 
     def __init__(self, cfg, *, vocab_size: int | None = None, in_features: int | None = None,
                  out_features: int | None = None, rngs: nnx.Rngs):

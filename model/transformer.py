@@ -14,8 +14,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-TASKS = ("lm",)
-
 class Block(nnx.Module):
     """Pre-LN block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
@@ -79,6 +77,8 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
     """Token + learned position embeddings, N pre-LN blocks, final LN, head tied to the embedding."""
+
+    TASKS = ("lm",)  # the tasks (core/task.py) this family can train on
 
     def __init__(self, cfg, vocab_size: int, *, rngs: nnx.Rngs):
         # Plain hashable fields only: they become part of the static graph definition.

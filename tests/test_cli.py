@@ -79,14 +79,21 @@ def _file(tmp_path, name, content: bytes):
     (["data.val_fraction=1.5"], "data.val_fraction=1.5 must be in (0, 1)"),
 ])
 def test_bad_input_table(overrides, expected, tmp_path, text_file):
-    from conftest import TINY, compose
+    from conftest import TINY
+
+    files = {"EMPTY": _file(tmp_path, "empty.txt", b""), "BINARY": _file(tmp_path, "bin.txt", b"\xff\xfe\x00\x80")}
+    _assert_refused(TINY + [f"data.path={text_file}"] + overrides, files, expected, tmp_path)
+
+
+def _assert_refused(overrides, files, expected, tmp_path):
+    """Running `overrides` (FILE placeholders replaced by paths) raises a one-line UserError and writes nothing."""
+    from conftest import compose
     from core.errors import UserError
     from core.loop import run
 
-    files = {"EMPTY": _file(tmp_path, "empty.txt", b""), "BINARY": _file(tmp_path, "bin.txt", b"\xff\xfe\x00\x80")}
     overrides = [o.split("=")[0] + "=" + files.get(o.split("=")[1], o.split("=")[1]) for o in overrides]
     with pytest.raises(UserError) as error:
-        run(compose(TINY + [f"data.path={text_file}", f"out_dir={tmp_path}/run"] + overrides))
+        run(compose(overrides + [f"out_dir={tmp_path}/run"]))
     assert expected in str(error.value) and "\n" not in str(error.value)
     assert not os.path.exists(tmp_path / "run")
 
@@ -115,20 +122,12 @@ IMAGES = ["model=cnn", "data=images", "batch_size=8", "mesh.data=1"]
     (["model=rnn", "data.path=TEXT", "model.cell=rnn"], "model.cell=rnn must be 'lstm' or 'gru'"),
 ])
 def test_bad_family_input_table(overrides, expected, tmp_path, text_file):
-    from conftest import compose
-    from core.errors import UserError
-    from core.loop import run
-
     rng = np.random.default_rng(0)
     files = {"TEXT": text_file,
              "NPZ": _npz(tmp_path, "ok.npz", x=rng.integers(0, 255, (20, 8, 8), np.uint8), y=np.arange(20) % 3),
              "WRONG_KEYS": _npz(tmp_path, "keys.npz", images=np.zeros((4, 8, 8))),
              "FLOAT_LABELS": _npz(tmp_path, "float.npz", x=np.zeros((10, 8, 8)), y=np.linspace(0, 1, 10))}
-    overrides = [o.split("=")[0] + "=" + files.get(o.split("=")[1], o.split("=")[1]) for o in overrides]
-    with pytest.raises(UserError) as error:
-        run(compose(overrides + [f"out_dir={tmp_path}/run"]))
-    assert expected in str(error.value) and "\n" not in str(error.value)
-    assert not os.path.exists(tmp_path / "run")
+    _assert_refused(overrides, files, expected, tmp_path)
 
 
 def test_block_size_larger_than_the_data(tmp_path):
