@@ -4,6 +4,11 @@
 under runs/sweeps/<name>/; a failing job is recorded there (FAILED) and the sweep goes on; the
 exit status is the number of failed jobs.
 """
+from core.hugepages import use_huge_pages
+
+if __name__ == "__main__":
+    use_huge_pages()  # first, before jax allocates anything: core/hugepages.py
+
 import os
 import sys
 import traceback

@@ -21,6 +21,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from core.hugepages import use_huge_pages  # noqa: E402
+
+use_huge_pages()  # measure what train.py runs: core/hugepages.py
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
