@@ -5,7 +5,8 @@ Prints a table and writes JSON (machine, versions, command, every figure). Measu
 - train throughput and MFU of the CPU Shakespeare config and the GPU one (fewer steps), with
   model FLOPs per token from the PaLM appendix, 6N + 12*L*T*D (N non-embedding params), and
   the causal-halved 6N + 6*L*T*D beside it, with
-  one step per dispatch and ten (`steps_per_call=10`);
+  one step per dispatch and ten (`steps_per_call=10`), and each step's dense matmuls alone (the
+  ceiling XLA-CPU's kernels allow at those shapes);
 - the CNN (images/s) and RNN (tokens/s) experiment configs;
 - compile time and step time against depth (L = 2..32), with and without scan-over-layers;
 - the sampler: new tokens/s at batch 1 and 16, KV-cached scan vs uncached recompute, prefill;
@@ -128,6 +129,49 @@ def train_throughput(cfg, steps: int, peak: float | None, k: int = 1, repeats: i
     return out
 
 
+def matmul_floor(cfg, peak: float, k: int = 10, repeats: int = 3) -> dict:
+    """The step's dense matmuls alone, in the forms and shapes XLA runs them, with nothing else.
+
+    Per layer and step: forward x@W, backward g@W.T and x.T@g for the qkv, attention-output, fc
+    and fc-projection weights (12 matmuls), chained so none can be hoisted or overlapped more than
+    in the real step; k steps per call. No attention, norms, loss or optimizer: MFU at this time is
+    the ceiling XLA-CPU's matmul kernels allow for these shapes.
+    """
+    m = cfg.model
+    T, D, F = cfg.batch_size * m.block_size, m.d_model, m.mlp_ratio * m.d_model
+    keys = iter(jax.random.split(jax.random.key(0), 5))
+    w = {name: jax.random.normal(next(keys), (m.n_layers, a, b)) / np.sqrt(a)
+         for name, (a, b) in {"qkv": (D, 3 * D), "proj": (D, D), "fc": (D, F), "fc_proj": (F, D)}.items()}
+    x_KTD = jax.random.normal(next(keys), (k, T, D))
+
+    def layer(x, wl):
+        grads = []
+        for name in ("qkv", "proj"):
+            y = x @ wl[name]                          # forward
+            grads.append(x.T @ y)                     # weight gradient
+            x = y @ wl[name].T                        # input gradient
+        h = x @ wl["fc"]
+        y = h @ wl["fc_proj"]
+        g = y @ wl["fc_proj"].T
+        grads += [h.T @ y, x.T @ g]
+        return g @ wl["fc"].T, grads
+
+    @jax.jit
+    def many(w, x_KTD):
+        def step(acc, x):
+            for i in range(m.n_layers):
+                x, grads = layer(x, jax.tree.map(lambda a: a[i], w))
+                acc = acc + sum(jnp.sum(g[:1, :1]) for g in grads)
+            return acc + jnp.sum(x[:1, :1]), None
+        return jax.lax.scan(step, 0.0, x_KTD)[0]
+
+    jax.block_until_ready(many(w, x_KTD))
+    step_s = min(_timed(lambda: jax.block_until_ready(many(w, x_KTD))) for _ in range(repeats)) / k
+    fpt, _ = flops_per_token(cfg)
+    return {"step_ms": 1e3 * step_s, "mfu": fpt * T / step_s / peak,
+            "matmul_gflops": 6 * m.n_layers * T * (4 * D * D + 2 * D * F) / step_s / 1e9}
+
+
 def compile_vs_depth(depths, steps: int) -> dict:
     """Compile time and step time of the CPU config's train step at several depths, scan-over-layers or not."""
     out = {}
@@ -212,6 +256,8 @@ def main() -> None:
             "shakespeare_char": train_throughput(cfg_of("shakespeare_char", "model.dropout=0"), 1 if q else 3, peak,
                                                  repeats=1),
         },
+        "matmul_floor": {"shakespeare_char_cpu": matmul_floor(cfg_of("shakespeare_char_cpu"), peak),
+                         "shakespeare_char": matmul_floor(cfg_of("shakespeare_char"), peak, k=1, repeats=1 if q else 2)},
         "families": {
             "mnist_cnn": train_throughput(cfg_of("mnist_cnn"), 5 if q else 30, peak),
             "cifar10_cnn": train_throughput(cfg_of("cifar10_cnn"), 5 if q else 30, peak),
@@ -232,6 +278,9 @@ def main() -> None:
     for name, r in results["train"].items():
         print(f"| {name} | {r['steps_per_call']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
               f"{100 * r['mfu_causal']:.1f}% | {r['compile_s']:.1f} |")
+    for name, r in results["matmul_floor"].items():
+        print(f"{name}: its dense matmuls alone take {r['step_ms']:.1f} ms/step ({r['matmul_gflops']:.0f} GFLOP/s), "
+              f"a ceiling of {100 * r['mfu']:.1f}% MFU for this step on XLA-CPU")
     print("| family config | ms/step | throughput | compile s |\n|---|---|---|---|")
     for name, r in results["families"].items():
         rate = f"{r['images_per_s']:.0f} images/s" if "images_per_s" in r else f"{r['tokens_per_s']:.0f} tokens/s"

@@ -31,6 +31,24 @@ def test_no_gradient_flows_from_future_tokens():
     assert np.all(np.abs(grad_wpe[: t + 1]).sum(-1) > 0), "every past position must matter"
 
 
+def test_attention_in_causal_query_blocks_equals_one_block(monkeypatch):
+    """Long blocks run attention per query block against only the keys it can see: same result."""
+    import model.transformer as transformer
+    model = tiny_model(dropout=0.0)
+    graphdef, params = nnx.split(model)
+    idx_BL = jax.random.randint(jax.random.key(3), (2, 12), 0, V)
+    weights_BLV = jax.random.normal(jax.random.key(4), (2, 12, V))
+
+    def loss(params):
+        return jnp.sum(nnx.merge(graphdef, params)(idx_BL) * weights_BLV)
+
+    whole = jax.jit(jax.value_and_grad(loss))(params)  # 12 rows < Q_ROWS: one block
+    monkeypatch.setattr(transformer, "Q_ROWS", 4)  # three blocks of 4 query rows
+    blocked = jax.jit(jax.value_and_grad(loss))(params)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(blocked)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
 def test_cached_greedy_decode_equals_uncached_up_to_block_size():
     model = tiny_model()
     T = model.block_size
