@@ -162,5 +162,7 @@ class Transformer(nnx.Module):
                     new_cache.append(layer_cache)
             new_cache = None if cache is None else tuple(new_cache)
 
-        logits_BLV = self.wte.attend(self.ln_f(x_BLD.astype(jnp.float32)))
+        B, _, D = x_BLD.shape
+        logits_TV = self.wte.attend(self.ln_f(x_BLD.astype(jnp.float32).reshape(B * L, D)))  # 2-D, as in Block
+        logits_BLV = logits_TV.reshape(B, L, -1)
         return logits_BLV if cache is None else (logits_BLV, new_cache)
