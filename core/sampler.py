@@ -42,6 +42,8 @@ def generate(model, prompt_BP, key, *, max_new_tokens: int, temperature: float =
     if T is not None and P > T:
         prompt_BP, P = prompt_BP[:, -T:], T
     logits_BPV, cache = model(prompt_BP, cache=model.init_cache(B), pos=0)
+    init_cache = model.init_cache
+    model = model.decoder() if hasattr(model, "decoder") else model  # weights sliced once, not per step
 
     def decode(cache, pos, logits_BV, first: int, n: int):
         """n tokens numbered first.. (for their keys), the first written at `pos`."""
@@ -69,7 +71,7 @@ def generate(model, prompt_BP, key, *, max_new_tokens: int, temperature: float =
 
     def segment(carry, s):
         last_BK, logits_BV = carry
-        _, cache = model(last_BK, cache=model.init_cache(B), pos=0)
+        _, cache = model(last_BK, cache=init_cache(B), pos=0)
         logits_BV, new_BS = decode(cache, jnp.int32(keep), logits_BV, n0 + s * per_segment, per_segment)
         return (new_BS[:, -keep:], logits_BV), new_BS
 

@@ -39,18 +39,21 @@ class Block(nnx.Module):
     def _dropout(self, x, key):
         return x if key is None else self.drop(x, rngs=key)
 
-    def _attend(self, q_BHLK, k_BHMK, v_BHMK, offset, key):
-        """Causal softmax attention of queries at positions offset..offset+L-1 over keys 0..M-1."""
-        L, M, K = q_BHLK.shape[2], k_BHMK.shape[2], q_BHLK.shape[3]
-        scores_BHLM = jnp.einsum("BHLK,BHMK->BHLM", q_BHLK, k_BHMK) / math.sqrt(K)
+    def _attend(self, q__LK, k__MK, v__MK, offset, key):
+        """Causal softmax attention of queries at positions offset..offset+L-1 over keys 0..M-1.
+
+        `__` is any leading batch dims, (B, H) or (B*H,).
+        """
+        L, M, K = q__LK.shape[-2], k__MK.shape[-2], q__LK.shape[-1]
+        scores__LM = jnp.einsum("...LK,...MK->...LM", q__LK, k__MK) / math.sqrt(K)
         causal_LM = jnp.arange(M)[None, :] <= (jnp.arange(L)[:, None] + offset)
-        scores_BHLM = jnp.where(causal_LM, scores_BHLM.astype(jnp.float32), -jnp.inf)
-        probs_BHLM = self._dropout(jax.nn.softmax(scores_BHLM, axis=-1).astype(self.dtype), key)
-        return jnp.einsum("BHLM,BHMK->BHLK", probs_BHLM, v_BHMK.astype(self.dtype))
+        scores__LM = jnp.where(causal_LM, scores__LM.astype(jnp.float32), -jnp.inf)
+        probs__LM = self._dropout(jax.nn.softmax(scores__LM, axis=-1).astype(self.dtype), key)
+        return jnp.einsum("...LM,...MK->...LK", probs__LM, v__MK.astype(self.dtype))
 
     def __call__(self, x_BLD, cache, layer, pos, key):
-        """Returns (x_BLD, cache). cache is None (training), this layer's (k_BHMK, v_BHMK) (layer=None),
-        or every layer's stacked (k_NBHMK, v_NBHMK) under scan-over-layers.
+        """Returns (x_BLD, cache). cache is None (training), this layer's (k_XMK, v_XMK) (layer=None),
+        or every layer's stacked (k_NXMK, v_NXMK) under scan-over-layers; X = B*H.
 
         New keys/values are written at position `pos` (and [layer] when stacked) with
         dynamic_update_slice, so the cache is updated in place, never copied per token.
@@ -62,30 +65,30 @@ class Block(nnx.Module):
         qkv_BLD3 = self.qkv(self.ln1(x_BLD).reshape(B * L, D)).reshape(B, L, 3 * D)
         q_BLHK, k_BLHK, v_BLHK = (t.reshape(B, L, H, D // H) for t in jnp.split(qkv_BLD3, 3, axis=-1))
         q_BHLK, k_BHLK, v_BHLK = (t.transpose(0, 2, 1, 3) for t in (q_BLHK, k_BLHK, v_BLHK))
-        if cache is None:
-            k_BHMK, v_BHMK, offset = k_BHLK, v_BHLK, 0
-        else:
-            if layer is None:  # this layer's own (k_BHMK, v_BHMK)
-                cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, pos, 0))
-                              for c, new in zip(cache, (k_BHLK, v_BHLK)))
-                k_BHMK, v_BHMK = cache
-            else:
-                at = (layer, 0, 0, pos, 0)
-                cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), at)
-                              for c, new in zip(cache, (k_BHLK, v_BHLK)))
-                k_BHMK, v_BHMK = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in cache)
-            offset = pos
-        n_blocks = L // Q_ROWS
-        if cache is None and n_blocks > 1 and L % Q_ROWS == 0:
+        if cache is not None:
+            # The cache holds (B*H, M, K): the attention dots read the updated buffer as it is (a 4-D
+            # cache made XLA-CPU update a reshaped copy for them beside the carried one, every token).
+            k_XLK, v_XLK = (t.reshape(B * H, L, D // H).astype(c.dtype) for t, c in zip((k_BHLK, v_BHLK), cache))
+            if layer is None:  # this layer's own (k_XMK, v_XMK)
+                cache = tuple(jax.lax.dynamic_update_slice(c, new, (0, pos, 0)) for c, new in zip(cache, (k_XLK, v_XLK)))
+                k_XMK, v_XMK = cache
+            else:  # every layer's (k_NXMK, v_NXMK), this one at [layer]
+                cache = tuple(jax.lax.dynamic_update_slice(c, new[None], (layer, 0, pos, 0))
+                              for c, new in zip(cache, (k_XLK, v_XLK)))
+                k_XMK, v_XMK = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in cache)
+            y_XLK = self._attend(q_BHLK.reshape(B * H, L, D // H), k_XMK, v_XMK, pos, k_attn)
+            y_BHLK = y_XLK.reshape(B, H, L, D // H)
+        elif L // Q_ROWS > 1 and L % Q_ROWS == 0:
             # Query block i attends only keys [0, (i+1)*Q_ROWS): the fully masked upper-right blocks are
             # never computed ((n+1)/2n of the work: 62.5% at block_size 256). On the 2-core CPU the GPU
             # config's step drops ~6% (9.0 -> 8.5 s) and block_size 128 ~9%; at 64 it would not pay.
+            n_blocks = L // Q_ROWS
             keys = [None] * n_blocks if k_attn is None else list(jax.random.split(k_attn, n_blocks))
             y_BHLK = jnp.concatenate([
-                self._attend(q_BHLK[:, :, i * Q_ROWS:(i + 1) * Q_ROWS], k_BHMK[:, :, :(i + 1) * Q_ROWS],
-                             v_BHMK[:, :, :(i + 1) * Q_ROWS], i * Q_ROWS, keys[i]) for i in range(n_blocks)], axis=2)
+                self._attend(q_BHLK[:, :, i * Q_ROWS:(i + 1) * Q_ROWS], k_BHLK[:, :, :(i + 1) * Q_ROWS],
+                             v_BHLK[:, :, :(i + 1) * Q_ROWS], i * Q_ROWS, keys[i]) for i in range(n_blocks)], axis=2)
         else:
-            y_BHLK = self._attend(q_BHLK, k_BHMK, v_BHMK, offset, k_attn)
+            y_BHLK = self._attend(q_BHLK, k_BHLK, v_BHLK, 0, k_attn)
         y_BLD = y_BHLK.transpose(0, 2, 1, 3).reshape(B, L, D)
         x_TD = x_BLD.reshape(B * L, D) + self._dropout(self.attn_proj(y_BLD.reshape(B * L, D)), k_res1)
         h_TF = jax.nn.gelu(self.fc(self.ln2(x_TD)), approximate=True)
@@ -117,18 +120,29 @@ class Transformer(nnx.Module):
         self.ln_f = nnx.LayerNorm(cfg.d_model, use_bias=cfg.bias, epsilon=1e-5, rngs=rngs)
 
     def init_cache(self, batch: int, length: int | None = None):
-        """Zeroed KV cache: one (k_BHMK, v_BHMK) per layer, or (k_NBHMK, v_NBHMK) under scan-over-layers.
+        """Zeroed KV cache: one (k_XMK, v_XMK) per layer, X = B*H, or (k_NXMK, v_NXMK) under scan-over-layers.
 
         Separate per-layer buffers are updated in place without slicing a stacked array (~17% faster
         decode at batch 16 on CPU); the layer scan needs the stacked form.
         """
-        shape = (batch, self.n_heads, length or self.block_size, self.d_model // self.n_heads)
+        shape = (batch * self.n_heads, length or self.block_size, self.d_model // self.n_heads)
         if not self.scan_layers:
             return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(self.n_layers))
         shape = (self.n_layers, *shape)
         return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
 
-    def __call__(self, idx_BL, *, key=None, cache=None, pos=0):
+    def decoder(self):
+        """This model's call with every layer's weights sliced out of the stacked params once, here.
+
+        Called outside a decode loop (core/sampler.py): inside one, XLA-CPU copies each layer's weights
+        out of the stack on every iteration (~3 MB per step for the CPU config).
+        """
+        if self.scan_layers:
+            return self
+        block_state = nnx.state(self.blocks)
+        return partial(self, layer_states=[jax.tree.map(lambda a: a[i], block_state) for i in range(self.n_layers)])
+
+    def __call__(self, idx_BL, *, key=None, cache=None, pos=0, layer_states=None):
         """Logits_BLV for tokens at positions pos..pos+L-1; with a cache, returns (logits, cache).
 
         key: a PRNG key enables dropout (training); None is deterministic.
@@ -157,6 +171,8 @@ class Transformer(nnx.Module):
             new_cache = [] if cache is not None else None
             for i in range(self.n_layers):
                 layer_state, layer_key = jax.tree.map(lambda a: a[i], (block_state, keys_N))
+                if layer_states is not None:
+                    layer_state = layer_states[i]
                 x_BLD, layer_cache = apply(x_BLD, None if cache is None else cache[i], layer_state, None, layer_key)
                 if cache is not None:
                     new_cache.append(layer_cache)
