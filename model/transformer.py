@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Q_ROWS = 64  # training attention runs in causal query blocks of this many rows (see Block._attend)
+Q_ROWS = 64  # training attention runs in causal query blocks of this many rows (see Block.__call__)
 
 
 class Block(nnx.Module):
@@ -146,6 +146,7 @@ class Transformer(nnx.Module):
         """Logits_BLV for tokens at positions pos..pos+L-1; with a cache, returns (logits, cache).
 
         key: a PRNG key enables dropout (training); None is deterministic.
+        layer_states: every layer's weights already sliced out of the stack (see `decoder`).
         """
         L = idx_BL.shape[1]
         k_emb, k_blocks = (None, None) if key is None else jax.random.split(key)
@@ -170,9 +171,8 @@ class Transformer(nnx.Module):
         else:
             new_cache = [] if cache is not None else None
             for i in range(self.n_layers):
-                layer_state, layer_key = jax.tree.map(lambda a: a[i], (block_state, keys_N))
-                if layer_states is not None:
-                    layer_state = layer_states[i]
+                layer_state = layer_states[i] if layer_states else jax.tree.map(lambda a: a[i], block_state)
+                layer_key = None if keys_N is None else keys_N[i]
                 x_BLD, layer_cache = apply(x_BLD, None if cache is None else cache[i], layer_state, None, layer_key)
                 if cache is not None:
                     new_cache.append(layer_cache)
