@@ -62,11 +62,16 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def non_embedding_params(cfg) -> int:
+    m = cfg.model
+    return m.n_layers * (4 * m.d_model ** 2 + 2 * m.mlp_ratio * m.d_model ** 2)  # attention + MLP matrices
+
+
 def flops_per_token(cfg) -> tuple[float, float]:
     m = cfg.model
     D, L, T = m.d_model, m.n_layers, m.block_size
-    n_non_embedding = L * (4 * D * D + 2 * m.mlp_ratio * D * D)  # attention + MLP matrices
-    return 6 * n_non_embedding + 12 * L * T * D, 6 * n_non_embedding + 6 * L * T * D
+    n = non_embedding_params(cfg)
+    return 6 * n + 12 * L * T * D, 6 * n + 6 * L * T * D
 
 
 def _rows(cfg, rng) -> dict:
@@ -169,7 +174,7 @@ def matmul_floor(cfg, peak: float, k: int = 10, repeats: int = 3) -> dict:
     step_s = min(_timed(lambda: jax.block_until_ready(many(w, x_KTD))) for _ in range(repeats)) / k
     fpt, _ = flops_per_token(cfg)
     return {"step_ms": 1e3 * step_s, "mfu": fpt * T / step_s / peak,
-            "matmul_gflops": 6 * m.n_layers * T * (4 * D * D + 2 * D * F) / step_s / 1e9}
+            "matmul_gflops": 6 * non_embedding_params(cfg) * T / step_s / 1e9}
 
 
 def compile_vs_depth(depths, steps: int) -> dict:
