@@ -5,7 +5,7 @@ import numpy as np
 from flax import nnx
 
 from conftest import TINY, compose
-from core.sampler import generate, generate_uncached, pick
+from core.sampler import generate, generate_uncached, pick, sampling_key
 from model import build
 
 V = 13
@@ -114,3 +114,14 @@ def test_top_k_and_top_p_filter_the_right_tokens():
     assert draw(top_k=0, top_p=0.4) == {0}
     assert draw(top_k=0, top_p=1.0) == {0, 1, 2, 3}
     assert int(pick(logits_BV, keys[0], 0.0, 0, 1.0)[0]) == 0
+
+
+def test_sampling_key_is_a_pure_function_of_the_key_and_its_draws_compile_without_a_loop():
+    data = lambda k: np.asarray(jax.random.key_data(sampling_key(k)))  # noqa: E731
+    np.testing.assert_array_equal(data(jax.random.key(3)), data(jax.random.key(3)))
+    assert not np.array_equal(data(jax.random.key(3)), data(jax.random.key(4)))
+    np.testing.assert_array_equal(data(jax.random.PRNGKey(3)), data(jax.random.key(3)))  # raw keys too
+    # The point of it (core/sampler.py): a decode step's draws lower without a rolled while loop.
+    logits_BV = jnp.zeros((2, V))
+    step = jax.jit(lambda k, i: pick(logits_BV, jax.random.fold_in(k, i), 1.0, 0, 1.0))
+    assert "while" not in step.lower(sampling_key(jax.random.key(0)), 5).compile().as_text()
