@@ -19,6 +19,9 @@ class TransformerConfig:
     dropout: float = 0.0
     bias: bool = False
     dtype: str = "float32"  # compute dtype; params stay float32
+    # bfloat16: the blocks' dense matmuls (forward and both gradients) read bf16 operands and accumulate
+    # in float32, everything else stays float32 (model/matmul.py); float32: exact
+    matmul_dtype: str = "float32"
     scan_layers: bool = False  # one compiled block in a lax.scan; off by default, XLA-CPU while loops are slow
     remat: bool = False
 
@@ -184,6 +187,8 @@ def check(cfg) -> None:
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype={m.dtype} must be float32, bfloat16 or float16")
     if m.family == "transformer":
+        if m.matmul_dtype not in ("float32", "bfloat16"):
+            raise UserError(f"model.matmul_dtype={m.matmul_dtype} must be float32 or bfloat16")
         if m.d_model % m.n_heads:
             raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
         if m.block_size <= 0 or m.n_layers <= 0:

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model.matmul import DOT_GENERAL
+
 Q_ROWS = 64  # training attention runs in causal query blocks of this many rows (see Block.__call__)
 
 
@@ -27,7 +29,7 @@ class Block(nnx.Module):
         std = nnx.initializers.normal(0.02)
         # nanoGPT's scaled init of the projections into the residual stream (GPT-2 paper).
         std_resid = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layers))
-        dense = partial(nnx.Linear, use_bias=cfg.bias, dtype=self.dtype, rngs=rngs)
+        dense = partial(nnx.Linear, use_bias=cfg.bias, dtype=self.dtype, dot_general=DOT_GENERAL[cfg.matmul_dtype], rngs=rngs)
         norm = partial(nnx.LayerNorm, D, use_bias=cfg.bias, epsilon=1e-5, dtype=self.dtype, rngs=rngs)
         self.ln1, self.ln2 = norm(), norm()
         self.qkv = dense(D, 3 * D, kernel_init=std)
