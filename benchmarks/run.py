@@ -1,8 +1,10 @@
 """Speed of the pieces a researcher waits on: `python benchmarks/run.py [--quick] [--out FILE]`.
 
 Prints a table and writes JSON (machine, versions, command, every figure). Measures:
-- the fp32 matmul rate of this machine (best of several large jnp.dot), the ceiling for MFU;
-- train throughput and MFU of the CPU Shakespeare config and the GPU one (fewer steps), with
+- the fp32 matmul rate of this machine (best of several large jnp.dot), the denominator of MFU, and
+  the bf16 one (float32 accumulation), the rate `model.matmul_dtype=bfloat16` matmuls can reach;
+- train throughput and MFU of the CPU Shakespeare config and the GPU one (fewer steps), as configured
+  (bf16 matmuls) and with float32 matmuls, with
   model FLOPs per token from the PaLM appendix, 6N + 12*L*T*D (N non-embedding params), and
   the causal-halved 6N + 6*L*T*D beside it, with
   one step per dispatch and ten (`steps_per_call=10`), and each step's dense matmuls alone (the
@@ -37,6 +39,7 @@ from core.sampler import compile_generate  # noqa: E402
 from core.state import state_spec  # noqa: E402
 from core.step import compile_steps  # noqa: E402
 from core.task import classify_loss, lm_loss  # noqa: E402
+from model.matmul import DOT_GENERAL  # noqa: E402
 
 config.register()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,9 +51,10 @@ def cfg_of(experiment, *overrides):
         return compose(config_name="train", overrides=[f"+experiment={experiment}", "mesh.data=1", *overrides])
 
 
-def matmul_rate(n=2048, repeats=10) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
+def matmul_rate(n=2048, repeats=10, dtype=jnp.float32) -> float:
+    """FLOP/s of the best of `repeats` (n x n) @ (n x n) dots; bfloat16 operands accumulate in float32."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     dot(a, a).block_until_ready()
     best = min(_timed(lambda: dot(a, a).block_until_ready()) for _ in range(repeats))
     return 2 * n**3 / best
@@ -105,7 +109,8 @@ def _setup(cfg, k: int = 1):
     return spec, runner, state, batches
 
 
-def train_throughput(cfg, steps: int, peak: float | None, k: int = 1, repeats: int = 3) -> dict:
+def train_throughput(cfg, steps: int, peak: float | None, k: int = 1, repeats: int = 3,
+                     peak_bf16: float | None = None) -> dict:
     """Step time with k steps per dispatch (steps_per_call), the best of `repeats` timed runs; MFU for LMs."""
     spec, runner, state, batches = _setup(cfg, k)
     train = runner.train if k == 1 else runner.train_many
@@ -130,50 +135,51 @@ def train_throughput(cfg, steps: int, peak: float | None, k: int = 1, repeats: i
     out["tokens_per_s"] = tokens / step_s
     if cfg.model.family == "transformer":
         fpt, fpt_causal = flops_per_token(cfg)
-        out |= {"mfu": fpt * tokens / step_s / peak, "mfu_causal": fpt_causal * tokens / step_s / peak}
+        out |= {"mfu": fpt * tokens / step_s / peak, "mfu_causal": fpt_causal * tokens / step_s / peak,
+                "matmul_dtype": cfg.model.matmul_dtype}
+        if cfg.model.matmul_dtype == "bfloat16" and peak_bf16:  # against the rate its matmuls could reach
+            out["mfu_vs_bf16_matmul"] = fpt * tokens / step_s / peak_bf16
     return out
 
 
 def matmul_floor(cfg, peak: float, k: int = 10, repeats: int = 3) -> dict:
-    """The step's dense matmuls alone, in the forms and shapes XLA runs them, with nothing else.
+    """The step's dense matmuls alone, in the forms, shapes and precision (`model.matmul_dtype`) XLA runs them.
 
-    Per layer and step: forward x@W, backward g@W.T and x.T@g for the qkv, attention-output, fc
-    and fc-projection weights (12 matmuls), chained so none can be hoisted or overlapped more than
-    in the real step; k steps per call. No attention, norms, loss or optimizer: MFU at this time is
-    the ceiling XLA-CPU's matmul kernels allow for these shapes.
+    The gradient of a chain of each layer's four dense layers (qkv, attention output, fc, fc
+    projection) with residual adds and nothing else: per layer the forward x@W and the backward
+    input and weight gradients (12 matmuls), through the model's own `DOT_GENERAL`; k steps per call.
+    No attention, norms, GELU, loss or optimizer: MFU at this time is the ceiling the matmul kernels
+    allow for these shapes.
     """
     m = cfg.model
     T, D, F = cfg.batch_size * m.block_size, m.d_model, m.mlp_ratio * m.d_model
+    dot = DOT_GENERAL[m.matmul_dtype]
     keys = iter(jax.random.split(jax.random.key(0), 5))
     w = {name: jax.random.normal(next(keys), (m.n_layers, a, b)) / np.sqrt(a)
          for name, (a, b) in {"qkv": (D, 3 * D), "proj": (D, D), "fc": (D, F), "fc_proj": (F, D)}.items()}
     x_KTD = jax.random.normal(next(keys), (k, T, D))
 
-    def layer(x, wl):
-        grads = []
-        for name in ("qkv", "proj"):
-            y = x @ wl[name]                          # forward
-            grads.append(x.T @ y)                     # weight gradient
-            x = y @ wl[name].T                        # input gradient
-        h = x @ wl["fc"]
-        y = h @ wl["fc_proj"]
-        g = y @ wl["fc_proj"].T
-        grads += [h.T @ y, x.T @ g]
-        return g @ wl["fc"].T, grads
+    def dense(x, w):
+        return dot(x, w, (((1,), (0,)), ((), ())))
+
+    def chain(w, x_TD, r_TD):
+        for i in range(m.n_layers):
+            qkv_TD3 = dense(x_TD, w["qkv"][i])  # all three parts used, so XLA cannot slice the weight
+            x_TD = x_TD + dense(qkv_TD3[:, :D] + qkv_TD3[:, D:2 * D] + qkv_TD3[:, 2 * D:], w["proj"][i])
+            x_TD = x_TD + dense(dense(x_TD, w["fc"][i]), w["fc_proj"][i])
+        return jnp.sum(x_TD * r_TD)  # a random cotangent: a constant one lets XLA turn matmuls into sums
 
     @jax.jit
     def many(w, x_KTD):
-        def step(acc, x):
-            for i in range(m.n_layers):
-                x, grads = layer(x, jax.tree.map(lambda a: a[i], w))
-                acc = acc + sum(jnp.sum(g[:1, :1]) for g in grads)
-            return acc + jnp.sum(x[:1, :1]), None
+        def step(acc, x_TD):
+            g = jax.grad(chain)(w, x_TD, x_TD[::-1])
+            return acc + sum(jnp.sum(a[:1, :1, :1]) for a in jax.tree.leaves(g)), None
         return jax.lax.scan(step, 0.0, x_KTD)[0]
 
     jax.block_until_ready(many(w, x_KTD))
     step_s = min(_timed(lambda: jax.block_until_ready(many(w, x_KTD))) for _ in range(repeats)) / k
     fpt, _ = flops_per_token(cfg)
-    return {"step_ms": 1e3 * step_s, "mfu": fpt * T / step_s / peak,
+    return {"step_ms": 1e3 * step_s, "mfu": fpt * T / step_s / peak, "matmul_dtype": m.matmul_dtype,
             "matmul_gflops": 6 * non_embedding_params(cfg) * T / step_s / 1e9}
 
 
@@ -247,22 +253,27 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results.json"))
     args = parser.parse_args()
     q = args.quick
-    peak = matmul_rate()
+    peak, peak_bf16 = matmul_rate(), matmul_rate(dtype=jnp.bfloat16)
+    cpu, gpu = "shakespeare_char_cpu", "shakespeare_char"
+    f32 = "model.matmul_dtype=float32"
     results = {
         "command": " ".join(["python", *sys.argv]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "devices": [str(d) for d in jax.devices()]},
         "versions": {"jax": jax.__version__, "flax": __import__("flax").__version__, "python": platform.python_version()},
         "matmul_gflops": peak / 1e9,
+        "matmul_gflops_bf16": peak_bf16 / 1e9,
         "train": {
-            "shakespeare_char_cpu": train_throughput(cfg_of("shakespeare_char_cpu"), 10 if q else 60, peak),
-            "shakespeare_char_cpu_steps_per_call_10": train_throughput(cfg_of("shakespeare_char_cpu"), 20 if q else 60,
-                                                                       peak, k=10),
-            "shakespeare_char": train_throughput(cfg_of("shakespeare_char", "model.dropout=0"), 1 if q else 3, peak,
-                                                 repeats=1),
+            cpu: train_throughput(cfg_of(cpu), 10 if q else 60, peak, peak_bf16=peak_bf16),
+            f"{cpu}_steps_per_call_10": train_throughput(cfg_of(cpu), 20 if q else 60, peak, k=10, peak_bf16=peak_bf16),
+            f"{cpu}_fp32_steps_per_call_10": train_throughput(cfg_of(cpu, f32), 20 if q else 60, peak, k=10),
+            gpu: train_throughput(cfg_of(gpu, "model.dropout=0"), 1 if q else 3, peak, repeats=1, peak_bf16=peak_bf16),
+            f"{gpu}_fp32": train_throughput(cfg_of(gpu, "model.dropout=0", f32), 1 if q else 3, peak, repeats=1),
         },
-        "matmul_floor": {"shakespeare_char_cpu": matmul_floor(cfg_of("shakespeare_char_cpu"), peak),
-                         "shakespeare_char": matmul_floor(cfg_of("shakespeare_char"), peak, k=1, repeats=1 if q else 2)},
+        "matmul_floor": {cpu: matmul_floor(cfg_of(cpu), peak),
+                         f"{cpu}_fp32": matmul_floor(cfg_of(cpu, f32), peak),
+                         gpu: matmul_floor(cfg_of(gpu), peak, k=1, repeats=1 if q else 2),
+                         f"{gpu}_fp32": matmul_floor(cfg_of(gpu, f32), peak, k=1, repeats=1 if q else 2)},
         "families": {
             "mnist_cnn": train_throughput(cfg_of("mnist_cnn"), 5 if q else 30, peak),
             "cifar10_cnn": train_throughput(cfg_of("cifar10_cnn"), 5 if q else 30, peak),
@@ -271,21 +282,24 @@ def main() -> None:
         "compile_vs_depth": compile_vs_depth((2, 8) if q else (2, 4, 8, 16, 32), 2 if q else 5),
         "sampler": {f"{'cached' if c else 'uncached'}_batch{b}": sampler_speed(cfg_of("shakespeare_char_cpu"), b,
                                                                                    100 if q else 500, c)
-                    for b in (1, 16) for c in (True, False)},
+                    for b in (1, 16) for c in (True, False)}
+                   | {"cached_batch1_fp32": sampler_speed(cfg_of(cpu, f32), 1, 100 if q else 500, True)},
         "checkpoint": checkpoint_overhead(cfg_of("shakespeare_char_cpu"), 50 if q else 500, 10 if q else 250),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"fp32 matmul: {results['matmul_gflops']:.0f} GFLOP/s ({results['machine']['cpus']} CPUs, jax {jax.__version__})")
-    print("| train config | steps/call | ms/step | tokens/s | MFU (6N+12LTD) | MFU causal | compile s |\n"
-          "|---|---|---|---|---|---|---|")
+    print(f"fp32 matmul: {results['matmul_gflops']:.0f} GFLOP/s, bf16 (float32 accumulation): "
+          f"{results['matmul_gflops_bf16']:.0f} ({results['machine']['cpus']} CPUs, jax {jax.__version__})")
+    print("| train config | matmuls | steps/call | ms/step | tokens/s | MFU (6N+12LTD) | MFU causal | MFU vs bf16 rate "
+          "| compile s |\n|---|---|---|---|---|---|---|---|---|")
     for name, r in results["train"].items():
-        print(f"| {name} | {r['steps_per_call']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
-              f"{100 * r['mfu_causal']:.1f}% | {r['compile_s']:.1f} |")
+        vs_bf16 = f"{100 * r['mfu_vs_bf16_matmul']:.1f}%" if "mfu_vs_bf16_matmul" in r else ""
+        print(f"| {name} | {r['matmul_dtype']} | {r['steps_per_call']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+              f"{100 * r['mfu']:.1f}% | {100 * r['mfu_causal']:.1f}% | {vs_bf16} | {r['compile_s']:.1f} |")
     for name, r in results["matmul_floor"].items():
-        print(f"{name}: its dense matmuls alone take {r['step_ms']:.1f} ms/step ({r['matmul_gflops']:.0f} GFLOP/s), "
-              f"a ceiling of {100 * r['mfu']:.1f}% MFU for this step on XLA-CPU")
+        print(f"{name}: its dense matmuls alone ({r['matmul_dtype']}) take {r['step_ms']:.1f} ms/step "
+              f"({r['matmul_gflops']:.0f} GFLOP/s), a ceiling of {100 * r['mfu']:.1f}% MFU for this step on XLA-CPU")
     print("| family config | ms/step | throughput | compile s |\n|---|---|---|---|")
     for name, r in results["families"].items():
         rate = f"{r['images_per_s']:.0f} images/s" if "images_per_s" in r else f"{r['tokens_per_s']:.0f} tokens/s"
