@@ -240,7 +240,7 @@ def check_keys(cfg) -> None:
 # Keys whose change between a run and its resumption cannot alter what was already trained.
 HARMLESS_KEYS = ("steps", "out_dir", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
                  "log_every", "resume", "progress", "on_nan", "mesh", "parallel", "steps_per_call",
-                 "distributed", "model.scan_layers", "model.remat",
+                 "distributed", "model.scan_layers", "model.remat", "model.matmul_dtype",
                  "data.tfds_data_dir", "data.download_timeout")
 
 

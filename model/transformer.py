@@ -29,7 +29,8 @@ class Block(nnx.Module):
         std = nnx.initializers.normal(0.02)
         # nanoGPT's scaled init of the projections into the residual stream (GPT-2 paper).
         std_resid = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layers))
-        dense = partial(nnx.Linear, use_bias=cfg.bias, dtype=self.dtype, dot_general=DOT_GENERAL[cfg.matmul_dtype], rngs=rngs)
+        dot_general = DOT_GENERAL[cfg.get("matmul_dtype", "float32")]  # checkpoints from before the key: float32
+        dense = partial(nnx.Linear, use_bias=cfg.bias, dtype=self.dtype, dot_general=dot_general, rngs=rngs)
         norm = partial(nnx.LayerNorm, D, use_bias=cfg.bias, epsilon=1e-5, dtype=self.dtype, rngs=rngs)
         self.ln1, self.ln2 = norm(), norm()
         self.qkv = dense(D, 3 * D, kernel_init=std)

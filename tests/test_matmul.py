@@ -60,6 +60,20 @@ def test_matmul_dtype_switch_keeps_the_params_and_the_logits():
     np.testing.assert_allclose(l16, l32, atol=2e-2)
 
 
+def test_matmul_dtype_can_change_between_resumes_and_old_checkpoint_configs_load():
+    """Checkpoints saved before the key existed rebuild as float32; switching it on resume is allowed."""
+    from omegaconf import OmegaConf
+
+    from core.config import diff
+    cfg = compose(TINY)
+    saved = OmegaConf.to_container(cfg)
+    del saved["model"]["matmul_dtype"]
+    model = build(OmegaConf.create(saved).model, {"vocab_size": 13}, rngs=nnx.Rngs(0))
+    assert model.blocks.fc.dot_general is jax.lax.dot_general
+    current = OmegaConf.to_container(compose(TINY + ["model.matmul_dtype=bfloat16"]))
+    assert diff(saved, current) == ([], ["model.matmul_dtype"])
+
+
 def test_unknown_matmul_dtype_is_a_user_error():
     with pytest.raises(UserError, match="model.matmul_dtype=float8 must be float32 or bfloat16"):
         check(compose(TINY + ["model.matmul_dtype=float8"]))
