@@ -247,11 +247,25 @@ def checkpoint_overhead(cfg, steps: int, every: int) -> dict:
     return out
 
 
+def precision_ab(rounds: int) -> None:
+    """The CPU config's step with bf16 and float32 matmuls, interleaved so the machine's drift hits both."""
+    peak = matmul_rate()
+    for r in range(rounds):
+        for dtype in ("bfloat16", "float32"):
+            cfg = cfg_of("shakespeare_char_cpu", f"model.matmul_dtype={dtype}")
+            res = train_throughput(cfg, 60, peak, k=10)
+            print(f"round {r}: {dtype} {res['step_ms']:.1f} ms/step ({100 * res['mfu']:.1f}% MFU)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run of the suite)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results.json"))
+    parser.add_argument("--precision-ab", type=int, metavar="ROUNDS",
+                        help="only the CPU config's step (10 per call), bf16 and float32 matmuls alternated ROUNDS times")
     args = parser.parse_args()
+    if args.precision_ab:
+        return precision_ab(args.precision_ab)
     q = args.quick
     peak, peak_bf16 = matmul_rate(), matmul_rate(dtype=jnp.bfloat16)
     cpu, gpu = "shakespeare_char_cpu", "shakespeare_char"
@@ -280,11 +294,10 @@ def main() -> None:
             "shakespeare_rnn": train_throughput(cfg_of("shakespeare_rnn"), 5 if q else 30, peak),
         },
         "compile_vs_depth": compile_vs_depth((2, 8) if q else (2, 4, 8, 16, 32), 2 if q else 5),
-        "sampler": {f"{'cached' if c else 'uncached'}_batch{b}": sampler_speed(cfg_of("shakespeare_char_cpu"), b,
-                                                                                   100 if q else 500, c)
+        "sampler": {f"{'cached' if c else 'uncached'}_batch{b}": sampler_speed(cfg_of(cpu), b, 100 if q else 500, c)
                     for b in (1, 16) for c in (True, False)}
                    | {"cached_batch1_fp32": sampler_speed(cfg_of(cpu, f32), 1, 100 if q else 500, True)},
-        "checkpoint": checkpoint_overhead(cfg_of("shakespeare_char_cpu"), 50 if q else 500, 10 if q else 250),
+        "checkpoint": checkpoint_overhead(cfg_of(cpu), 50 if q else 500, 10 if q else 250),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
