@@ -5,6 +5,7 @@ import numpy as np
 from flax import nnx
 
 from conftest import TINY, compose
+from core import sampler
 from core.sampler import generate, generate_uncached, pick, sampling_key
 from model import build
 
@@ -114,6 +115,21 @@ def test_top_k_and_top_p_filter_the_right_tokens():
     assert draw(top_k=0, top_p=0.4) == {0}
     assert draw(top_k=0, top_p=1.0) == {0, 1, 2, 3}
     assert int(pick(logits_BV, keys[0], 0.0, 0, 1.0)[0]) == 0
+
+
+def test_draws_follow_the_softmax_and_noise_drawn_ahead_changes_no_token(monkeypatch):
+    logits_BV = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(1), 4000)
+    tokens = np.asarray(jax.vmap(lambda k: pick(logits_BV, k, 1.0, 0, 1.0)[0])(keys))
+    np.testing.assert_allclose(np.bincount(tokens, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+    model = tiny_model()
+    prompt_BP = jax.random.randint(jax.random.key(2), (2, 3), 0, V)
+    options = dict(max_new_tokens=2 * model.block_size + 5, temperature=0.9, top_k=20, top_p=0.95)  # slides too
+    ahead = np.asarray(jax.jit(lambda p: generate(model, p, jax.random.key(5), **options))(prompt_BP))
+    monkeypatch.setattr(sampler, "NOISE_AHEAD", 0)  # every draw inside the decode loop
+    per_step = np.asarray(jax.jit(lambda p: generate(model, p, jax.random.key(5), **options))(prompt_BP))
+    np.testing.assert_array_equal(ahead, per_step)
 
 
 def test_sampling_key_is_a_pure_function_of_the_key_and_its_draws_compile_without_a_loop():
