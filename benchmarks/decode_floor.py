@@ -9,7 +9,9 @@ T/2 tokens (core/sampler.py). Measured here, best of `--rounds` interleaved roun
 - `matvecs_one_layer`: the same 16 matvecs cycling over one layer's weights (~0.8 MB, L2-resident):
   what the step's matvecs would cost if its weights fit in cache;
 - `matvecs_2rows`: the 16 matvecs at 2 rows, the price of decoding a second stream alongside;
-- `decode_one_window` / `decode_500`: the sampler itself, 63 and 500 new tokens after a 1-token prompt;
+- `call_1`, `decode_one_window`, `decode_500`: the sampler itself, 1, 63 and 500 new tokens after a
+  1-token prompt (per call, us): a token's decode is (63 - 1 tokens' difference) / 62, the slides'
+  share of a token over 500 what the 500-token call spends beyond its call overhead and decodes;
 - `prefill_half`: a T/2-token prefill alone (each slide's work; standalone it also casts the weights to bf16).
 """
 import argparse
@@ -60,11 +62,11 @@ def main() -> None:
     T = cfg.model.block_size
     prompt = jnp.zeros((1, 1), jnp.int32)
 
-    def sampler_us(n):
+    def sampler_us(n):  # us per call
         gen = compile_generate(spec.graphdef, max_new_tokens=n, temperature=1.0, top_k=0, top_p=1.0)
         call = lambda: gen(state["params"], state["rest"], prompt, jax.random.key(1)).block_until_ready()  # noqa: E731
         call()
-        return lambda: 1e6 * min(bench._timed(call) for _ in range(3)) / n
+        return lambda: 1e6 * min(bench._timed(call) for _ in range(3))
 
     dec = model.decoder()
     prefill = jax.jit(lambda idx: dec(idx, cache=model.init_cache(1), pos=0)[0])
@@ -74,6 +76,7 @@ def main() -> None:
         "matvecs": chain_us(weights, 1),
         "matvecs_one_layer": chain_us(one_layer, 1),
         "matvecs_2rows": chain_us(weights, 2),
+        "call_1": sampler_us(1),
         "decode_one_window": sampler_us(T - 1),
         "decode_500": sampler_us(500),
         "prefill_half": lambda: 1e6 * min(bench._timed(lambda: prefill(half).block_until_ready()) for _ in range(5)),
@@ -85,12 +88,15 @@ def main() -> None:
     mb = sum(w.size for w in weights) * 4 / 2**20
     print(f"the step's 16 matvecs: {best['matvecs']:.1f} us/token over {mb:.1f} MiB of float32 weights; "
           f"{best['matvecs_one_layer']:.1f} us cycling one layer's (L2-resident); {best['matvecs_2rows']:.1f} us at 2 rows")
-    print(f"sampler, batch 1: {best['decode_one_window']:.1f} us/token within one window ({T - 1} tokens), "
-          f"{best['decode_500']:.1f} over 500 tokens; a {T // 2}-token prefill (one slide) {best['prefill_half']:.0f} us")
-    slide = best["decode_500"] - best["decode_one_window"]  # the slides' share of each token over 500
-    rest = best["decode_one_window"] - best["matvecs"]
-    print(f"per token over 500: {best['matvecs']:.1f} matvecs + {rest:.1f} the rest of the step (attention, norms, "
-          f"draw, loop) + {slide:.1f} slides; with the rest free: {1e6 / (best['matvecs'] + slide):.0f} tokens/s")
+    decode = (best["decode_one_window"] - best["call_1"]) / (T - 2)  # one more token, one more step
+    slide = (best["decode_500"] - best["call_1"]) / 499 - decode  # the slides' share of each token over 500
+    rest = decode - best["matvecs"]
+    print(f"sampler, batch 1: a call for 1 new token {best['call_1']:.0f} us, for {T - 1} {best['decode_one_window']:.0f} us "
+          f"({T - 1} / that = {(T - 1) / best['decode_one_window'] * 1e6:.0f} tokens/s), for 500 {best['decode_500']:.0f} us "
+          f"({500 / best['decode_500'] * 1e6:.0f} tokens/s); a {T // 2}-token prefill alone {best['prefill_half']:.0f} us")
+    print(f"per token over 500: {decode:.1f} us decoding = {best['matvecs']:.1f} matvecs + {rest:.1f} the rest "
+          f"(attention, norms, draw, loop), + {slide:.1f} us of slides; with the rest free: "
+          f"{1e6 / (best['matvecs'] + slide):.0f} tokens/s, without slides {1e6 / decode:.0f}")
 
 if __name__ == "__main__":
     main()

@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# The per-token draws (a fold_in and a categorical per step) run on a threefry4x32 key derived from
+# The per-token draws (a fold_in and a Gumbel draw per token) run on a threefry4x32 key derived from
 # the caller's key. XLA-CPU lowers the default threefry2x32 as a rolled 5-iteration while loop (two
 # calls a token); threefry4x32 lowers unrolled and fuses. CPU config, `python
-# benchmarks/sampler_prng.py` (10 interleaved rounds): batch 1 77.2-77.9 -> 72.6-73.8 us per token,
-# batch 16 2-4% slower (the unrolled hash grows with B*V, the loop's overhead does not). 128-bit key.
+# benchmarks/sampler_prng.py` (10 interleaved rounds, draws inside the loop): batch 1 77.2-77.9 ->
+# 72.6-73.8 us per token, batch 16 2-4% slower (the unrolled hash grows with B*V, the loop's overhead
+# does not). 128-bit key.
 SAMPLING_PRNG = "threefry4x32"
 
 # A decode segment's Gumbel noise (tokens x batch x vocab floats) is drawn before its loop when it is at
