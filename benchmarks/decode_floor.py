@@ -98,5 +98,6 @@ def main() -> None:
           f"(attention, norms, draw, loop), + {slide:.1f} us of slides; with the rest free: "
           f"{1e6 / (best['matvecs'] + slide):.0f} tokens/s, without slides {1e6 / decode:.0f}")
 
+
 if __name__ == "__main__":
     main()

@@ -80,12 +80,11 @@ def generate(model, prompt_BP, key, *, max_new_tokens: int, temperature: float =
         i_N = first + jnp.arange(n)
         ahead = temperature != 0 and n * logits_BV.size <= NOISE_AHEAD
         # The segment's draws in one vectorised call before the loop: the same numbers, off the per-token path.
-        noise_NBV = jax.vmap(lambda i: gumbel(jax.random.fold_in(key, i), logits_BV.shape))(i_N) if ahead else i_N
+        noise_NBV = jax.vmap(lambda i: gumbel(jax.random.fold_in(key, i), logits_BV.shape))(i_N) if ahead else None
 
         def step(carry, xs):
             (cache, pos, logits_BV), (i, noise_BV) = carry, xs
-            token_B = pick(logits_BV, jax.random.fold_in(key, i), temperature, top_k, top_p,
-                           noise_BV if ahead else None)
+            token_B = pick(logits_BV, jax.random.fold_in(key, i), temperature, top_k, top_p, noise_BV)
             logits_B1V, cache = model(token_B[:, None], cache=cache, pos=pos)
             return (cache, pos + 1, logits_B1V[:, -1]), token_B
 
