@@ -25,9 +25,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from core import mesh as mesh_lib  # noqa: E402
-from core.sampler import compile_generate  # noqa: E402
-from core.state import state_spec  # noqa: E402
 
 STEPS = 1000  # matvec chains per timed call
 
@@ -52,20 +49,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     cfg = bench.cfg_of("shakespeare_char_cpu")
-    spec = state_spec(cfg, {"vocab_size": bench.VOCAB}, mesh_lib.make_mesh(cfg.mesh))
-    state = jax.jit(spec.make_state)()
+    spec, state = bench.lm_state(cfg)
     model = nnx.merge(spec.graphdef, state["params"], state["rest"])
     blocks = model.blocks
     names = ("qkv", "attn_proj", "fc", "fc_proj")
     weights = [getattr(blocks, n).kernel[...][i] for i in range(cfg.model.n_layers) for n in names]
     one_layer = weights[:len(names)] * cfg.model.n_layers
     T = cfg.model.block_size
-    prompt = jnp.zeros((1, 1), jnp.int32)
 
     def sampler_us(n):  # us per call
-        gen = compile_generate(spec.graphdef, max_new_tokens=n, temperature=1.0, top_k=0, top_p=1.0)
-        call = lambda: gen(state["params"], state["rest"], prompt, jax.random.key(1)).block_until_ready()  # noqa: E731
-        call()
+        call = bench.generate_call(spec, state, 1, n)
         return lambda: 1e6 * min(bench._timed(call) for _ in range(3))
 
     dec = model.decoder()

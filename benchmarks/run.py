@@ -206,17 +206,35 @@ def compile_vs_depth(depths, steps: int) -> dict:
     return out
 
 
-def sampler_speed(cfg, batch: int, new_tokens: int, cached: bool) -> dict:
+def lm_state(cfg):
+    """(spec, state) of a freshly initialised LM for the config: what the sampler benchmarks decode with."""
     spec = state_spec(cfg, {"vocab_size": VOCAB}, mesh_lib.make_mesh(cfg.mesh))
-    state = jax.jit(spec.make_state)()
+    return spec, jax.jit(spec.make_state)()
+
+
+def generate_call(spec, state, batch: int, new_tokens: int, cached: bool = True):
+    """A compiled, warmed-up sampler call: `new_tokens` after a 1-token prompt at temperature 1, no filters.
+
+    Returns call(key) -> tokens_BN, run to completion. Sampler globals (core/sampler.py) are read here.
+    """
     gen = compile_generate(spec.graphdef, cached=cached, max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0)
     prompt = jnp.zeros((batch, 1), jnp.int32)
-    gen(state["params"], state["rest"], prompt, jax.random.key(0)).block_until_ready()
+
+    def call(key=jax.random.key(1)):
+        return gen(state["params"], state["rest"], prompt, key).block_until_ready()
+
+    call(jax.random.key(0))
+    return call
+
+
+def sampler_speed(cfg, batch: int, new_tokens: int, cached: bool) -> dict:
+    spec, state = lm_state(cfg)
+    call = generate_call(spec, state, batch, new_tokens, cached)
     # Best call over at least 3 calls and 2 s of calls: this host's speed drifts by 10-30% within seconds
     # (benchmarks/README.md), and a short window can miss its quiet moments entirely.
     times = []
     while len(times) < 3 or sum(times) < 2.0:
-        times.append(_timed(lambda: gen(state["params"], state["rest"], prompt, jax.random.key(1)).block_until_ready()))
+        times.append(_timed(call))
     best = min(times)
     out = {"new_tokens_per_s": batch * new_tokens / best, "seconds": best, "calls": len(times)}
     if cached:  # prefill of a full block, alone

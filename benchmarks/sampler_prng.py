@@ -14,10 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench  # noqa: E402  (sets up the path and huge pages first)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from core import mesh as mesh_lib, sampler  # noqa: E402
-from core.state import state_spec  # noqa: E402
+from core import sampler  # noqa: E402
 
 
 def main() -> None:
@@ -28,25 +26,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=500)
     args = parser.parse_args()
-    cfg = bench.cfg_of("shakespeare_char_cpu")
-    spec = state_spec(cfg, {"vocab_size": bench.VOCAB}, mesh_lib.make_mesh(cfg.mesh))
-    state = jax.jit(spec.make_state)()
-    prompt = jnp.zeros((args.batch, 1), jnp.int32)
+    spec, state = bench.lm_state(bench.cfg_of("shakespeare_char_cpu"))
     ahead = sampler.NOISE_AHEAD
     variants = ({"noise ahead": (sampler.SAMPLING_PRNG, ahead), "noise per step": (sampler.SAMPLING_PRNG, 0)}
                 if args.ahead_ab else {impl: (impl, ahead) for impl in args.impls})
-    gens, tokens = {}, {}
+    calls = {}
     for name, (impl, budget) in variants.items():  # both are read when each function is traced, here
         sampler.SAMPLING_PRNG, sampler.NOISE_AHEAD = impl, budget
-        gens[name] = sampler.compile_generate(spec.graphdef, max_new_tokens=args.tokens, temperature=1.0, top_k=0,
-                                              top_p=1.0)
-        tokens[name] = gens[name](state["params"], state["rest"], prompt, jax.random.key(0)).block_until_ready()
+        calls[name] = bench.generate_call(spec, state, args.batch, args.tokens)
     if args.ahead_ab:
-        assert (tokens["noise ahead"] == tokens["noise per step"]).all(), "noise drawn ahead changed the tokens"
-    us = {name: [] for name in gens}
+        same = calls["noise ahead"](jax.random.key(0)) == calls["noise per step"](jax.random.key(0))
+        assert same.all(), "noise drawn ahead changed the tokens"
+    us = {name: [] for name in calls}
     for _ in range(args.rounds):
-        for name, gen in gens.items():
-            call = lambda: gen(state["params"], state["rest"], prompt, jax.random.key(1)).block_until_ready()  # noqa: E731
+        for name, call in calls.items():
             us[name].append(1e6 * min(bench._timed(call) for _ in range(3)) / args.tokens)
     for name, v in us.items():
         print(f"{name:14s} batch {args.batch}: " + " ".join(f"{x:.1f}" for x in v)
