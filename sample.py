@@ -5,10 +5,12 @@ carry are each the model's `cache`; the prompt is consumed first, then one token
 
 Only the samples go to stdout, separated by lines `---`; logs go to stderr.
 """
+from core import xla_flags
 from core.hugepages import use_huge_pages
 
 if __name__ == "__main__":
     use_huge_pages()  # first, before jax allocates anything: core/hugepages.py
+    xla_flags.apply()  # before JAX starts its backend: core/xla_flags.py
 
 import sys
 

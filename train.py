@@ -4,10 +4,12 @@
 under runs/sweeps/<name>/; a failing job is recorded there (FAILED) and the sweep goes on; the
 exit status is the number of failed jobs.
 """
+from core import xla_flags
 from core.hugepages import use_huge_pages
 
 if __name__ == "__main__":
     use_huge_pages()  # first, before jax allocates anything: core/hugepages.py
+    xla_flags.apply()  # before JAX starts its backend: core/xla_flags.py
 
 import os
 import sys

@@ -25,9 +25,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from core import xla_flags  # noqa: E402
 from core.hugepages import use_huge_pages  # noqa: E402
 
 use_huge_pages()  # measure what train.py runs: core/hugepages.py
+xla_flags.apply()  # and compile as it does: core/xla_flags.py
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

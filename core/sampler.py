@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from core import xla_flags
+
 # The per-token draws (a fold_in and a Gumbel draw per token) run on a threefry4x32 key derived from
 # the caller's key. XLA-CPU lowers the default threefry2x32 as a rolled 5-iteration while loop (two
 # calls a token); threefry4x32 lowers unrolled and fuses. CPU config, `python
@@ -58,6 +60,20 @@ def pick(logits_BV, key, temperature: float, top_k: int, top_p: float, noise_BV=
     return jnp.argmax(logits_BV + noise_BV, axis=-1).astype(jnp.int32)
 
 
+def decode_unroll(model, cache, batch: int) -> int:
+    """Decode steps per loop iteration: 1 where XLA-CPU runs the loop as one function, else 4.
+
+    A batch-1 decode step has no multi-row matmul, so when its weights and cache are well under
+    `xla_flags.small_loop_bytes()` XLA-CPU compiles the whole loop into one function (core/xla_flags.py):
+    unrolling gains nothing there and makes the compile ~5x longer (CPU config: 5 s at 1, 26 s at 4).
+    A loop run kernel by kernel (bigger models, batch > 1, other backends) saves per-iteration
+    overhead with 4 steps per iteration (~20% at batch 1 on CPU).
+    """
+    step_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((nnx.state(model), cache)))
+    one_function = jax.default_backend() == "cpu" and batch == 1 and 2 * step_bytes < xla_flags.small_loop_bytes()
+    return 1 if one_function else 4
+
+
 def generate(model, prompt_BP, key, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0):
     """New tokens_BN after the prompt, with the KV cache (or recurrent carry). Jit the caller.
@@ -73,6 +89,7 @@ def generate(model, prompt_BP, key, *, max_new_tokens: int, temperature: float =
         prompt_BP, P = prompt_BP[:, -T:], T
     logits_BPV, cache = model(prompt_BP, cache=model.init_cache(B), pos=0)
     init_cache = model.init_cache
+    unroll = decode_unroll(model, cache, B)
     model = model.decoder() if hasattr(model, "decoder") else model  # weights sliced once, not per step
 
     def decode(cache, pos, logits_BV, first: int, n: int):
@@ -88,9 +105,8 @@ def generate(model, prompt_BP, key, *, max_new_tokens: int, temperature: float =
             logits_B1V, cache = model(token_B[:, None], cache=cache, pos=pos)
             return (cache, pos + 1, logits_B1V[:, -1]), token_B
 
-        # Unrolling a few steps per loop iteration saves XLA-CPU's per-iteration overhead (~20% at batch 1).
         (_, _, logits_BV), tokens_NB = jax.lax.scan(step, (cache, pos, logits_BV), (i_N, noise_NBV),
-                                                    unroll=min(4, max(n, 1)))
+                                                    unroll=min(unroll, max(n, 1)))
         return logits_BV, tokens_NB.T
 
     if T is None:  # a recurrent carry: no context limit
