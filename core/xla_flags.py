@@ -6,15 +6,16 @@ For a batch-1 decode step of a small model that dispatch is much of the step: ~1
 each a few hundred nanoseconds of work. XLA's `SmallWhileLoopHoistingPass` compiles a while loop
 that touches fewer than `xla_cpu_small_while_loop_byte_threshold` bytes per iteration (default 1024)
 into one function that runs on the calling thread, with no dispatch. `apply()` raises the threshold to
-`SMALL_LOOP_BYTES` (16 MiB). On this project's 2-core CPU that takes the CPU config's batch-1 sampler
-from ~10-12k to ~13-15k tokens/s on a noisy host (benchmarks/README.md), compiles it faster with the
-unroll the sampler picks for such loops, and holds up better when the hypervisor steals a core.
+`SMALL_LOOP_BYTES` (16 MiB). On this project's 2-core CPU the CPU config's batch-1 sampler went from
+12.7k to 14.4k tokens/s (best call; medians +23-37%) and compiles in 6 s instead of 9
+(`python benchmarks/small_loops.py`, which runs it off and on; benchmarks/README.md).
 
-What it touches: only loops without multi-row matmuls (those are YNNPACK custom kernels, which the pass
-leaves alone) and under 16 MiB per iteration, i.e. batch-1 decode loops of small models and small
-PRNG loops. The training steps of every experiment config compile to the same loops as without it
-(checked by the benchmark run). On GPU and TPU the option is ignored: XLA passes `xla_`-prefixed backend
-options to no one but the CPU compiler.
+What it touches: only loops without multi-row matmuls (those are YNNPACK kernels, which the pass
+leaves alone) and under 16 MiB per iteration: batch-1 decode loops of small models and small PRNG
+loops. The training steps of the experiment configs hoist the same loops as with XLA's default
+(counted in the compiled HLO; benchmarks/README.md). Off CPU it should do nothing: XLA hands only
+extra options without the `xla_` prefix to LLVM, and only XLA-CPU reads this key (from XLA's source;
+not run on a GPU or TPU here).
 
 The setting is read once per process, when JAX initialises its backend, so entry points (train.py,
 sample.py, benchmarks/, tests/conftest.py) call `apply()` at the top. A script of your own that
