@@ -23,6 +23,7 @@ reloads a run can do the same, or set it in XLA_FLAGS. A value you set yourself 
 """
 import os
 import re
+import sys
 
 KEY = "xla_cpu_small_while_loop_byte_threshold"
 SMALL_LOOP_BYTES = 1 << 24
@@ -49,8 +50,6 @@ def small_loop_bytes(environ=os.environ) -> int:
 
 def _backend_started() -> bool:
     """Whether JAX has started a backend (XLA_FLAGS would no longer be read)."""
-    import sys
-
     if "jax" not in sys.modules:
         return False
     try:
