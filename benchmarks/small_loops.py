@@ -15,14 +15,15 @@ import subprocess
 import sys
 import time
 
-OFF = "--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=1024"  # XLA's own default
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from core import xla_flags  # noqa: E402  (no JAX import: the parent stays light)
+
+OFF = xla_flags.flag(xla_flags.XLA_DEFAULT)
 
 
 def child(seconds: float, new_tokens: int) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import run as bench  # applies core/xla_flags.py unless XLA_FLAGS already holds the option
-
-    from core import xla_flags
 
     spec, state = bench.lm_state(bench.cfg_of("shakespeare_char_cpu"))
     t0 = time.perf_counter()

@@ -38,8 +38,13 @@ def apply(environ=os.environ) -> bool:
     flags = environ.get("XLA_FLAGS", "")
     if KEY in flags or _backend_started():
         return False
-    environ["XLA_FLAGS"] = f"{flags} --xla_backend_extra_options={KEY}={SMALL_LOOP_BYTES}".strip()
+    environ["XLA_FLAGS"] = f"{flags} {flag(SMALL_LOOP_BYTES)}".strip()
     return True
+
+
+def flag(threshold: int) -> str:
+    """The XLA_FLAGS entry that sets the threshold (XLA reads it from its backend extra options)."""
+    return f"--xla_backend_extra_options={KEY}={threshold}"
 
 
 def small_loop_bytes(environ=os.environ) -> int:
