@@ -12,6 +12,7 @@ if __name__ == "__main__":
     use_huge_pages()  # first, before jax allocates anything: core/hugepages.py
     xla_flags.apply()  # before JAX starts its backend: core/xla_flags.py
 
+import os
 import sys
 
 import hydra
@@ -35,12 +36,36 @@ def check(cfg) -> None:
         raise UserError("num_samples and max_new_tokens must be positive")
     if not cfg.prompt:
         raise UserError("prompt must not be empty (the default is a newline)")
+    if cfg.cpu_threads is not None and cfg.cpu_threads < 0:
+        raise UserError(f"cpu_threads={cfg.cpu_threads} must be >= 0 (0 is one per core; leave it unset to choose by "
+                        f"model size)")
+
+
+def cpu_threads(cfg) -> int:
+    """XLA-CPU threads for this run: cfg.cpu_threads, else by the model's size (core/sampler.py).
+
+    Decided before JAX starts its backend, so from the checkpoint's meta file and the model's shapes.
+    """
+    if cfg.cpu_threads is not None:
+        return cfg.cpu_threads
+    from omegaconf import OmegaConf
+
+    from core.checkpoint import peek_meta
+    from core.sampler import cpu_threads_for
+    from core.state import model_bytes, run_dims
+
+    meta = peek_meta(os.path.expanduser(cfg.out_dir), cfg.step)
+    try:
+        return cpu_threads_for(model_bytes(OmegaConf.create(meta["config"]), run_dims(meta)))
+    except Exception:  # noqa: BLE001 - a hint only: no meta, or one load_run will reject with a clear error
+        return 0
 
 
 @hydra.main(config_path="configs", config_name="sample", version_base="1.3")
 def main(cfg) -> None:
     try:
         check(cfg)
+        xla_flags.cpu_threads(cpu_threads(cfg))  # before JAX starts its backend (load_run starts it)
         import jax
         import numpy as np
         from flax import nnx
@@ -54,7 +79,9 @@ def main(cfg) -> None:
             raise UserError(f"{cfg.out_dir} holds a {run.cfg.model.family} model trained on data={run.cfg.data.kind}, "
                             f"which does not generate text; sample from a language-model run (data=text)")
         prompt_P = encode(cfg.prompt, run.vocab)
-        print(f"sampling from step {run.step} of {cfg.out_dir}", file=sys.stderr)
+        n = xla_flags.cpu_thread_count()
+        threads = f" (XLA-CPU on {n} thread{'s' * (n > 1)})" if jax.default_backend() == "cpu" else ""
+        print(f"sampling from step {run.step} of {cfg.out_dir}{threads}", file=sys.stderr)
         generate = compile_generate(nnx.graphdef(run.model), max_new_tokens=cfg.max_new_tokens,
                                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         prompt_BP = np.broadcast_to(prompt_P, (cfg.num_samples, len(prompt_P)))

@@ -12,7 +12,9 @@ Prints a table and writes JSON (machine, versions, command, every figure). Measu
 - the CNN (images/s) and RNN (tokens/s) experiment configs;
 - compile time and step time against depth (L = 2..32), with and without scan-over-layers;
 - the sampler: new tokens/s at batch 1 and 16, KV-cached scan vs uncached recompute, prefill, and
-  batch 1 within one context window (no slide: the decode rate without the re-prefills);
+  batch 1 within one context window (no slide: the decode rate without the re-prefills), in a process
+  of its own on the XLA-CPU threads sample.py picks (one, for this model), and batch 1 once more in
+  this process, on every core;
 - checkpoint overhead: the share of wall time the loop is blocked by saving, async vs sync.
 Speed is reported here, never asserted in tests.
 """
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +41,8 @@ from flax import nnx  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from core import checkpoint, config, mesh as mesh_lib  # noqa: E402
-from core.sampler import compile_generate  # noqa: E402
-from core.state import state_spec  # noqa: E402
+from core.sampler import compile_generate, cpu_threads_for  # noqa: E402
+from core.state import model_bytes, state_spec  # noqa: E402
 from core.step import compile_steps  # noqa: E402
 from core.task import classify_loss, lm_loss  # noqa: E402
 from model.matmul import DOT_GENERAL  # noqa: E402
@@ -248,6 +251,30 @@ def sampler_speed(cfg, batch: int, new_tokens: int, cached: bool) -> dict:
     return out
 
 
+def sampler_rows(quick: bool) -> dict:
+    """The CPU config's sampler rows, measured as sample.py runs them: in a process of their own whose XLA-CPU
+    thread pool sample.py would pick for this model (core/xla_flags.py: cpu_threads)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--sampler-only", *(["--quick"] if quick else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"the sampler benchmark failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def sampler_only(quick: bool) -> dict:
+    """sampler_rows' child: decide the threads before JAX starts, as sample.py does, then measure."""
+    cpu, f32 = cfg_of("shakespeare_char_cpu"), "model.matmul_dtype=float32"
+    xla_flags.cpu_threads(cpu_threads_for(model_bytes(cpu, {"vocab_size": VOCAB})))
+    n = 100 if quick else 500
+    rows = {f"{'cached' if c else 'uncached'}_batch{b}": sampler_speed(cpu, b, n, c) for b in (1, 16) for c in (True, False)}
+    rows["cached_batch1_fp32"] = sampler_speed(cfg_of("shakespeare_char_cpu", f32), 1, n, True)
+    # one window: block_size - 1 new tokens after a 1-token prompt fill the cache, no slide
+    rows["cached_batch1_one_window"] = sampler_speed(cpu, 1, cpu.model.block_size - 1, True)
+    for r in rows.values():
+        r["cpu_threads"] = xla_flags.cpu_thread_count()
+    return rows
+
+
 def checkpoint_overhead(cfg, steps: int, every: int) -> dict:
     spec, runner, state, batches = _setup(cfg)
     out = {}
@@ -288,7 +315,10 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results.json"))
     parser.add_argument("--precision-ab", type=int, metavar="ROUNDS",
                         help="only the CPU config's step (10 per call), bf16 and float32 matmuls alternated ROUNDS times")
+    parser.add_argument("--sampler-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sampler_only:
+        return print(json.dumps(sampler_only(args.quick)))
     if args.precision_ab:
         return precision_ab(args.precision_ab)
     q = args.quick
@@ -320,11 +350,10 @@ def main() -> None:
             "shakespeare_rnn": train_throughput(cfg_of("shakespeare_rnn"), 5 if q else 30, peak),
         },
         "compile_vs_depth": compile_vs_depth((2, 8) if q else (2, 4, 8, 16, 32), 2 if q else 5),
-        "sampler": {f"{'cached' if c else 'uncached'}_batch{b}": sampler_speed(cfg_of(cpu), b, 100 if q else 500, c)
-                    for b in (1, 16) for c in (True, False)}
-                   | {"cached_batch1_fp32": sampler_speed(cfg_of(cpu, f32), 1, 100 if q else 500, True),
-                      # one window: block_size - 1 new tokens after a 1-token prompt fill the cache, no slide
-                      "cached_batch1_one_window": sampler_speed(cpu_cfg, 1, cpu_cfg.model.block_size - 1, True)},
+        "sampler": sampler_rows(q) | {
+            # in this process, on every core: what a script of your own that samples after training gets
+            "cached_batch1_all_cores": {**sampler_speed(cpu_cfg, 1, 100 if q else 500, True),
+                                        "cpu_threads": xla_flags.cpu_thread_count()}},
         "checkpoint": checkpoint_overhead(cfg_of(cpu), 50 if q else 500, 10 if q else 250),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -348,9 +377,10 @@ def main() -> None:
     print("| depth (CPU config width) | layers | compile s | step ms |\n|---|---|---|---|")
     for name, r in results["compile_vs_depth"].items():
         print(f"| {'scan' if r['scan_layers'] else 'unrolled'} | {r['n_layers']} | {r['compile_s']:.2f} | {r['step_ms']:.1f} |")
-    print("| sampler (CPU config) | new tokens/s | prefill ms |\n|---|---|---|")
+    print("| sampler (CPU config) | XLA-CPU threads | new tokens/s | prefill ms |\n|---|---|---|---|")
     for name, r in results["sampler"].items():
-        print(f"| {name} | {r['new_tokens_per_s']:.0f} | {r.get('prefill_ms', float('nan')):.2f} |")
+        print(f"| {name} | {r['cpu_threads']} | {r['new_tokens_per_s']:.0f} | "
+              f"{r.get('prefill_ms', float('nan')):.2f} |")
     for mode, r in results["checkpoint"].items():
         print(f"checkpoint {mode}: {100 * r['blocked_share']:.2f}% of wall time blocked on saving")
     print(f"wrote {args.out}", file=sys.stderr)

@@ -4,6 +4,7 @@
 target that carries the *current* shardings, so a checkpoint moves between device counts.
 """
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -58,6 +59,26 @@ def wait(mngr: ocp.CheckpointManager) -> None:
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def peek_meta(out_dir: str, step: int | None = None) -> dict | None:
+    """The meta of the newest checkpoint (or of `step`), read from its file without Orbax or a JAX backend.
+
+    For what must be decided before JAX starts (sample.py's thread count). A hint only: None where it
+    cannot be read (another file layout, a remote path), and `load_run` then says what is wrong.
+    """
+    root = ckpt_dir(out_dir)
+    try:
+        steps = [step] if step is not None else sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True)
+    except OSError:
+        return None
+    for s in steps:
+        try:
+            with open(os.path.join(root, str(s), "meta", "metadata")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def abstract_like(abstract_state, shardings):

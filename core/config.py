@@ -151,6 +151,9 @@ class SampleConfig:
     top_p: float = 1.0
     seed: int = 1337
     prompt: str = "\n"
+    # XLA-CPU threads: None picks 1 for models of up to 16 MiB of weights (faster on small models:
+    # core/xla_flags.py cpu_threads), else one per core; 0 is one per core; N is N.
+    cpu_threads: Optional[int] = None
 
 
 def register() -> None:

@@ -27,6 +27,16 @@ SAMPLING_PRNG = "threefry4x32"
 NOISE_AHEAD = 1 << 22
 
 
+# sample.py runs XLA-CPU on one thread for a model of at most this many bytes of weights, and on one
+# per core above it (core/xla_flags.py: cpu_threads). The CPU config has 3.2 MB, the GPU config 42 MB.
+ONE_THREAD_MAX_BYTES = 1 << 24
+
+
+def cpu_threads_for(param_bytes: int) -> int:
+    """XLA-CPU threads for sampling a model with `param_bytes` of weights: 1, or 0 for one per core."""
+    return 1 if param_bytes <= ONE_THREAD_MAX_BYTES else 0
+
+
 def sampling_key(key):
     """The sampler's own key, a pure function of `key`: same key, same tokens."""
     shape = jax.random.key_data(jax.random.key(0, impl=SAMPLING_PRNG)).shape

@@ -41,6 +41,17 @@ def state_spec(cfg, dims: dict, mesh) -> StateSpec:
                      schedule(cfg.optim, cfg.steps))
 
 
+def model_bytes(cfg, dims: dict) -> int:
+    """Bytes of `cfg`'s model weights, from shapes alone (no JAX backend is started)."""
+    model = nnx.eval_shape(lambda: models.build(cfg.model, dims, rngs=nnx.Rngs(0)))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
+
+
+def run_dims(meta: dict) -> dict:
+    """The model arguments a checkpoint's meta records (older checkpoints stored only the vocab)."""
+    return meta.get("dims") or {"vocab_size": len(meta["vocab"])}
+
+
 @dataclass
 class Run:
     cfg: Any  # the run's resolved config (OmegaConf)
@@ -69,8 +80,7 @@ def load_run(out_dir: str, step: int | None = None, mesh=None) -> Run:
     meta = checkpoint.read_meta(mngr, step if step is not None else steps[-1])
     cfg = OmegaConf.create(meta["config"])
     mesh = mesh or mesh_lib.make_mesh(OmegaConf.create({"data": -1, "fsdp": 1}))
-    dims = meta.get("dims") or {"vocab_size": len(meta["vocab"])}  # older checkpoints stored only the vocab
-    spec = state_spec(cfg, dims, mesh)
+    spec = state_spec(cfg, run_dims(meta), mesh)
     restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(spec.abstract, spec.shardings), step=step,
                                           set_aside=False)
     mngr.close()

@@ -1,4 +1,7 @@
-"""XLA-CPU runs small loops as one compiled function: `apply()` before JAX starts its backend.
+"""Process-wide XLA-CPU settings, read once when JAX starts its backend: call these before it does.
+
+`apply()`: XLA-CPU runs small loops as one compiled function. `cpu_threads(n)`: the size of XLA-CPU's
+thread pool (sample.py runs small models on one thread; see `cpu_threads`).
 
 XLA-CPU executes a program kernel by kernel (its thunk runtime): each fusion and dot is dispatched
 on its own, and a loop body's kernels are scheduled as a dataflow graph on the intra-op thread pool.
@@ -28,6 +31,7 @@ import sys
 KEY = "xla_cpu_small_while_loop_byte_threshold"
 SMALL_LOOP_BYTES = 1 << 24
 XLA_DEFAULT = 1024  # XLA's own threshold when the option is absent
+THREAD_VARS = ("PJRT_NPROC", "NPROC")  # XLA's CPU client reads the first one set (xla/pjrt/utils.cc)
 
 
 def apply(environ=os.environ) -> bool:
@@ -40,6 +44,32 @@ def apply(environ=os.environ) -> bool:
         return False
     environ["XLA_FLAGS"] = f"{flags} {flag(SMALL_LOOP_BYTES)}".strip()
     return True
+
+
+def cpu_threads(n: int, environ=os.environ) -> bool:
+    """Run this process's XLA-CPU work on `n` threads (n <= 0: one per core, XLA's default).
+
+    XLA's CPU client sizes its thread pool from PJRT_NPROC (else NPROC, else the cores it may run on)
+    when JAX starts its backend. For a small model the pool's second thread costs more than it gives:
+    the CPU config's 32-token slide prefills and its batch-16 decode steps are matmuls of a few
+    microseconds, which YNNPACK splits across both cores and then waits on. Its sampler ran 2-23%
+    faster at batch 1 (4 of 4 interleaved pairs) and 14-23% at batch 16 on one thread; a 6L/384 model's
+    batch-1 decode, limited by reading 42 MB of weights a token, ran 0-7% slower (benchmarks/README.md).
+    Training wants every core, so only sample.py calls this. A PJRT_NPROC or NPROC you set wins;
+    after the backend has started this does nothing. Returns whether the environment changed.
+    """
+    if n <= 0 or any(k in environ for k in THREAD_VARS) or _backend_started():
+        return False
+    environ[THREAD_VARS[0]] = str(n)
+    return True
+
+
+def cpu_thread_count(environ=os.environ) -> int:
+    """The threads XLA-CPU's pool has (or will have) in this process: PJRT_NPROC, NPROC, else the usable cores."""
+    for k in THREAD_VARS:
+        if environ.get(k, "").strip().isdigit():
+            return max(int(environ[k]), 1)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def flag(threshold: int) -> str:

@@ -10,7 +10,8 @@ from flax import nnx
 from conftest import ROOT, TINY, compose, run_cli
 from core import metrics
 from core.loop import run
-from core.state import load_run
+from core.checkpoint import peek_meta
+from core.state import load_run, model_bytes, run_dims
 from model import build
 
 EXPERIMENTS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "configs", "experiment")) if f.endswith(".yaml"))
@@ -111,8 +112,28 @@ def test_sample_py_works_from_the_run_directory_alone(tmp_path, text_file):
     assert hot.returncode == 0 and len(hot.stdout.split("\n---\n")) == 2
     assert json.loads(json.dumps(hot.stdout))  # plain text on stdout, nothing else
     assert "sampling from step 10" in hot.stderr and "sampling" not in hot.stdout
+    # A small model samples on one XLA-CPU thread (core/xla_flags.py); more threads, the same tokens.
+    assert "(XLA-CPU on 1 thread)" in first.stderr
+    pool = run_cli("sample.py", *args, "cpu_threads=2")
+    assert "(XLA-CPU on 2 threads)" in pool.stderr and pool.stdout == first.stdout
     outside = run_cli("sample.py", f"out_dir={moved}", "prompt='the€'")
     assert outside.returncode == 2 and "characters '€' are not in the model's vocabulary" in outside.stderr
+
+
+def test_the_checkpoint_meta_is_readable_before_jax_starts_and_sizes_the_model(tmp_path, text_file):
+    """sample.py picks its thread count from the meta file and the model's shapes (core/sampler.py)."""
+    from core.sampler import cpu_threads_for
+    out = tmp_path / "run"
+    run(compose(TINY + [f"data.path={text_file}", f"out_dir={out}", "steps=4", "ckpt_every=2"]))
+    loaded = load_run(out)
+    meta = peek_meta(str(out))
+    assert meta == loaded.meta and peek_meta(str(out), step=2)["config"] == meta["config"]
+    assert peek_meta(str(tmp_path / "nowhere")) is None and peek_meta(str(out), step=3) is None
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(loaded.model)))
+    assert model_bytes(loaded.cfg, run_dims(meta)) == params
+    cpu, gpu = (compose([f"+experiment={e}"]) for e in ("shakespeare_char_cpu", "shakespeare_char"))
+    assert cpu_threads_for(model_bytes(cpu, {"vocab_size": 65})) == 1  # 3.2 MB: one thread
+    assert cpu_threads_for(model_bytes(gpu, {"vocab_size": 65})) == 0  # 42 MB: one per core
 
 
 def test_weight_decay_hits_matrices_only_including_layer_stacked_ones():

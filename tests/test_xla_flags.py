@@ -30,6 +30,19 @@ def test_apply_leaves_xla_flags_alone_once_jax_has_started():
     jax.devices()  # this process's backend is up: XLA read its flags already
     env = {}
     assert not xla_flags.apply(env) and env == {}
+    assert not xla_flags.cpu_threads(1, env) and env == {}
+
+
+def test_cpu_threads_sizes_the_pool_unless_the_user_did(monkeypatch):
+    monkeypatch.setattr(xla_flags, "_backend_started", lambda: False)
+    env = {}
+    assert xla_flags.cpu_threads(1, env) and env == {"PJRT_NPROC": "1"} and xla_flags.cpu_thread_count(env) == 1
+    assert not xla_flags.cpu_threads(3, env) and env == {"PJRT_NPROC": "1"}  # set once; the first value stays
+    fresh = {}
+    assert not xla_flags.cpu_threads(0, fresh) and fresh == {}  # 0: XLA's default, one per core
+    assert xla_flags.cpu_thread_count(fresh) == len(os.sched_getaffinity(0))
+    for mine in ({"PJRT_NPROC": "4"}, {"NPROC": "4"}):  # a value the user set wins
+        assert not xla_flags.cpu_threads(1, mine) and xla_flags.cpu_thread_count(mine) == 4
 
 
 def test_every_entry_point_applies_the_flags_before_jax_starts():
