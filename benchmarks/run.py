@@ -266,7 +266,8 @@ def sampler_only(quick: bool) -> dict:
     cpu, f32 = cfg_of("shakespeare_char_cpu"), "model.matmul_dtype=float32"
     xla_flags.cpu_threads(cpu_threads_for(model_bytes(cpu, {"vocab_size": VOCAB})))
     n = 100 if quick else 500
-    rows = {f"{'cached' if c else 'uncached'}_batch{b}": sampler_speed(cpu, b, n, c) for b in (1, 16) for c in (True, False)}
+    rows = {f"{'cached' if c else 'uncached'}_batch{b}": sampler_speed(cpu, b, n, c)
+            for b in (1, 16) for c in (True, False)}
     rows["cached_batch1_fp32"] = sampler_speed(cfg_of("shakespeare_char_cpu", f32), 1, n, True)
     # one window: block_size - 1 new tokens after a 1-token prompt fill the cache, no slide
     rows["cached_batch1_one_window"] = sampler_speed(cpu, 1, cpu.model.block_size - 1, True)

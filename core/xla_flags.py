@@ -50,11 +50,12 @@ def cpu_threads(n: int, environ=os.environ) -> bool:
     """Run this process's XLA-CPU work on `n` threads (n <= 0: one per core, XLA's default).
 
     XLA's CPU client sizes its thread pool from PJRT_NPROC (else NPROC, else the cores it may run on)
-    when JAX starts its backend. For a small model the pool's second thread costs more than it gives:
-    the CPU config's 32-token slide prefills and its batch-16 decode steps are matmuls of a few
-    microseconds, which YNNPACK splits across both cores and then waits on. Its sampler ran 2-23%
-    faster at batch 1 (4 of 4 interleaved pairs) and 14-23% at batch 16 on one thread; a 6L/384 model's
-    batch-1 decode, limited by reading 42 MB of weights a token, ran 0-7% slower (benchmarks/README.md).
+    when JAX starts its backend. For a small model the pool's second thread costs more than it gives
+    (the CPU config's slide prefills and batch-16 decode steps are kernels of a few microseconds each;
+    one thread spares their hand-offs between cores, our reading, not profiled). On one thread its sampler's
+    median call was 9-14% faster at batch 1 and 8-18% at batch 16, its best call 0-6% and -7..+20%
+    (`python benchmarks/small_loops.py --threads-ab [--batch 16]`); a 6L/384 model's batch-1 decode,
+    limited by reading 42 MB of weights a token, ran 0-7% slower in a probe (benchmarks/README.md).
     Training wants every core, so only sample.py calls this. A PJRT_NPROC or NPROC you set wins;
     after the backend has started this does nothing. Returns whether the environment changed.
     """
