@@ -55,6 +55,8 @@ def cpu_threads(cfg) -> int:
     from core.state import model_bytes, run_dims
 
     meta = peek_meta(os.path.expanduser(cfg.out_dir), cfg.step)
+    if meta is None:
+        return 0
     try:
         return cpu_threads_for(model_bytes(OmegaConf.create(meta["config"]), run_dims(meta)))
     except Exception:  # noqa: BLE001 - a hint only: no meta, or one load_run will reject with a clear error
@@ -79,7 +81,7 @@ def main(cfg) -> None:
             raise UserError(f"{cfg.out_dir} holds a {run.cfg.model.family} model trained on data={run.cfg.data.kind}, "
                             f"which does not generate text; sample from a language-model run (data=text)")
         prompt_P = encode(cfg.prompt, run.vocab)
-        n = xla_flags.cpu_thread_count()
+        n = max(xla_flags.cpu_thread_count(), jax.local_device_count())  # XLA: at least a thread per device
         threads = f" (XLA-CPU on {n} thread{'s' * (n > 1)})" if jax.default_backend() == "cpu" else ""
         print(f"sampling from step {run.step} of {cfg.out_dir}{threads}", file=sys.stderr)
         generate = compile_generate(nnx.graphdef(run.model), max_new_tokens=cfg.max_new_tokens,
