@@ -59,7 +59,7 @@ def cpu_threads(cfg) -> int:
         return 0
     try:
         return cpu_threads_for(model_bytes(OmegaConf.create(meta["config"]), run_dims(meta)))
-    except Exception:  # noqa: BLE001 - a hint only: no meta, or one load_run will reject with a clear error
+    except Exception:  # noqa: BLE001 - a hint only: a meta load_run will reject with its own clear error
         return 0
 
 
