@@ -5,12 +5,10 @@ carry are each the model's `cache`; the prompt is consumed first, then one token
 
 Only the samples go to stdout, separated by lines `---`; logs go to stderr.
 """
-from core import xla_flags
-from core.hugepages import use_huge_pages
+from core import runtime
 
 if __name__ == "__main__":
-    use_huge_pages()  # first, before jax allocates anything: core/hugepages.py
-    xla_flags.apply()  # before JAX starts its backend: core/xla_flags.py
+    runtime.configure()  # before JAX is imported: core/runtime.py
 
 import os
 import sys
@@ -18,7 +16,7 @@ import sys
 import hydra
 
 from core import cli, config
-from core.errors import UserError
+from errors import UserError
 
 config.register()
 
@@ -67,7 +65,8 @@ def cpu_threads(cfg) -> int:
 def main(cfg) -> None:
     try:
         check(cfg)
-        xla_flags.cpu_threads(cpu_threads(cfg))  # before JAX starts its backend (load_run starts it)
+        runtime.cpu_threads(cpu_threads(cfg))  # before JAX starts its backend (load_run starts it)
+        runtime.compile_cache(cfg.compile_cache)
         import jax
         import numpy as np
         from flax import nnx
@@ -77,15 +76,16 @@ def main(cfg) -> None:
         from data.text import decode, encode
 
         run = load_run(cfg.out_dir, cfg.step)
-        if run.meta.get("task", "lm") != "lm":
-            raise UserError(f"{cfg.out_dir} holds a {run.cfg.model.family} model trained on data={run.cfg.data.kind}, "
-                            f"which does not generate text; sample from a language-model run (data=text)")
+        if run.task != "lm":
+            raise UserError(f"{cfg.out_dir} holds a {run.cfg.model.family} model trained for task={run.task}, "
+                            f"which does not generate text; sample from a language-model run (task=lm)")
         prompt_P = encode(cfg.prompt, run.vocab)
-        n = max(xla_flags.cpu_thread_count(), jax.local_device_count())  # XLA: at least a thread per device
+        n = max(runtime.cpu_thread_count(), jax.local_device_count())  # XLA: at least a thread per device
         threads = f" (XLA-CPU on {n} thread{'s' * (n > 1)})" if jax.default_backend() == "cpu" else ""
         print(f"sampling from step {run.step} of {cfg.out_dir}{threads}", file=sys.stderr)
         generate = compile_generate(nnx.graphdef(run.model), max_new_tokens=cfg.max_new_tokens,
-                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                    small_loop_bytes=runtime.small_loop_bytes())
         prompt_BP = np.broadcast_to(prompt_P, (cfg.num_samples, len(prompt_P)))
         tokens_BN = jax.device_get(generate(run.state["params"], run.state["rest"], prompt_BP,
                                             jax.random.key(cfg.seed)))

@@ -1,15 +1,15 @@
 """Train a model: `python train.py [+experiment=NAME] [key=value ...]` (see configs/train.yaml).
 
+A run's directory defaults to runs/<name>, plus the overrides that name it (core/config.py
+RESUME_SAFE), so rerunning a command resumes it and a different command is a different run.
 `-m` sweeps (Hydra's basic launcher) run every job in this process, each in its own directory
-under runs/sweeps/<name>/; a failing job is recorded there (FAILED) and the sweep goes on; the
-exit status is the number of failed jobs.
+under runs/sweeps/<name>/; a failing job is recorded there (FAILED), a job another process holds
+is skipped, and the sweep goes on; the exit status is the number of failed and skipped jobs.
 """
-from core import xla_flags
-from core.hugepages import use_huge_pages
+from core import runtime
 
 if __name__ == "__main__":
-    use_huge_pages()  # first, before jax allocates anything: core/hugepages.py
-    xla_flags.apply()  # before JAX starts its backend: core/xla_flags.py
+    runtime.configure()  # before JAX is imported: core/runtime.py
 
 import os
 import sys
@@ -20,10 +20,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from core import cli, config
-from core.errors import UserError
+from errors import UserError
 
 config.register()
 FAILED_JOBS: list[str] = []
+SKIPPED_JOBS: list[str] = []
 
 
 def _record_failure(out_dir: str, message: str) -> None:
@@ -34,11 +35,21 @@ def _record_failure(out_dir: str, message: str) -> None:
     print(f"job failed ({message.strip().splitlines()[-1]}); recorded in {out_dir}/FAILED", file=sys.stderr)
 
 
+def default_out_dir(cfg) -> str:
+    """runs/<name>, then `,` and the overrides that name the run (as sweep job directories are named)."""
+    named = HydraConfig.get().job.override_dirname
+    return os.path.join("runs", cfg.name + (f",{named}" if named else ""))
+
+
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg) -> float | None:
     from core.loop import resolve_out_dir, run  # after Hydra parsed argv: `--help` and compose errors stay fast
+    from core.runlock import RunLocked
 
+    runtime.compile_cache(cfg.compile_cache)
     if HydraConfig.get().mode != RunMode.MULTIRUN:
+        if cfg.out_dir is None:
+            cfg.out_dir = default_out_dir(cfg)
         try:
             return run(cfg)["val_loss"]
         except UserError as e:
@@ -48,10 +59,13 @@ def main(cfg) -> float | None:
     out_dir = resolve_out_dir(cfg)
     print(f"sweep job {HydraConfig.get().job.num}: {' '.join(HydraConfig.get().overrides.task)} -> {out_dir}",
           file=sys.stderr)
-    if os.path.exists(os.path.join(out_dir, "FAILED")):
-        os.remove(os.path.join(out_dir, "FAILED"))  # this attempt decides anew
     try:
+        if os.path.exists(os.path.join(out_dir, "FAILED")):
+            os.remove(os.path.join(out_dir, "FAILED"))  # this attempt decides anew
         result = run(cfg)
+    except RunLocked as e:  # another process is running this job: leave its directory alone
+        SKIPPED_JOBS.append(out_dir)
+        print(f"job skipped: {e}", file=sys.stderr)
     except UserError as e:
         _record_failure(out_dir, f"error: {e}\n")
     except Exception:  # noqa: BLE001 - one job's crash must not end the sweep
@@ -59,7 +73,7 @@ def main(cfg) -> float | None:
     else:
         if result["stopped_by"]:  # SIGTERM/Ctrl-C stops the whole sweep, not just this job
             print(f"sweep stopped by {result['stopped_by']}; rerun the same command to resume it", file=sys.stderr)
-            sys.exit(0)
+            cli.exit_now(0)
         return result["val_loss"]
     return float("nan")  # what sweepers such as Optuna read as a failed trial
 
@@ -67,6 +81,11 @@ def main(cfg) -> float | None:
 if __name__ == "__main__":
     cli.preflight("train", sys.argv[1:])
     main()
-    if FAILED_JOBS:
-        print(f"{len(FAILED_JOBS)} sweep job(s) failed: {', '.join(FAILED_JOBS)}", file=sys.stderr)
-        sys.exit(min(len(FAILED_JOBS), 100))
+    if FAILED_JOBS or SKIPPED_JOBS:
+        if FAILED_JOBS:
+            print(f"{len(FAILED_JOBS)} sweep job(s) failed: {', '.join(FAILED_JOBS)}", file=sys.stderr)
+        if SKIPPED_JOBS:
+            print(f"{len(SKIPPED_JOBS)} sweep job(s) skipped, held by another process: {', '.join(SKIPPED_JOBS)}",
+                  file=sys.stderr)
+        # At once: a failed TFDS download leaves non-daemon threads that a normal exit would wait for.
+        cli.exit_now(min(len(FAILED_JOBS) + len(SKIPPED_JOBS), 100))

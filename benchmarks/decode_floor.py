@@ -18,8 +18,14 @@ import argparse
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import run as bench  # noqa: E402  (sets up the path and huge pages first)
+from core import runtime  # noqa: E402
+
+if __name__ == "__main__":
+    runtime.configure()  # as the mains do, before JAX is imported: core/runtime.py
+
+import run as bench  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -52,10 +58,11 @@ def main() -> None:
     spec, state = bench.lm_state(cfg)
     model = nnx.merge(spec.graphdef, state["params"], state["rest"])
     blocks = model.blocks
+    dense = (blocks.attn.qkv, blocks.attn.proj, blocks.mlp.fc, blocks.mlp.proj)
     names = ("qkv", "attn_proj", "fc", "fc_proj")
-    weights = [getattr(blocks, n).kernel[...][i] for i in range(cfg.model.n_layers) for n in names]
+    weights = [d.kernel[...][i] for i in range(cfg.model.n_layers) for d in dense]
     one_layer = weights[:len(names)] * cfg.model.n_layers
-    T = cfg.model.block_size
+    T = cfg.data.seq_len
 
     def sampler_us(n):  # us per call
         call = bench.generate_call(spec, state, 1, n)

@@ -28,11 +28,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from core import xla_flags  # noqa: E402
-from core.hugepages import use_huge_pages  # noqa: E402
+from core import runtime  # noqa: E402
 
-use_huge_pages()  # measure what train.py runs: core/hugepages.py
-xla_flags.apply()  # and compile as it does: core/xla_flags.py
+if __name__ == "__main__":
+    runtime.configure()  # measure what train.py runs, compiled as it compiles: core/runtime.py
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -42,10 +41,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from core import checkpoint, config, mesh as mesh_lib  # noqa: E402
 from core.sampler import compile_generate, cpu_threads_for  # noqa: E402
-from core.state import model_bytes, state_spec  # noqa: E402
-from core.step import compile_steps  # noqa: E402
-from core.task import classify_loss, lm_loss  # noqa: E402
+from core.state import model_bytes, setup, state_spec  # noqa: E402
 from model.matmul import DOT_GENERAL  # noqa: E402
+from tasks import classify, lm  # noqa: E402
 
 config.register()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +77,7 @@ def non_embedding_params(cfg) -> int:
 
 def flops_per_token(cfg) -> tuple[float, float]:
     m = cfg.model
-    D, L, T = m.d_model, m.n_layers, m.block_size
+    D, L, T = m.d_model, m.n_layers, cfg.data.seq_len
     n = non_embedding_params(cfg)
     return 6 * n + 12 * L * T * D, 6 * n + 6 * L * T * D
 
@@ -90,7 +88,7 @@ def _rows(cfg, rng) -> dict:
     if cfg.data.kind == "images":
         shape = IMAGE_SHAPES[cfg.data.tfds_name]
         return {"x": rng.normal(size=(B, *shape)).astype(np.float32), "y": rng.integers(0, 10, B).astype(np.int32)}
-    t = rng.integers(0, VOCAB, size=(B, cfg.model.block_size + 1)).astype(np.int32)
+    t = rng.integers(0, VOCAB, size=(B, cfg.data.seq_len + 1)).astype(np.int32)
     return {"x": t[:, :-1], "y": t[:, 1:]}
 
 
@@ -99,14 +97,11 @@ IMAGE_SHAPES = {"cifar10": (32, 32, 3), "mnist": (28, 28, 1)}
 
 def _setup(cfg, k: int = 1):
     """State, runner and 4 batches (each K stacked steps when k > 1) for the config."""
-    mesh = mesh_lib.make_mesh(cfg.mesh)
     images = cfg.data.kind == "images"
     dims = ({"num_classes": 10, "image_shape": list(IMAGE_SHAPES[cfg.data.tfds_name])} if images
             else {"vocab_size": VOCAB})
-    spec = state_spec(cfg, dims, mesh)
-    runner = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx,
-                           loss_fn=classify_loss if images else lm_loss, lr_fn=spec.lr_fn, seed=0, grad_accum=1)
-    state = jax.jit(spec.make_state, out_shardings=spec.shardings)()
+    built = setup(cfg, dims, classify.loss if images else lm.loss)
+    spec, runner, state = built.spec, built.runner, built.fresh_state()
     rng = np.random.default_rng(0)
     if k == 1:
         batches = [runner.batch(_rows(cfg, rng)) for _ in range(4)]
@@ -137,7 +132,7 @@ def train_throughput(cfg, steps: int, peak: float | None, k: int = 1, repeats: i
     out = {"step_ms": 1e3 * step_s, "compile_s": compile_s, "steps_per_call": k}
     if cfg.data.kind == "images":
         return out | {"images_per_s": cfg.batch_size / step_s}
-    tokens = cfg.batch_size * cfg.model.block_size
+    tokens = cfg.batch_size * cfg.data.seq_len
     out["tokens_per_s"] = tokens / step_s
     if cfg.model.family == "transformer":
         fpt, fpt_causal = flops_per_token(cfg)
@@ -158,7 +153,7 @@ def matmul_floor(cfg, peak: float, k: int = 10, repeats: int = 3) -> dict:
     allow for these shapes.
     """
     m = cfg.model
-    T, D, F = cfg.batch_size * m.block_size, m.d_model, m.mlp_ratio * m.d_model
+    T, D, F = cfg.batch_size * cfg.data.seq_len, m.d_model, m.mlp_ratio * m.d_model
     dot = DOT_GENERAL[m.matmul_dtype]
     keys = iter(jax.random.split(jax.random.key(0), 5))
     w = {name: jax.random.normal(next(keys), (m.n_layers, a, b)) / np.sqrt(a)
@@ -222,7 +217,8 @@ def generate_call(spec, state, batch: int, new_tokens: int, cached: bool = True)
 
     Returns call(key) -> tokens_BN, run to completion. Sampler globals (core/sampler.py) are read here.
     """
-    gen = compile_generate(spec.graphdef, cached=cached, max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0)
+    gen = compile_generate(spec.graphdef, cached=cached, max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                           small_loop_bytes=runtime.small_loop_bytes())
     prompt = jnp.zeros((batch, 1), jnp.int32)
 
     def call(key=jax.random.key(1)):
@@ -253,7 +249,7 @@ def sampler_speed(cfg, batch: int, new_tokens: int, cached: bool) -> dict:
 
 def sampler_rows(quick: bool) -> dict:
     """The CPU config's sampler rows, measured as sample.py runs them: in a process of their own whose XLA-CPU
-    thread pool sample.py would pick for this model (core/xla_flags.py: cpu_threads)."""
+    thread pool sample.py would pick for this model (core/runtime.py: cpu_threads)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--sampler-only", *(["--quick"] if quick else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -264,7 +260,7 @@ def sampler_rows(quick: bool) -> dict:
 def sampler_only(quick: bool) -> dict:
     """sampler_rows' child: decide the threads before JAX starts, as sample.py does, then measure."""
     cpu, f32 = cfg_of("shakespeare_char_cpu"), "model.matmul_dtype=float32"
-    xla_flags.cpu_threads(cpu_threads_for(model_bytes(cpu, {"vocab_size": VOCAB})))
+    runtime.cpu_threads(cpu_threads_for(model_bytes(cpu, {"vocab_size": VOCAB})))
     n = 100 if quick else 500
     rows = {f"{'cached' if c else 'uncached'}_batch{b}": sampler_speed(cpu, b, n, c)
             for b in (1, 16) for c in (True, False)}
@@ -272,7 +268,7 @@ def sampler_only(quick: bool) -> dict:
     # one window: block_size - 1 new tokens after a 1-token prompt fill the cache, no slide
     rows["cached_batch1_one_window"] = sampler_speed(cpu, 1, cpu.model.block_size - 1, True)
     for r in rows.values():
-        r["cpu_threads"] = xla_flags.cpu_thread_count()
+        r["cpu_threads"] = runtime.cpu_thread_count()
     return rows
 
 
@@ -354,7 +350,7 @@ def main() -> None:
         "sampler": sampler_rows(q) | {
             # in this process, on every core: what a script of your own that samples after training gets
             "cached_batch1_all_cores": {**sampler_speed(cpu_cfg, 1, 100 if q else 500, True),
-                                        "cpu_threads": xla_flags.cpu_thread_count()}},
+                                        "cpu_threads": runtime.cpu_thread_count()}},
         "checkpoint": checkpoint_overhead(cfg_of(cpu), 50 if q else 500, 10 if q else 250),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -10,8 +10,14 @@ import argparse
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import run as bench  # noqa: E402  (sets up the path and huge pages first)
+from core import runtime  # noqa: E402
+
+if __name__ == "__main__":
+    runtime.configure()  # as the mains do, before JAX is imported: core/runtime.py
+
+import run as bench  # noqa: E402
 
 import jax  # noqa: E402
 

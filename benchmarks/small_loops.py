@@ -1,9 +1,9 @@
 """The batch-1 sampler with XLA-CPU's small-loop hoisting off and on: `python benchmarks/small_loops.py [--rounds 3]`.
 
 `--threads-ab` instead runs it (hoisting on) with XLA-CPU's thread pool at every core and at one thread
-(core/xla_flags.py: cpu_threads, which sample.py applies to small models); `--batch 16` for batch 16.
+(core/runtime.py: cpu_threads, which sample.py applies to small models); `--batch 16` for batch 16.
 
-core/xla_flags.py raises `xla_cpu_small_while_loop_byte_threshold` from XLA's 1024 bytes to 16 MiB, so
+core/runtime.py raises `xla_cpu_small_while_loop_byte_threshold` from XLA's 1024 bytes to 16 MiB, so
 the CPU config's batch-1 decode loop compiles into one function (and the sampler then decodes one
 token per loop iteration instead of four). XLA reads the option once per process, so each round runs
 two child processes back to back, off then on. Each child compiles the sampler (500 new tokens after a
@@ -19,14 +19,15 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from core import xla_flags  # noqa: E402  (no JAX import: the parent stays light)
+from core import runtime  # noqa: E402  (no JAX import: the parent stays light)
 
-OFF = xla_flags.flag(xla_flags.XLA_DEFAULT)
+OFF = runtime.flag(runtime.XLA_DEFAULT)
 
 
 def child(seconds: float, new_tokens: int, batch: int) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import run as bench  # applies core/xla_flags.py unless XLA_FLAGS already holds the option
+    runtime.apply()  # the small-loop threshold, unless XLA_FLAGS already holds the option (the "off" child)
+    import run as bench
 
     spec, state = bench.lm_state(bench.cfg_of("shakespeare_char_cpu"))
     t0 = time.perf_counter()
@@ -36,7 +37,7 @@ def child(seconds: float, new_tokens: int, batch: int) -> None:
     while len(times) < 5 or sum(times) < seconds:
         times.append(bench._timed(call))
     times.sort()
-    print(json.dumps({"threshold": xla_flags.small_loop_bytes(), "threads": xla_flags.cpu_thread_count(),
+    print(json.dumps({"threshold": runtime.small_loop_bytes(), "threads": runtime.cpu_thread_count(),
                       "compile_s": compile_s, "best_s": times[0],
                       "median_s": times[len(times) // 2], "tokens_per_s": batch * new_tokens / times[0],
                       "steal_s": (_steal_ticks() - steal0) / os.sysconf("SC_CLK_TCK"), "calls": len(times)}))
@@ -61,8 +62,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.seconds, args.new_tokens, args.batch)
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", *xla_flags.THREAD_VARS)}
-    variants = ((("all cores", env), ("1 thread", {**env, xla_flags.THREAD_VARS[0]: "1"})) if args.threads_ab
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", *runtime.THREAD_VARS)}
+    variants = ((("all cores", env), ("1 thread", {**env, runtime.THREAD_VARS[0]: "1"})) if args.threads_ab
                 else (("off", {**env, "XLA_FLAGS": OFF}), ("on", env)))
     results = {name: [] for name, _ in variants}
     for r in range(args.rounds):

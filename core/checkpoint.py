@@ -14,10 +14,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
-from core.errors import UserError, first_line
-
-ITEMS = ("state", "meta")
-
+from errors import UserError, first_line
 
 def ckpt_dir(out_dir: str) -> str:
     return os.path.join(out_dir, "checkpoints")
@@ -29,7 +26,8 @@ def manager(out_dir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=not read_only)
-    return ocp.CheckpointManager(ckpt_dir(out_dir), options=options, item_names=ITEMS)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(ckpt_dir(out_dir), options=options, item_handlers=handlers)
 
 
 def _disk_error(mngr, e: Exception) -> UserError:
@@ -43,8 +41,9 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
     A failure of the previous async save surfaces here (or in `wait`) as a UserError.
     """
     try:
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                  force=True)
+        with _quiet_loggers("absl", "asyncio"):
+            mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                      force=True)
     except Exception as e:  # noqa: BLE001 - disk full, permissions, vanished directory...
         raise _disk_error(mngr, e) from None
 
@@ -52,9 +51,19 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
 def wait(mngr: ocp.CheckpointManager) -> None:
     """Block until pending saves are committed; a failed one is an error, not a lost log line."""
     try:
-        mngr.wait_until_finished()
+        with _quiet_loggers("absl", "asyncio"):
+            mngr.wait_until_finished()
     except Exception as e:  # noqa: BLE001
         raise _disk_error(mngr, e) from None
+
+
+def close(mngr: ocp.CheckpointManager) -> None:
+    """Wait for pending saves, then release the manager's threads; a failed save is one UserError."""
+    try:
+        wait(mngr)
+    finally:
+        with _quiet_loggers("absl", "asyncio"), contextlib.suppress(Exception):
+            mngr.close()
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
@@ -113,6 +122,26 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
     mngr.reload()
 
 
+def _shapes(tree) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def _check_layout(mngr: ocp.CheckpointManager, step: int, target) -> None:
+    """A UserError when the checkpoint's params differ in names or shapes from the model's (another model).
+
+    Read from the checkpoint's metadata, before any array: a difference here is a mismatch of models,
+    while a failure reading the arrays afterwards is a damaged checkpoint (the caller falls back).
+    """
+    saved = _shapes(mngr.item_metadata(step)["state"].tree["params"])
+    wanted = _shapes(target["params"])
+    if saved != wanted:
+        differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+        raise UserError(f"checkpoint step {step} in {mngr.directory} holds other params than this model "
+                        f"({', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}): it was written by another "
+                        f"model or code version; use a matching checkout, or out_dir= for a new run")
+
+
 def restore_latest(mngr: ocp.CheckpointManager, target, check_meta=None, step: int | None = None,
                    set_aside: bool = True):
     """(step, state, meta) of the newest readable checkpoint (or of `step`); None if there is none.
@@ -135,16 +164,13 @@ def restore_latest(mngr: ocp.CheckpointManager, target, check_meta=None, step: i
             meta = read_meta(mngr, s)
             if check_meta is not None:
                 check_meta(meta)
+            _check_layout(mngr, s, target)
             with _quiet_loggers("absl", "asyncio"):
                 state = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint surfaces as many error types
             first = first_line(e, 160)
-            if "structures do not match" in first or "shape" in first.lower():
-                raise UserError(f"checkpoint step {s} in {mngr.directory} holds a differently shaped train state "
-                                f"({first.rstrip(':')}); it was written by another model or code version: "
-                                f"use a matching checkout, or out_dir= for a new run") from None
             print(f"warning: checkpoint step {s} in {mngr.directory} is unreadable ({type(e).__name__}: "
                   f"{first.split(' See full TensorStore')[0]}); falling back to an earlier one", file=sys.stderr)
             unreadable.append(s)

@@ -3,21 +3,26 @@ import os
 import sys
 
 from core import config
-from core.errors import UserError
+from errors import UserError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def fail(error: Exception) -> None:
-    """Print `error: ...` and exit at once: 2 for a mistake, 3 for a diverged run.
-
-    os._exit: by now `finally` blocks have run (checkpoints flushed, logs closed), and a normal
-    exit would wait on stray non-daemon threads, e.g. a TFDS download still retrying offline.
-    """
+    """Print `error: ...` and exit at once: 2 for a mistake, 3 for a diverged run."""
     print(f"error: {error}", file=sys.stderr)
+    exit_now(getattr(error, "exit_code", 2))
+
+
+def exit_now(code: int) -> None:
+    """Exit with `code` without waiting for stray threads.
+
+    By now `finally` blocks have run (checkpoints flushed, logs closed), and a normal exit would
+    wait on non-daemon threads, e.g. a TFDS download pool still retrying offline.
+    """
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(getattr(error, "exit_code", 2))
+    os._exit(code)
 
 
 def _groups(group: str) -> list[str]:
@@ -31,9 +36,11 @@ def compose_error(config_name: str, overrides: list[str]) -> str | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    searchpath = any(o.startswith("hydra.searchpath") for o in overrides)  # groups of the user's own
     for o in overrides:
         key, _, value = o.lstrip("+~").partition("=")
-        if key in ("experiment", "model", "data", "optim") and value and value not in _groups(key):
+        if key in ("experiment", "model", "data", "task", "optim") and value and value not in _groups(key) \
+                and not searchpath:
             add = "+" if key == "experiment" and not o.startswith("+") else ""
             return (f"unknown {key} {value!r}; available: {', '.join(_groups(key))}"
                     + (f" (and write it as +{key}=NAME)" if add else ""))
@@ -74,6 +81,6 @@ def preflight(config_name: str, argv: list[str]) -> None:
     if any(a in ("-m", "--multirun", "--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg")
            or a.startswith("-") for a in argv):
         return
-    error = compose_error(config_name, [a for a in argv if not a.startswith("hydra.")])
+    error = compose_error(config_name, [a for a in argv if not a.startswith("hydra.") or a.startswith("hydra.searchpath")])
     if error:
         fail(UserError(error))

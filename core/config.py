@@ -1,100 +1,32 @@
-"""Typed config schemas, registered in Hydra's ConfigStore so a typo'd key fails at compose time."""
+"""Typed config schemas, registered in Hydra's ConfigStore so a typo'd key fails at compose time.
+
+The trainer's own keys are `TrainConfig`; `model`, `data` and `task` are the schemas of the chosen
+family, source and task, each found by name beside its module (model/, data/, tasks/).
+"""
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
-from core.errors import UserError
-
-
-@dataclass
-class TransformerConfig:
-    family: str = "transformer"
-    n_layers: int = 6
-    n_heads: int = 6
-    d_model: int = 384
-    mlp_ratio: int = 4
-    block_size: int = 256
-    dropout: float = 0.0
-    bias: bool = False
-    dtype: str = "float32"  # compute dtype; params stay float32
-    # bfloat16: the blocks' dense matmuls (forward and both gradients) read bf16 operands and accumulate
-    # in float32, everything else stays float32 (model/matmul.py); float32: exact
-    matmul_dtype: str = "float32"
-    scan_layers: bool = False  # one compiled block in a lax.scan; off by default, XLA-CPU while loops are slow
-    remat: bool = False
-
-
-@dataclass
-class CNNConfig:
-    family: str = "cnn"
-    # The classic CIFAR-10 network: conv 32 -> pool -> conv 64 -> pool -> conv 64 -> dense 64 -> classes.
-    channels: List[int] = field(default_factory=lambda: [32, 64, 64])
-    pool: List[bool] = field(default_factory=lambda: [True, True, False])  # 2x2 max-pool after conv i
-    kernel_size: int = 3
-    stride: int = 1
-    padding: str = "VALID"  # or SAME
-    batch_norm: bool = False  # after each conv; statistics live in the state's `rest`
-    activation: str = "relu"  # relu | gelu | tanh | silu
-    dense: List[int] = field(default_factory=lambda: [64])  # hidden dense layers before the classifier
-    dropout: float = 0.0  # before each dense layer
-    dtype: str = "float32"
-
-
-@dataclass
-class RNNConfig:
-    family: str = "rnn"
-    cell: str = "lstm"  # lstm | gru
-    n_layers: int = 2
-    d_hidden: int = 256
-    dropout: float = 0.0  # between layers and before the head
-    block_size: int = 128  # training window (truncated BPTT); sampling runs for any length
-    dtype: str = "float32"
-
-
-@dataclass
-class TextDataConfig:
-    kind: str = "text"
-    path: Optional[str] = None  # a local UTF-8 file; None means TFDS `tfds_name`
-    tfds_name: str = "tiny_shakespeare"
-    tfds_data_dir: Optional[str] = None
-    download_timeout: float = 60.0
-    val_fraction: float = 0.1  # for local files: the last fraction of the text is validation
-    eval_seed: int = 1234  # validation windows are fixed by this, not by the run's seed
-
-
-@dataclass
-class ImageDataConfig:
-    kind: str = "images"
-    path: Optional[str] = None  # FILE.npz with x_train/y_train/x_test/y_test, or x/y; None: TFDS `tfds_name`
-    tfds_name: str = "cifar10"  # or mnist, fashion_mnist (anything with image/label features)
-    tfds_data_dir: Optional[str] = None
-    download_timeout: float = 60.0
-    val_fraction: float = 0.1  # for an .npz holding only x, y: the last fraction is validation
-    augment: bool = False  # random crop (padding 4) and horizontal flip, keyed on (seed, step)
-    crop_padding: int = 4
-
-
-@dataclass
-class SeriesDataConfig:
-    kind: str = "series"
-    # Generated noisy sines (random frequency, phase and amplitude per window of model.block_size + 1
-    # values), so sequence regression runs offline: predict x[t+1] from x[..t] at every t.
-    noise: float = 0.05
-    eval_seed: int = 1234
+import data as sources
+import model as families
+import tasks
+from errors import UserError
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
+    schedule: str = "cosine"  # cosine | linear (warmup, then linear decay to min_lr) | constant (after warmup)
     warmup_steps: int = 100
     decay_steps: Optional[int] = None  # None: decay over the whole run (`steps`)
     b1: float = 0.9
     b2: float = 0.99
     eps: float = 1e-8
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # matrices only: never biases, norm scales or other vectors
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     grad_accum: int = 1  # micro-batches per step; the batch is split, the update is one
 
@@ -117,10 +49,10 @@ class DistributedConfig:
 @dataclass
 class TrainConfig:
     name: str = "default"
-    steps: int = 5000
-    batch_size: int = 64  # global, over every device of every host
+    steps: int = 2000
+    batch_size: int = 32  # global, over every device of every host
     seed: int = 0
-    out_dir: Optional[str] = None  # None: runs/<name>, so rerunning the same command resumes
+    out_dir: Optional[str] = None  # None: runs/<name>[,<overrides that name it>]; rerunning the command resumes
     eval_every: int = 250
     eval_batches: int = 20
     ckpt_every: int = 250
@@ -133,10 +65,17 @@ class TrainConfig:
     # Train steps per dispatch (a lax.scan over K batches): less host overhead for small models.
     # Logging, eval, checkpoints and stop requests still land on their steps (calls end there).
     steps_per_call: int = 1
+    # Start from another run's params (a fresh optimizer): every param whose path both models have,
+    # at the newest checkpoint or init_from_step; init_from_skip lists param paths to leave fresh.
+    init_from: Optional[str] = None
+    init_from_step: Optional[int] = None
+    init_from_skip: List[str] = field(default_factory=list)
+    compile_cache: Optional[str] = "auto"  # XLA's persistent cache: auto (~/.cache/jaxlab/xla), a dir, or off
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     model: Any = None
     data: Any = None
+    task: Any = None
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -151,23 +90,36 @@ class SampleConfig:
     top_p: float = 1.0
     seed: int = 1337
     prompt: str = "\n"
-    # XLA-CPU threads: None picks 1 for models of up to 16 MiB of weights (faster on small models:
-    # core/xla_flags.py cpu_threads), else one per core; 0 is one per core; N is N.
+    # XLA-CPU threads: None picks 1 for models of up to 16 MiB of weights, else one per core; 0 is one
+    # per core; N is N (core/runtime.py).
     cpu_threads: Optional[int] = None
+    compile_cache: Optional[str] = "auto"
+
+
+GROUPS = {"model": (families.names, families.family), "data": (sources.names, sources.source),
+          "task": (tasks.names, tasks.task)}
+NODES = {"model": "family", "data": "kind", "task": "name"}  # the key naming each group's choice
 
 
 def register() -> None:
-    """Put every schema in Hydra's ConfigStore; YAML files list them first in their defaults."""
+    """Put every schema in Hydra's ConfigStore; each YAML file lists its schema first in its defaults."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
-    cs.store(group="model", name="transformer_schema", node=TransformerConfig)
-    cs.store(group="model", name="cnn_schema", node=CNNConfig)
-    cs.store(group="model", name="rnn_schema", node=RNNConfig)
-    cs.store(group="data", name="text_schema", node=TextDataConfig)
-    cs.store(group="data", name="images_schema", node=ImageDataConfig)
-    cs.store(group="data", name="series_schema", node=SeriesDataConfig)
     cs.store(group="optim", name="adamw_schema", node=OptimConfig)
+    for group, (names, module) in GROUPS.items():
+        for name in names():
+            cs.store(group=group, name=f"{name}_schema", node=module(name).Config)
+    if not OmegaConf.has_resolver("unnamed_keys"):
+        OmegaConf.register_new_resolver("unnamed_keys", lambda: sorted(UNNAMED_KEYS))
+
+
+def _module(cfg, group: str):
+    choice = cfg[group].get(NODES[group])
+    names, module = GROUPS[group]
+    if choice not in names():
+        raise UserError(f"unknown {group}.{NODES[group]}={choice!r}; available: {', '.join(names())}")
+    return module(choice)
 
 
 def check(cfg) -> None:
@@ -178,61 +130,47 @@ def check(cfg) -> None:
             raise UserError(f"{key}={cfg[key]} must be a positive integer")
     if cfg.parallel not in ("jit", "pmap"):
         raise UserError(f"parallel={cfg.parallel} must be 'jit' or 'pmap'")
-    if cfg.parallel == "pmap" and cfg.steps_per_call != 1:
-        raise UserError("parallel=pmap runs one step per call: use steps_per_call=1, or parallel=jit")
     if cfg.parallel == "pmap" and cfg.mesh.fsdp != 1:
         raise UserError("parallel=pmap replicates the state: it needs mesh.fsdp=1 (use parallel=jit for FSDP)")
     if cfg.on_nan not in ("stop", "skip"):
         raise UserError(f"on_nan={cfg.on_nan} must be 'stop' or 'skip'")
+    family, source, task = (_module(cfg, g) for g in ("model", "data", "task"))
+    if task.READS not in source.PROVIDES:
+        fits = [n for n in tasks.names() if tasks.task(n).READS in source.PROVIDES]
+        raise UserError(f"task={cfg.task.name} reads {task.READS}, and data={cfg.data.kind} provides "
+                        f"{' or '.join(source.PROVIDES)}; use task={' or task='.join(fits)}")
+    if cfg.task.name not in family.TASKS:
+        fits = [n for n in families.names() if cfg.task.name in families.family(n).TASKS]
+        raise UserError(f"model={cfg.model.family} cannot train task={cfg.task.name} (it does "
+                        f"{', '.join(family.TASKS)}); use model={' or model='.join(fits)}")
     m, o = cfg.model, cfg.optim
-    if not 0.0 <= m.dropout < 1.0:
+    if not 0.0 <= m.get("dropout", 0.0) < 1.0:
         raise UserError(f"model.dropout={m.dropout} must be in [0, 1)")
-    if m.dtype not in ("float32", "bfloat16", "float16"):
+    if m.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype={m.dtype} must be float32, bfloat16 or float16")
-    if m.family == "transformer":
-        if m.matmul_dtype not in ("float32", "bfloat16"):
-            raise UserError(f"model.matmul_dtype={m.matmul_dtype} must be float32 or bfloat16")
-        if m.d_model % m.n_heads:
-            raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
-        if m.block_size <= 0 or m.n_layers <= 0:
-            raise UserError("model.block_size and model.n_layers must be positive")
-    elif m.family == "rnn":
-        if m.cell not in ("lstm", "gru"):
-            raise UserError(f"model.cell={m.cell} must be 'lstm' or 'gru'")
-        if m.block_size <= 0 or m.n_layers <= 0 or m.d_hidden <= 0:
-            raise UserError("model.block_size, model.n_layers and model.d_hidden must be positive")
-    elif m.family == "cnn":
-        if len(m.pool) != len(m.channels) or not m.channels:
-            raise UserError(f"model.pool has {len(m.pool)} entries for {len(m.channels)} model.channels; "
-                            f"give one true/false per conv layer")
-        if m.padding not in ("VALID", "SAME"):
-            raise UserError(f"model.padding={m.padding} must be VALID or SAME")
-        if m.activation not in ACTIVATIONS:
-            raise UserError(f"model.activation={m.activation} must be one of {', '.join(ACTIVATIONS)}")
-        if min([m.kernel_size, m.stride, *m.channels, *m.dense]) <= 0:
-            raise UserError("model.kernel_size, model.stride, model.channels and model.dense must be positive")
+    if hasattr(family, "check"):
+        family.check(m)
+    if "seq_len" in cfg.data and cfg.data.seq_len <= 0:
+        raise UserError(f"data.seq_len={cfg.data.seq_len} must be positive")
+    if "seq_len" in cfg.data and "block_size" in m and cfg.data.seq_len > m.block_size:
+        raise UserError(f"data.seq_len={cfg.data.seq_len} is longer than the model's model.block_size="
+                        f"{m.block_size} positions; lower data.seq_len or raise model.block_size")
     if o.grad_accum <= 0 or cfg.batch_size % o.grad_accum:
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by optim.grad_accum={o.grad_accum}")
     if o.lr <= 0 or o.min_lr < 0 or o.warmup_steps < 0:
         raise UserError("optim.lr must be > 0, optim.min_lr and optim.warmup_steps >= 0")
-
-
-ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
-MODEL_SCHEMAS = {"transformer": TransformerConfig, "cnn": CNNConfig, "rnn": RNNConfig}
-DATA_SCHEMAS = {"text": TextDataConfig, "images": ImageDataConfig, "series": SeriesDataConfig}
+    if o.schedule not in ("cosine", "linear", "constant"):
+        raise UserError(f"optim.schedule={o.schedule} must be cosine, linear or constant")
+    if cfg.init_from_step is not None and not cfg.init_from:
+        raise UserError("init_from_step needs init_from=RUN_DIR, the run to start from")
 
 
 def check_keys(cfg) -> None:
     """Reject keys no schema declares (Hydra lets `+key=value` add them even to typed nodes)."""
-    model_schema = MODEL_SCHEMAS.get(cfg.model.get("family"))
-    data_schema = DATA_SCHEMAS.get(cfg.data.get("kind"))
-    if model_schema is None:
-        raise UserError(f"unknown model.family={cfg.model.get('family')!r}; available: {', '.join(MODEL_SCHEMAS)}")
-    if data_schema is None:
-        raise UserError(f"unknown data.kind={cfg.data.get('kind')!r}; available: {', '.join(DATA_SCHEMAS)}")
-    nodes = {"": (cfg, TrainConfig), "model.": (cfg.model, model_schema), "data.": (cfg.data, data_schema),
-             "optim.": (cfg.optim, OptimConfig), "mesh.": (cfg.mesh, MeshConfig),
+    nodes = {"": (cfg, TrainConfig), "optim.": (cfg.optim, OptimConfig), "mesh.": (cfg.mesh, MeshConfig),
              "distributed.": (cfg.distributed, DistributedConfig)}
+    for group in GROUPS:
+        nodes[f"{group}."] = (cfg[group], _module(cfg, group).Config)
     for prefix, (node, schema) in nodes.items():
         unknown = sorted(set(node.keys()) - {f.name for f in dataclasses.fields(schema)})
         if unknown:
@@ -240,11 +178,27 @@ def check_keys(cfg) -> None:
                             f"(`python train.py --cfg job` lists every key)")
 
 
-# Keys whose change between a run and its resumption cannot alter what was already trained.
-HARMLESS_KEYS = ("steps", "out_dir", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
-                 "log_every", "resume", "progress", "on_nan", "mesh", "parallel", "steps_per_call",
-                 "distributed", "model.scan_layers", "model.remat", "model.matmul_dtype",
-                 "data.tfds_data_dir", "data.download_timeout")
+# Keys that may change between a run's checkpoint and its resumption: none alters what was already
+# trained. True: they do not name run directories either (they change no number and no way of
+# running). False: they name them, so a command that differs in one is a new run unless out_dir= says.
+RESUME_SAFE = {
+    "out_dir": True, "resume": True, "progress": True, "log_every": True, "eval_every": True,
+    "eval_batches": True, "ckpt_every": True, "keep_checkpoints": True, "on_nan": True, "compile_cache": True,
+    "distributed": True, "data.tfds_data_dir": True, "data.download_timeout": True,
+    "steps": False, "parallel": False, "steps_per_call": False, "mesh": False,
+    "model.scan_layers": False, "model.remat": False, "model.matmul_dtype": False,
+}
+# Keys that name nothing though they matter: the experiment is the name already; paths make poor names.
+UNNAMED_PATHS = ("experiment", "hparams_search", "name", "data.path", "data.val_path", "data.dir", "init_from")
+
+
+def _expand(key: str) -> list[str]:
+    """A group key (mesh) as its leaves (mesh.data, mesh.fsdp), as overrides spell them."""
+    schema = {"mesh": MeshConfig, "distributed": DistributedConfig}.get(key)
+    return [f"{key}.{f.name}" for f in dataclasses.fields(schema)] if schema else [key]
+
+
+UNNAMED_KEYS = {k for key, unnamed in RESUME_SAFE.items() if unnamed for k in _expand(key)} | set(UNNAMED_PATHS)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -262,7 +216,5 @@ def diff(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """(harmful, harmless) keys that differ between a checkpoint's config and the current one."""
     a, b = flatten(saved), flatten(current)
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    harmless = [k for k in changed if any(k == h or k.startswith(h + ".") for h in HARMLESS_KEYS)]
+    harmless = [k for k in changed if any(k == h or k.startswith(h + ".") for h in RESUME_SAFE)]
     return [k for k in changed if k not in harmless], harmless
-
-

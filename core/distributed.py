@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 
-from core.errors import UserError, first_line
+from errors import UserError, first_line
 
 
 def initialize(cfg) -> None:

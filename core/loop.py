@@ -1,27 +1,30 @@
 """The training loop: one function for every model family and task.
 
-It wires config -> mesh -> data -> state (fresh or restored) -> the jitted step, and keeps the
-host out of the device's way: the next batch is built while the step runs, and metrics are
-fetched only at log steps. It stops cleanly on SIGTERM/SIGINT (checkpoint, exit 0) and on a
-non-finite loss (on_nan=stop), and never writes a checkpoint holding a NaN.
+`run(cfg)` wires config -> mesh -> data -> state (resumed, from `init_from`, or fresh) -> the jitted
+step, then `_train` runs the phases below. The host keeps out of the device's way: the next batch is
+built while the step runs, and metrics are fetched only at log steps. It stops cleanly on
+SIGTERM/SIGINT (checkpoint, exit 0) and on a non-finite loss (on_nan=stop), and never writes a
+checkpoint holding a NaN.
 """
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import jax
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-import model as models
-from core import checkpoint, config, distributed, mesh as mesh_lib, metrics, task as tasks
-from core.errors import Diverged, UserError
+from core import checkpoint, config, distributed, init_from, metrics, task as tasks
 from core.metrics import MetricsLog
 from core.preempt import StopRequests
-from core.state import state_spec
-from core.step import compile_steps, first
+from core.runlock import RunLock
+from core.state import Setup, setup
+from core.step import first
+from errors import Diverged, UserError
 
 
 def log(msg: str) -> None:
@@ -46,9 +49,6 @@ def _refuse_harmful_changes(saved: dict, current: dict) -> list[str]:
 
 def _check_resumable(current_meta: dict, saved_meta: dict) -> None:
     harmless = _refuse_harmful_changes(saved_meta["config"], current_meta["config"])
-    if saved_meta.get("vocab") != current_meta.get("vocab"):
-        raise UserError("the data's vocabulary differs from the checkpoint's; train on the same data "
-                        "or pass out_dir= for a new run")
     changed = sorted(k for k in saved_meta if k != "config" and saved_meta[k] != current_meta.get(k))
     if changed:
         raise UserError(f"the data differs from the checkpoint's ({', '.join(changed)}); train on the same data "
@@ -58,13 +58,12 @@ def _check_resumable(current_meta: dict, saved_meta: dict) -> None:
 
 
 def _prepare_out_dir(out_dir: str, fresh: bool) -> None:
-    """Create out_dir (clearing an old run if `fresh`) and prove it is writable, before any compile."""
+    """Clear an old run if `fresh`, and prove out_dir writable, before any compile."""
     if jax.process_index() != 0:
         return
     try:
-        os.makedirs(out_dir, exist_ok=True)
         if fresh:
-            for name in ("checkpoints", "tb", "metrics.jsonl"):
+            for name in ("checkpoints", "tb", "metrics.jsonl", "unreadable_checkpoints"):
                 path = os.path.join(out_dir, name)
                 if os.path.isdir(path):
                     shutil.rmtree(path)
@@ -105,144 +104,183 @@ def _last_val_loss(out_dir: str):
 def run(cfg) -> dict:
     """Train as the composed config says; returns {"out_dir", "step", "val_loss", "stopped_by"}."""
     config.check(cfg)
-    models.check_task(cfg.model.family, tasks.TASK_OF_DATA[cfg.data.kind], cfg.data.kind)
     distributed.initialize(cfg.distributed)
     cfg.out_dir = out_dir = resolve_out_dir(cfg)
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    mesh_lib.check_batch(cfg.batch_size, mesh, cfg.optim.grad_accum)
-    done = _finished_step(cfg, out_dir)
-    if done is not None:
-        log(f"run in {out_dir} is already at step {done} (steps={cfg.steps}); raise steps= to train further")
-        return {"out_dir": out_dir, "step": done, "val_loss": _last_val_loss(out_dir), "stopped_by": None}
-    task = tasks.load(cfg)
-    spec = state_spec(cfg, task.dims, mesh)
-    meta = {"config": OmegaConf.to_container(cfg, resolve=True), "task": task.kind, "dims": task.dims, **task.meta}
-    _prepare_out_dir(out_dir, fresh=not cfg.resume)
-    distributed.check_shared_dir(out_dir)
-
-    mngr = checkpoint.manager(out_dir, cfg.keep_checkpoints)
-    try:
-        restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(spec.abstract, spec.shardings),
-                                             check_meta=partial(_check_resumable, meta)) if cfg.resume else None
-        if restored:
-            start, state, _ = restored
-            log(f"resuming from step {start} in {out_dir}")
-        else:
-            start, state = 0, jax.jit(spec.make_state, out_shardings=spec.shardings)()
-        if start >= cfg.steps:  # the newest checkpoint was unreadable and an older one suffices
-            return {"out_dir": out_dir, "step": start, "val_loss": _last_val_loss(out_dir), "stopped_by": None}
-        if jax.process_index() == 0:
-            OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"), resolve=True)
-            log(OmegaConf.to_yaml(cfg, resolve=True).rstrip())
+    if cfg.parallel == "pmap" and cfg.steps_per_call > 1:
+        log(f"parallel=pmap: {cfg.steps_per_call} steps per call run as a lax.scan inside the pmapped step")
+    with RunLock(out_dir, enabled=jax.process_index() == 0):
+        done = _finished_step(cfg, out_dir)
+        if done is not None:
+            log(f"run in {out_dir} is already at step {done} (steps={cfg.steps}); raise steps= to train further")
+            return {"out_dir": out_dir, "step": done, "val_loss": _last_val_loss(out_dir), "stopped_by": None}
+        task = tasks.load(cfg)
+        built = setup(cfg, task.dims, task.loss_fn)
+        meta = {"config": OmegaConf.to_container(cfg, resolve=True), "task": task.name, "dims": task.dims,
+                **task.meta}
+        _prepare_out_dir(out_dir, fresh=not cfg.resume)
+        distributed.check_shared_dir(out_dir)
+        # Signals are held from here to the last committed save: a stop request is a flag, never an
+        # interrupted write.
         with StopRequests() as stop:
-            return _train(cfg, mngr, mesh, task, spec, meta, start, state, stop)
-    finally:
-        checkpoint.wait(mngr)
-        mngr.close()
+            mngr = checkpoint.manager(out_dir, cfg.keep_checkpoints)
+            try:
+                return _start(cfg, built, task, meta, mngr, stop)
+            finally:
+                checkpoint.close(mngr)
 
 
-def _evaluate(runner, state, task) -> dict:
-    """Validation metrics: each batch's means weighted by its count of real examples."""
-    totals, weight = {}, 0.0
-    for i in range(task.eval_count):
-        rows, n = task.eval_batch(i)
-        for k, v in jax.device_get(runner.evaluate(state, runner.batch(rows))).items():
-            totals[k] = totals.get(k, 0.0) + first(v) * n
-        weight += n
-    return {f"val_{k}": v / weight for k, v in totals.items()}
+def _start(cfg, built: Setup, task, meta: dict, mngr, stop) -> dict:
+    """Resume this run's own checkpoint, else start from init_from, else fresh; then train."""
+    spec = built.spec
+    restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(spec.abstract, spec.shardings),
+                                         check_meta=partial(_check_resumable, meta)) if cfg.resume else None
+    if restored:
+        start, state, _ = restored
+        log(f"resuming from step {start} in {cfg.out_dir}" + (" (init_from is used only by a new run)"
+                                                                if cfg.init_from else ""))
+    else:
+        start, state = 0, built.fresh_state()
+        if cfg.init_from:
+            loaded = init_from.load(cfg, spec, built.mesh, meta, log)
+            params = jax.jit(init_from.merge, out_shardings=spec.shardings["params"])(state["params"], loaded)
+            state = {**state, "params": params}
+    if start >= cfg.steps:  # the newest checkpoint was unreadable and an older one suffices
+        return {"out_dir": cfg.out_dir, "step": start, "val_loss": _last_val_loss(cfg.out_dir), "stopped_by": None}
+    if jax.process_index() == 0:
+        OmegaConf.save(cfg, os.path.join(cfg.out_dir, "config.yaml"), resolve=True)
+        log(OmegaConf.to_yaml(cfg, resolve=True).rstrip())
+    loop = Loop(cfg, built, task, mngr, meta, stop, state=built.runner.put(state), step=start,
+                last_ckpt=start or None, known_bad=int(jax.device_get(state["nonfinite"]["count"])))
+    return _train(loop)
 
 
-def _train(cfg, mngr, mesh, task, spec, meta, start, state, stop) -> dict:
-    out_dir, B = cfg.out_dir, cfg.batch_size
-    n_params = sum(x.size for x in jax.tree.leaves(spec.abstract["params"]))
-    dp = mesh_lib.data_parallel_size(mesh)
-    log(f"{cfg.model.family} ({task.kind}): {n_params / 1e6:.2f}M params; {task.summary}; mesh {dict(mesh.shape)}, "
-        f"global batch {B} = {B // dp} per device x {dp} devices, out_dir {out_dir}")
+@dataclass
+class Loop:
+    """What the loop's phases share: the run's fixed parts, and the bookkeeping that moves with the steps."""
+    cfg: Any
+    built: Setup
+    task: Any
+    mngr: Any
+    meta: dict
+    stop: StopRequests
+    state: Any
+    step: int
+    last_ckpt: int | None
+    known_bad: int
+    metrics_log: MetricsLog | None = None
+    t_run: float = 0.0
+    t_last: float = 0.0
+    step_last: int = 0
+    val_loss: float | None = None
 
-    runner = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=task.loss_fn,
-                           lr_fn=spec.lr_fn, seed=cfg.seed, grad_accum=cfg.optim.grad_accum, parallel=cfg.parallel)
 
-    def call_length(step: int) -> int:
-        """Steps in the call starting at `step`: up to steps_per_call, ending at the next log/eval/ckpt step."""
-        every = (cfg.log_every, cfg.eval_every, cfg.ckpt_every)
-        next_event = min([cfg.steps] + [(step // e + 1) * e for e in every])
-        return min(cfg.steps_per_call, next_event - step)
+def _call_length(cfg, step: int) -> int:
+    """Steps in the call starting at `step`: up to steps_per_call, ending at the next log/eval/ckpt step."""
+    every = (cfg.log_every, cfg.eval_every, cfg.ckpt_every)
+    next_event = min([cfg.steps] + [(step // e + 1) * e for e in every])
+    return min(cfg.steps_per_call, next_event - step)
 
-    def batches_at(step: int):
-        """The global batches of the call starting at `step`, built on the host."""
-        k = call_length(step)
-        if k == 1:
-            return runner.batch(task.train_batch(step))
-        return runner.stack([task.train_batch(s) for s in range(step, step + k)])
 
-    rate_key = f"{task.unit}_per_s"
+def _batches_at(loop: Loop, step: int):
+    """The global batches of the call starting at `step`, built on the host."""
+    k, runner, train_batch = _call_length(loop.cfg, step), loop.built.runner, loop.task.feed.train_batch
+    return runner.batch(train_batch(step)) if k == 1 else runner.stack([train_batch(s) for s in range(step, step + k)])
 
-    last_ckpt = start if start else None
-    known_bad = int(jax.device_get(state["nonfinite"]["count"]))
-    state = runner.put(state)
 
-    def check_finite() -> None:
-        """Host-side NaN check at log and checkpoint steps only: one scalar, no per-step sync."""
-        nonlocal known_bad
-        bad = jax.device_get(runner.get(state["nonfinite"]))
-        if int(bad["count"]) > known_bad:
-            if cfg.on_nan == "stop":
-                where = f"step {last_ckpt} in {out_dir}" if last_ckpt else "none (the run had not saved yet)"
-                raise Diverged(f"non-finite loss or gradients at step {int(bad['last_step'])} (on_nan=stop); "
-                               f"last good checkpoint: {where}; lower optim.lr or pass on_nan=skip")
-            log(f"skipped {int(bad['count']) - known_bad} non-finite step(s), the last at step "
-                f"{int(bad['last_step'])} (on_nan=skip)")
-            known_bad = int(bad["count"])
+def _evaluate(loop: Loop) -> dict:
+    """Validation metrics: each batch's means weighted by its weight (real examples or scored tokens)."""
+    totals, weight, feed = {}, 0.0, loop.task.feed
+    for i in range(feed.eval_count):
+        rows, w = feed.eval_batch(i)
+        for k, v in jax.device_get(loop.built.runner.evaluate(loop.state, loop.built.runner.batch(rows))).items():
+            totals[k] = totals.get(k, 0.0) + first(v) * w
+        weight += w
+    val = {f"val_{k}": v / weight for k, v in totals.items()}
+    loop.val_loss = val["val_loss"]
+    loop.metrics_log.write(loop.step, {**val, "time_s": time.perf_counter() - loop.t_run})
+    log(f"step {loop.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+    return val
 
-    metrics_log = MetricsLog(out_dir, start)
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True,
+
+def _check_finite(loop: Loop) -> None:
+    """Host-side NaN check at log and checkpoint steps only: one scalar, no per-step sync."""
+    bad = jax.device_get(loop.built.runner.get(loop.state["nonfinite"]))
+    if int(bad["count"]) <= loop.known_bad:
+        return
+    if loop.cfg.on_nan == "stop":
+        where = f"step {loop.last_ckpt} in {loop.cfg.out_dir}" if loop.last_ckpt else "none (the run had not saved yet)"
+        raise Diverged(f"non-finite loss or gradients at step {int(bad['last_step'])} (on_nan=stop); "
+                       f"last good checkpoint: {where}; lower optim.lr or pass on_nan=skip")
+    log(f"skipped {int(bad['count']) - loop.known_bad} non-finite step(s), the last at step "
+        f"{int(bad['last_step'])} (on_nan=skip)")
+    loop.known_bad = int(bad["count"])
+
+
+def _log_step(loop: Loop, step_metrics, bar) -> None:
+    """The log step's own values (as nanoGPT): a resumed run logs exactly the same curve."""
+    row = {k: first(v) for k, v in jax.device_get(step_metrics).items()}  # the only per-log host sync
+    now, cfg = time.perf_counter(), loop.cfg
+    rate_key = f"{loop.task.unit}_per_s"
+    units = (loop.step - loop.step_last) * cfg.batch_size * loop.task.feed.units_per_example
+    row[rate_key], row["time_s"] = units / (now - loop.t_last), now - loop.t_run
+    loop.metrics_log.write(loop.step, row)
+    bar.set_postfix(loss=f"{row['train_loss']:.4f}", **{rate_key: f"{row[rate_key]:.0f}"})
+    if bar.disable:
+        log(f"step {loop.step}: train_loss {row['train_loss']:.4f}, lr {row['lr']:.2e}, "
+            f"grad_norm {row['grad_norm']:.3f}, {row[rate_key]:.0f} {loop.task.unit}/s")
+    loop.step_last, loop.t_last = loop.step, now
+    _check_finite(loop)
+
+
+def _checkpoint(loop: Loop) -> None:
+    _check_finite(loop)
+    checkpoint.save(loop.mngr, loop.step, loop.built.runner.get(loop.state), loop.meta)
+    loop.last_ckpt = loop.step
+
+
+def _train(loop: Loop) -> dict:
+    cfg, runner, task = loop.cfg, loop.built.runner, loop.task
+    n_params = sum(x.size for x in jax.tree.leaves(loop.built.spec.abstract["params"]))
+    dp = loop.built.mesh.devices.size
+    log(f"{cfg.model.family} ({task.name}): {n_params / 1e6:.2f}M params; {task.summary}; mesh "
+        f"{dict(loop.built.mesh.shape)}, global batch {cfg.batch_size} = {cfg.batch_size // dp} per device x {dp} "
+        f"devices, out_dir {cfg.out_dir}")
+    loop.metrics_log = MetricsLog(cfg.out_dir, loop.step)
+    bar = tqdm(total=cfg.steps, initial=loop.step, desc="train", file=sys.stderr, dynamic_ncols=True,
                disable=not (cfg.progress and sys.stderr.isatty() and jax.process_index() == 0))
-    t_run = t_last = time.perf_counter()
-    step_last, val_loss, done = start, None, start
-    step, batch = start, batches_at(start)
+    loop.t_run = loop.t_last = time.perf_counter()
+    loop.step_last = loop.step
     try:
-        while step < cfg.steps:
-            n_steps = call_length(step)
-            state, step_metrics = (runner.train if n_steps == 1 else runner.train_many)(state, batch)
-            done = step + n_steps
-            stopping = any([stop.should_stop(s) for s in range(step + 1, done + 1)])  # every host sees every id
+        if cfg.init_from and loop.step == 0:
+            _evaluate(loop)  # the starting point's own score, before any update
+        batch = _batches_at(loop, loop.step)
+        while loop.step < cfg.steps:
+            n = _call_length(cfg, loop.step)
+            loop.state, step_metrics = (runner.train if n == 1 else runner.train_many)(loop.state, batch)
+            done = loop.step + n
+            stopping = any([loop.stop.should_stop(s) for s in range(loop.step + 1, done + 1)])  # every host asks
             if done < cfg.steps and not stopping:
-                batch = batches_at(done)  # built on the host while the device runs the call
-            bar.update(n_steps)
-            step = done
+                batch = _batches_at(loop, done)  # built on the host while the device runs the call
+            bar.update(n)
+            loop.step = done
             final = done == cfg.steps or stopping
             if done % cfg.log_every == 0 or final:
-                # The log step's own values (as nanoGPT): a resumed run logs exactly the same curve.
-                row = {k: first(v) for k, v in jax.device_get(step_metrics).items()}  # the only host sync
-                now = time.perf_counter()
-                row[rate_key] = (done - step_last) * B * task.units_per_example / (now - t_last)
-                row["time_s"] = now - t_run
-                metrics_log.write(done, row)
-                bar.set_postfix(loss=f"{row['train_loss']:.4f}", **{rate_key: f"{row[rate_key]:.0f}"})
-                if bar.disable:
-                    log(f"step {done}: train_loss {row['train_loss']:.4f}, lr {row['lr']:.2e}, "
-                        f"grad_norm {row['grad_norm']:.3f}, {row[rate_key]:.0f} {task.unit}/s")
-                step_last, t_last = done, now
-                check_finite()
+                _log_step(loop, step_metrics, bar)
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                val = _evaluate(runner, state, task)
-                val_loss = val["val_loss"]
-                metrics_log.write(done, {**val, "time_s": time.perf_counter() - t_run})
-                log(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                _evaluate(loop)
             if done % cfg.ckpt_every == 0 or final:
-                check_finite()
-                checkpoint.save(mngr, done, runner.get(state), meta)
-                last_ckpt = done
+                _checkpoint(loop)
             if done % cfg.eval_every == 0 or done % cfg.ckpt_every == 0:
-                t_last = time.perf_counter()  # tokens/s counts training time only
+                loop.t_last = time.perf_counter()  # throughput counts training time only
             if stopping:
-                checkpoint.wait(mngr)
-                log(f"stopped by {stop.signal} at step {done}; checkpoint saved in {out_dir}; "
+                checkpoint.wait(loop.mngr)
+                log(f"stopped by {loop.stop.signal} at step {done}; checkpoint saved in {cfg.out_dir}; "
                     f"rerun the same command to resume")
-                return {"out_dir": out_dir, "step": done, "val_loss": val_loss, "stopped_by": stop.signal}
+                return {"out_dir": cfg.out_dir, "step": done, "val_loss": loop.val_loss, "stopped_by": loop.stop.signal}
+        checkpoint.wait(loop.mngr)
     finally:
         bar.close()
-        metrics_log.close()
-    log(f"done: step {cfg.steps}, val_loss {val_loss:.4f}, {time.perf_counter() - t_run:.1f}s; "
-        f"sample with: python sample.py out_dir={out_dir}")
-    return {"out_dir": out_dir, "step": cfg.steps, "val_loss": val_loss, "stopped_by": None}
+        loop.metrics_log.close()
+    log(f"done: step {cfg.steps}, val_loss {loop.val_loss:.4f}, {time.perf_counter() - loop.t_run:.1f}s; "
+        f"sample with: python sample.py out_dir={cfg.out_dir}")
+    return {"out_dir": cfg.out_dir, "step": cfg.steps, "val_loss": loop.val_loss, "stopped_by": None}

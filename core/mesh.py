@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from core.errors import UserError
+from errors import UserError
 
 BATCH_AXES = ("data", "fsdp")
 FSDP_MIN_SIZE = 2**14  # smaller arrays (biases, norms, tiny matrices) stay replicated

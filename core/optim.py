@@ -1,4 +1,4 @@
-"""AdamW with weight decay on matrices only, linear warmup + cosine decay, global-norm clipping."""
+"""AdamW with weight decay on matrices only, linear warmup then cosine/linear decay, global-norm clipping."""
 import re
 
 import jax
@@ -6,9 +6,18 @@ import optax
 
 
 def schedule(cfg, steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to lr, cosine decay to min_lr at decay_steps (default: the run's steps)."""
+    """Linear warmup from 0 to lr, then decay to min_lr at decay_steps (default: the run's steps).
+
+    cosine: nanoGPT's; linear: BERT's; constant: lr after the warmup.
+    """
     decay_steps = max(cfg.decay_steps or steps, cfg.warmup_steps + 1)
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, decay_steps, end_value=cfg.min_lr)
+    kind = cfg.get("schedule", "cosine")  # checkpoints from before the key: cosine
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, decay_steps, end_value=cfg.min_lr)
+    end = cfg.min_lr if kind == "linear" else cfg.lr
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps),
+                                 optax.linear_schedule(cfg.lr, end, decay_steps - cfg.warmup_steps)],
+                                [cfg.warmup_steps])
 
 
 STACKED = "blocks"  # models keep layer-stacked params (leading N axis) under this name ...

@@ -10,26 +10,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from core import xla_flags
-
-# The per-token draws (a fold_in and a Gumbel draw per token) run on a threefry4x32 key derived from
-# the caller's key. XLA-CPU lowers the default threefry2x32 as a rolled 5-iteration while loop (two
-# calls a token); threefry4x32 lowers unrolled and fuses. CPU config, `python
-# benchmarks/sampler_prng.py` (10 interleaved rounds, draws inside the loop): batch 1 77.2-77.9 ->
-# 72.6-73.8 us per token, batch 16 2-4% slower (the unrolled hash grows with B*V, the loop's overhead
-# does not). 128-bit key.
+# The per-token draws run on a threefry4x32 key derived from the caller's key: XLA-CPU lowers the
+# default threefry2x32 as a rolled while loop (two calls a token), threefry4x32 unrolled and fused
+# (`python benchmarks/sampler_prng.py` measures both).
 SAMPLING_PRNG = "threefry4x32"
 
-# A decode segment's Gumbel noise (tokens x batch x vocab floats) is drawn before its loop when it is at
-# most this many floats (16 MiB), else one step at a time; the tokens are the same either way. Drawn
-# ahead, the CPU config's decode is ~2% faster at batch 1 (median 74.1 -> 72.7 us/step over 500 tokens)
-# and ~2-4% at batch 16 (`python benchmarks/sampler_prng.py --ahead-ab [--batch 16]`, 10 rounds).
+# A decode segment's Gumbel noise is drawn before its loop when it is at most this many floats (16 MiB),
+# off the per-token path; else one step at a time. The tokens are the same either way.
 NOISE_AHEAD = 1 << 22
 
-
-# sample.py runs XLA-CPU on one thread for a model of at most this many bytes of weights, and on one
-# per core above it (core/xla_flags.py: cpu_threads). The CPU config has 3.2 MB, the GPU config 42 MB.
+# sample.py runs XLA-CPU on one thread for a model of at most this many bytes of weights (small
+# kernels gain nothing from a second thread), and on one per core above it (core/runtime.py).
 ONE_THREAD_MAX_BYTES = 1 << 24
+XLA_SMALL_LOOP_DEFAULT = 1024  # XLA-CPU's own small-while-loop threshold (core/runtime.py raises it)
 
 
 def cpu_threads_for(param_bytes: int) -> int:
@@ -70,22 +63,22 @@ def pick(logits_BV, key, temperature: float, top_k: int, top_p: float, noise_BV=
     return jnp.argmax(logits_BV + noise_BV, axis=-1).astype(jnp.int32)
 
 
-def decode_unroll(model, cache, batch: int) -> int:
+def decode_unroll(model, cache, batch: int, small_loop_bytes: int = XLA_SMALL_LOOP_DEFAULT) -> int:
     """Decode steps per loop iteration: 1 where XLA-CPU runs the loop as one function, else 4.
 
     A batch-1 decode step has no multi-row matmul, so when its weights and cache are well under
-    `xla_flags.small_loop_bytes()` XLA-CPU compiles the whole loop into one function (core/xla_flags.py):
-    unrolling gains nothing there and makes the compile ~5x longer (CPU config: 5 s at 1, 26 s at 4).
-    A loop run kernel by kernel (bigger models, batch > 1, other backends) saves per-iteration
-    overhead with 4 steps per iteration (~20% at batch 1 on CPU).
+    `small_loop_bytes` (XLA_FLAGS' threshold, core/runtime.py) XLA-CPU compiles the whole loop into one
+    function: unrolling gains nothing there and makes the compile several times longer. A loop run
+    kernel by kernel (bigger models, batch > 1, other backends) saves per-iteration overhead with 4
+    steps per iteration.
     """
     step_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((nnx.state(model), cache)))
-    one_function = jax.default_backend() == "cpu" and batch == 1 and 2 * step_bytes < xla_flags.small_loop_bytes()
+    one_function = jax.default_backend() == "cpu" and batch == 1 and 2 * step_bytes < small_loop_bytes
     return 1 if one_function else 4
 
 
 def generate(model, prompt_BP, key, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0):
+             top_p: float = 1.0, small_loop_bytes: int = XLA_SMALL_LOOP_DEFAULT):
     """New tokens_BN after the prompt, with the KV cache (or recurrent carry). Jit the caller.
 
     A finite context is decoded in segments with static lengths, so no step inside a scan ever
@@ -99,7 +92,7 @@ def generate(model, prompt_BP, key, *, max_new_tokens: int, temperature: float =
         prompt_BP, P = prompt_BP[:, -T:], T
     logits_BPV, cache = model(prompt_BP, cache=model.init_cache(B), pos=0)
     init_cache = model.init_cache
-    unroll = decode_unroll(model, cache, B)
+    unroll = decode_unroll(model, cache, B, small_loop_bytes)
     model = model.decoder() if hasattr(model, "decoder") else model  # weights sliced once, not per step
 
     def decode(cache, pos, logits_BV, first: int, n: int):
@@ -143,7 +136,7 @@ def generate(model, prompt_BP, key, *, max_new_tokens: int, temperature: float =
 
 
 def generate_uncached(model, prompt_BP, key, *, max_new_tokens: int, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0):
+                      top_k: int = 0, top_p: float = 1.0, small_loop_bytes: int = 0):
     """nanoGPT's decode: run the model over the last T tokens for every new one (no cache).
 
     The reference the cached sampler is tested and benchmarked against.

@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 
 import model as models
 from core import checkpoint, mesh as mesh_lib
-from core.errors import UserError
 from core.optim import make_optimizer, schedule
-from core.step import init_state
+from core.step import Runner, compile_steps, init_state
+from errors import UserError
 
 
 @dataclass
@@ -41,6 +41,28 @@ def state_spec(cfg, dims: dict, mesh) -> StateSpec:
                      schedule(cfg.optim, cfg.steps))
 
 
+@dataclass
+class Setup:
+    """Everything a run computes with: the mesh, its state's layout and the compiled steps."""
+    mesh: Any
+    spec: StateSpec
+    runner: Runner
+
+    def fresh_state(self):
+        """A newly initialised train state, born sharded by the mesh rules."""
+        return jax.jit(self.spec.make_state, out_shardings=self.spec.shardings)()
+
+
+def setup(cfg, dims: dict, loss_fn: Callable, mesh=None) -> Setup:
+    """Mesh -> state spec -> compiled steps for `cfg` (the loop, tests and benchmarks all start here)."""
+    mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
+    mesh_lib.check_batch(cfg.batch_size, mesh, cfg.optim.grad_accum)
+    spec = state_spec(cfg, dims, mesh)
+    runner = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=loss_fn,
+                           lr_fn=spec.lr_fn, seed=cfg.seed, grad_accum=cfg.optim.grad_accum, parallel=cfg.parallel)
+    return Setup(mesh, spec, runner)
+
+
 def model_bytes(cfg, dims: dict) -> int:
     """Bytes of `cfg`'s model weights, from shapes alone (no JAX backend is started)."""
     model = nnx.eval_shape(lambda: models.build(cfg.model, dims, rngs=nnx.Rngs(0)))
@@ -59,6 +81,10 @@ class Run:
     step: int
     model: nnx.Module  # ready to call; eval mode unless a dropout key is passed
     state: dict  # the full train state: step, params, opt_state, rest
+
+    @property
+    def task(self) -> str:
+        return self.meta.get("task", "lm")
 
     @property
     def vocab(self) -> str:

@@ -87,6 +87,12 @@ def eval_step(params, rest, batch, *, graphdef, loss_fn, axis_name=None):
     return metrics if axis_name is None else jax.lax.pmean(metrics, axis_name)
 
 
+def _many(state, batches, *, step):
+    """K train steps in one dispatch (a lax.scan over K stacked batches); the last step's metrics."""
+    state, metrics = jax.lax.scan(step, state, batches)
+    return state, jax.tree.map(lambda m: m[-1], metrics)
+
+
 @dataclass
 class Runner:
     """The compiled steps plus the state layout they want.
@@ -120,12 +126,7 @@ def compile_steps(mesh, state_sharding, *, graphdef, tx, loss_fn, lr_fn, seed, g
         ev = jax.jit(evaluate, in_shardings=(state_sharding["params"], state_sharding["rest"], batch_sh),
                      out_shardings=repl)
         stacked_sh = mesh_lib.stacked_batch_sharding(mesh)
-
-        def many(state, batches):
-            state, metrics = jax.lax.scan(step, state, batches)
-            return state, jax.tree.map(lambda m: m[-1], metrics)
-
-        train_many = jax.jit(many, in_shardings=(state_sharding, stacked_sh), out_shardings=(state_sharding, repl),
+        train_many = jax.jit(partial(_many, step=step), in_shardings=(state_sharding, stacked_sh), out_shardings=(state_sharding, repl),
                              donate_argnums=0)
 
         def stack(rows: list) -> dict:
@@ -137,6 +138,7 @@ def compile_steps(mesh, state_sharding, *, graphdef, tx, loss_fn, lr_fn, seed, g
     n = mesh_lib.data_parallel_size(mesh)
     axis = "batch"
     train = jax.pmap(partial(step, axis_name=axis), axis_name=axis, donate_argnums=0)
+    train_many = jax.pmap(partial(_many, step=partial(step, axis_name=axis)), axis_name=axis, donate_argnums=0)
     ev = jax.pmap(partial(evaluate, axis_name=axis), axis_name=axis)
     put = jax.jit(lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), t), out_shardings=batch_sh)
     get = jax.jit(lambda t: jax.tree.map(lambda x: x[0], t), out_shardings=repl)
@@ -146,7 +148,10 @@ def compile_steps(mesh, state_sharding, *, graphdef, tx, loss_fn, lr_fn, seed, g
         per_device = {k: v.reshape(n_local, -1, *v.shape[1:]) for k, v in local_rows.items()}
         return mesh_lib.global_batch(per_device, batch_sh)
 
-    def one_at_a_time(*_):
-        raise AssertionError("parallel=pmap runs one step per call (config.check enforces steps_per_call=1)")
+    def stack(rows: list) -> dict:
+        """K batches of local rows -> (devices, K, rows per device, ...): each device scans its own K."""
+        per_device = {k: np.stack([r[k] for r in rows]).reshape(len(rows), n_local, -1, *rows[0][k].shape[1:])
+                      for k in rows[0]}
+        return mesh_lib.global_batch({k: v.swapaxes(0, 1) for k, v in per_device.items()}, batch_sh)
 
-    return Runner(train, one_at_a_time, one_at_a_time, lambda s, b: ev(s["params"], s["rest"], b), put, get, batch)
+    return Runner(train, train_many, stack, lambda s, b: ev(s["params"], s["rest"], b), put, get, batch)

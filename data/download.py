@@ -5,7 +5,7 @@ import os
 import shutil
 import threading
 
-from core.errors import UserError, first_line
+from errors import UserError, first_line
 
 
 def prepare(cfg, hint: str):

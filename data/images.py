@@ -12,14 +12,28 @@ import functools
 import os
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-from core.errors import UserError
 from data import download
+from errors import UserError
 
+PROVIDES = ("classes",)
 _ORDER_STREAM, _AUGMENT_STREAM = 2, 3
 _HINT = "pass data.path=FILE.npz (arrays x_train, y_train, x_test, y_test, or x, y) to use local images"
+
+
+@dataclass
+class Config:
+    kind: str = "images"
+    path: Optional[str] = None  # FILE.npz with x_train/y_train/x_test/y_test, or x/y; None: TFDS `tfds_name`
+    tfds_name: str = "cifar10"  # or mnist, fashion_mnist (anything with image/label features)
+    tfds_data_dir: Optional[str] = None
+    download_timeout: float = 60.0
+    val_fraction: float = 0.1  # for an .npz holding only x, y: the last fraction is validation
+    augment: bool = False  # random crop (padding 4) and horizontal flip, keyed on (seed, step)
+    crop_padding: int = 4
 
 
 @dataclass
@@ -31,10 +45,34 @@ class Images:
     num_classes: int
     mean_C: np.ndarray  # per-channel statistics of the training split (float32)
     std_C: np.ndarray
+    augment_padding: int = 0  # 0: no augmentation
+    unit, units_per_example = "images", 1
 
     @property
     def image_shape(self) -> tuple:
         return tuple(int(d) for d in self.x_train.shape[1:])
+
+    @property
+    def dims(self) -> dict:
+        return {"num_classes": self.num_classes, "image_shape": list(self.image_shape)}
+
+    @property
+    def meta(self) -> dict:
+        return {**self.dims, "mean": self.mean_C.tolist(), "std": self.std_C.tolist()}
+
+    @property
+    def summary(self) -> str:
+        return (f"{len(self.x_train):,} training / {len(self.x_val):,} validation images of "
+                f"{'x'.join(map(str, self.image_shape))}, {self.num_classes} classes")
+
+    def train_batch(self, seed: int, step: int, batch_size: int, rows: slice) -> dict:
+        return train_batch(self, seed, step, batch_size, rows, self.augment_padding)
+
+    def eval_batch(self, i: int, batch_size: int, rows: slice) -> tuple[dict, int]:
+        return eval_batch(self, i, batch_size, rows)
+
+    def eval_count(self, batch_size: int, max_batches: int) -> int:
+        return eval_batch_count(self, batch_size, max_batches)
 
 
 def _as_nhwc(x: np.ndarray, name: str, path: str) -> np.ndarray:
@@ -106,7 +144,8 @@ def load(cfg) -> Images:
     sample = x_tr[:: max(1, len(x_tr) // 10_000)].astype(np.float64)  # statistics of <= 10k images suffice
     mean_C, std_C = sample.mean(axis=(0, 1, 2)), sample.std(axis=(0, 1, 2))
     std_C = np.where(std_C > 0, std_C, 1.0)
-    return Images(x_tr, y_tr, x_va, y_va, num_classes, mean_C.astype(np.float32), std_C.astype(np.float32))
+    return Images(x_tr, y_tr, x_va, y_va, num_classes, mean_C.astype(np.float32), std_C.astype(np.float32),
+                  cfg.crop_padding if cfg.augment else 0)
 
 
 def normalise(x_BHWC: np.ndarray, mean_C, std_C) -> np.ndarray:

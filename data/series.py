@@ -3,9 +3,52 @@
 Every window has its own frequency, phase and amplitude, so the model must infer them from the
 values it has seen; the targets carry independent noise, so the best possible MSE is noise**2.
 """
+from dataclasses import dataclass
+
 import numpy as np
 
+PROVIDES = ("values",)
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
+
+
+@dataclass
+class Config:
+    kind: str = "series"
+    seq_len: int = 64  # values per window; the target is the window shifted by one
+    noise: float = 0.05
+    eval_seed: int = 1234
+
+
+@dataclass
+class Sines:
+    """The generated source: every batch from (seed, step), validation from (eval_seed, i)."""
+    seq_len: int
+    noise: float
+    eval_seed: int
+    dims = {"in_features": 1, "out_features": 1}
+    meta = {}
+    unit = "values"
+
+    @property
+    def summary(self) -> str:
+        return f"generated noisy sines, windows of {self.seq_len}, noise {self.noise}"
+
+    @property
+    def units_per_example(self) -> int:
+        return self.seq_len
+
+    def train_batch(self, seed: int, step: int, batch_size: int, rows: slice) -> dict:
+        return train_batch(seed, step, batch_size, self.seq_len, self.noise, rows)
+
+    def eval_batch(self, i: int, batch_size: int, rows: slice) -> tuple[dict, int]:
+        return eval_batch(self.eval_seed, i, batch_size, self.seq_len, self.noise, rows), batch_size
+
+    def eval_count(self, batch_size: int, max_batches: int) -> int:
+        return max_batches  # an endless generator: eval_batches decides
+
+
+def load(cfg) -> Sines:
+    return Sines(cfg.seq_len, cfg.noise, cfg.eval_seed)
 
 
 def windows(seed: int, stream: int, step: int, batch_size: int, length: int, noise: float) -> np.ndarray:

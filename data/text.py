@@ -1,19 +1,37 @@
-"""Character-level text: a corpus tokenised once into arrays; batches are pure functions of (seed, step).
+"""Character-level text: a corpus tokenised once into arrays; windows are pure functions of (seed, step).
 
 There is no iterator state: the window starts of the global batch at `step` come from a
 counter-based RNG keyed on (seed, step), and each process gathers only its own rows. Resume,
 preemption and a change of device or host count therefore need nothing saved but the step.
+
+With neither `path` nor `tfds_name` set, the corpus is tiny Shakespeare, shipped beside this file
+(data/tinyshakespeare.txt: karpathy/char-rnn `data/tinyshakespeare/input.txt`, 1,115,394 bytes).
 """
 import os
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-from core.errors import UserError
 from data import download
+from errors import UserError
 
+PROVIDES = ("tokens",)
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyshakespeare.txt")
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
+
+
+@dataclass
+class Config:
+    kind: str = "text"
+    path: Optional[str] = None  # a local UTF-8 file; None: tfds_name, or the shipped tiny Shakespeare
+    tfds_name: Optional[str] = None  # e.g. tiny_shakespeare (downloads; needs internet)
+    tfds_data_dir: Optional[str] = None
+    download_timeout: float = 60.0
+    seq_len: int = 64  # tokens per training window
+    val_fraction: float = 0.1  # for local files: the last fraction of the text is validation
+    eval_seed: int = 1234  # validation windows are fixed by this, not by the run's seed
 
 
 @dataclass
@@ -25,6 +43,18 @@ class Corpus:
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
+
+    @property
+    def dims(self) -> dict:
+        return {"vocab_size": self.vocab_size}
+
+    @property
+    def meta(self) -> dict:
+        return {"vocab": self.vocab}
+
+    @property
+    def summary(self) -> str:
+        return f"vocab {self.vocab_size}, {len(self.train_T):,} training tokens"
 
 
 def encode(text: str, vocab: str) -> np.ndarray:
@@ -43,6 +73,8 @@ def decode(ids, vocab: str) -> str:
 
 def _read_file(path: str) -> str:
     path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        raise UserError(f"data.path={path} is a directory; pass a text file, data.path=/path/to/input.txt")
     if not os.path.isfile(path):
         raise UserError(f"data.path={path} does not exist; pass data.path=/path/to/input.txt")
     if path.endswith(".npz"):
@@ -72,10 +104,10 @@ def _as_str(x) -> str:
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
-def load_corpus(cfg) -> Corpus:
+def load(cfg) -> Corpus:
     """Read and tokenise the text named by the data config; the vocab comes from the train part."""
-    if cfg.path:
-        text = _read_file(cfg.path)
+    if cfg.path or not cfg.tfds_name:
+        text = _read_file(cfg.path or SHIPPED)
         if not 0.0 < cfg.val_fraction < 1.0:
             raise UserError(f"data.val_fraction={cfg.val_fraction} must be in (0, 1)")
         cut = int(len(text) * (1.0 - cfg.val_fraction))
@@ -91,33 +123,30 @@ def load_corpus(cfg) -> Corpus:
     return Corpus(encode(train_text, vocab), encode(val_text, vocab), vocab)
 
 
-def check_fits(corpus: Corpus, block_size: int) -> None:
-    """Both splits must hold at least one window of block_size + 1 tokens."""
+def check_fits(corpus: Corpus, length: int) -> None:
+    """Both splits must hold at least one window of `length` tokens."""
     for name, tokens in (("training", corpus.train_T), ("validation", corpus.val_T)):
-        if len(tokens) <= block_size:
-            raise UserError(f"the {name} text has {len(tokens)} characters, not more than "
-                            f"model.block_size={block_size}; use more text or a smaller block_size")
+        if len(tokens) < length:
+            raise UserError(f"the {name} text has {len(tokens)} characters, fewer than a window of {length}; "
+                            f"use more text or a smaller data.seq_len")
 
 
-def window_starts(n_tokens: int, block_size: int, batch_size: int, seed: int, stream: int, step: int):
+def window_starts(n_tokens: int, length: int, batch_size: int, seed: int, stream: int, step: int):
     """Start offsets of the B windows of the global batch at `step`: a pure function of its arguments."""
     rng = np.random.default_rng([seed, stream, step])
-    return rng.integers(0, n_tokens - block_size, size=batch_size)
+    return rng.integers(0, n_tokens - length + 1, size=batch_size)
 
 
-def batch_rows(tokens_T: np.ndarray, starts_B: np.ndarray, block_size: int) -> dict:
-    """Inputs and next-token targets for the given window starts."""
-    window_BL1 = tokens_T[starts_B[:, None] + np.arange(block_size + 1)]
-    return {"x": window_BL1[:, :-1], "y": window_BL1[:, 1:]}
+def _windows(tokens_T, seed, stream, step, batch_size, length, rows) -> np.ndarray:
+    starts_B = window_starts(len(tokens_T), length, batch_size, seed, stream, step)[rows]
+    return tokens_T[starts_B[:, None] + np.arange(length)]
 
 
-def train_batch(corpus: Corpus, seed: int, step: int, batch_size: int, block_size: int, rows: slice) -> dict:
-    """This process's `rows` of the global training batch at `step`."""
-    starts = window_starts(len(corpus.train_T), block_size, batch_size, seed, _TRAIN_STREAM, step)
-    return batch_rows(corpus.train_T, starts[rows], block_size)
+def train_windows(corpus: Corpus, seed: int, step: int, batch_size: int, length: int, rows: slice) -> np.ndarray:
+    """This process's `rows` of the global batch of training windows (B x length token ids) at `step`."""
+    return _windows(corpus.train_T, seed, _TRAIN_STREAM, step, batch_size, length, rows)
 
 
-def eval_batch(corpus: Corpus, eval_seed: int, i: int, batch_size: int, block_size: int, rows: slice) -> dict:
+def eval_windows(corpus: Corpus, eval_seed: int, i: int, batch_size: int, length: int, rows: slice) -> np.ndarray:
     """Validation batch i: the same windows in every run with the same eval_seed, whatever the run's seed."""
-    starts = window_starts(len(corpus.val_T), block_size, batch_size, eval_seed, _EVAL_STREAM, i)
-    return batch_rows(corpus.val_T, starts[rows], block_size)
+    return _windows(corpus.val_T, eval_seed, _EVAL_STREAM, i, batch_size, length, rows)

@@ -1,33 +1,29 @@
-"""Model families: config `model.family` -> a Flax NNX module class.
+"""Model families: `model=NAME` is `configs/model/NAME.yaml` plus the module file `model/NAME.py`.
 
-A family is one module file plus one config file. Its class takes (model_cfg, **dims, rngs=) where
-`dims` come from the task (vocab_size; num_classes and image_shape; in_features and out_features),
-and its class lists the tasks it serves in `TASKS`. Every family is called as
-`model(x, key=None)`; a key means training mode (dropout, batch statistics).
+A family file holds a `Config` dataclass (its typed schema: `family` plus its hyperparameters), the
+tuple `TASKS` of the tasks it can train on, and `Model`, an NNX module built as
+`Model(cfg, rngs=..., **dims)` where `dims` come from the data (vocab_size; num_classes and
+image_shape; in_features and out_features). Every model is called as `model(x, key=None)`; a key
+means training mode (dropout, batch statistics). Adding a family adds those two files, nothing else.
 """
-from core.errors import UserError
+import importlib
+import os
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "model")
 
 
-def families() -> dict:
-    from model.cnn import CNN
-    from model.rnn import RNN
-    from model.transformer import Transformer
-
-    return {"transformer": Transformer, "cnn": CNN, "rnn": RNN}
+def names() -> list[str]:
+    """Every family, by its config file."""
+    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
 
 
-def check_task(family: str, task: str, data_kind: str) -> None:
-    """A one-line error when the model family cannot do the data's task (e.g. a CNN on text)."""
-    known = families()
-    if task not in known[family].TASKS:
-        fits = [name for name, cls in known.items() if task in cls.TASKS]
-        raise UserError(f"model={family} cannot train on data={data_kind} (task {task}); "
-                        f"use model={' or model='.join(fits)}, or a data= that suits {family}")
+def family(name: str):
+    """The module of family `name` (its Config, TASKS and Model)."""
+    if name not in names():
+        raise KeyError(name)
+    return importlib.import_module(f"model.{name}")
 
 
 def build(cfg, dims: dict, rngs):
-    """Instantiate the module named by `cfg.family` for the task's dims."""
-    known = families()
-    if cfg.family not in known:
-        raise UserError(f"unknown model.family={cfg.family!r}; available: {', '.join(sorted(known))}")
-    return known[cfg.family](cfg, **dims, rngs=rngs)
+    """Instantiate the module named by `cfg.family` for the data's dims."""
+    return family(cfg.family).Model(cfg, rngs=rngs, **dims)

@@ -6,11 +6,46 @@ Training mode is "a dropout key was passed": batch norm then normalises with the
 and updates its running averages (nnx.BatchStat, kept in the train state's `rest`); without a key
 it uses the running averages, so eval and reload scripts are deterministic.
 """
+from dataclasses import dataclass, field
+from typing import List
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from core.errors import UserError
+from errors import UserError
+
+ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
+TASKS = ("classify",)
+
+
+@dataclass
+class Config:
+    family: str = "cnn"
+    # The classic CIFAR-10 network: conv 32 -> pool -> conv 64 -> pool -> conv 64 -> dense 64 -> classes.
+    channels: List[int] = field(default_factory=lambda: [32, 64, 64])
+    pool: List[bool] = field(default_factory=lambda: [True, True, False])  # 2x2 max-pool after conv i
+    kernel_size: int = 3
+    stride: int = 1
+    padding: str = "VALID"  # or SAME
+    batch_norm: bool = False  # after each conv; statistics live in the state's `rest`
+    activation: str = "relu"  # relu | gelu | tanh | silu
+    dense: List[int] = field(default_factory=lambda: [64])  # hidden dense layers before the classifier
+    dropout: float = 0.0  # before each dense layer
+    dtype: str = "float32"
+
+
+def check(cfg) -> None:
+    """Values the schema's types cannot rule out."""
+    if len(cfg.pool) != len(cfg.channels) or not cfg.channels:
+        raise UserError(f"model.pool has {len(cfg.pool)} entries for {len(cfg.channels)} model.channels; "
+                        f"give one true/false per conv layer")
+    if cfg.padding not in ("VALID", "SAME"):
+        raise UserError(f"model.padding={cfg.padding} must be VALID or SAME")
+    if cfg.activation not in ACTIVATIONS:
+        raise UserError(f"model.activation={cfg.activation} must be one of {', '.join(ACTIVATIONS)}")
+    if min([cfg.kernel_size, cfg.stride, *cfg.channels, *cfg.dense]) <= 0:
+        raise UserError("model.kernel_size, model.stride, model.channels and model.dense must be positive")
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: str, pool: bool) -> int:
@@ -21,8 +56,6 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: str, pool: bo
 
 class CNN(nnx.Module):
     """conv(k x k, stride) -> [batch norm] -> act -> [2x2 max-pool], repeated; flatten; dense; head."""
-
-    TASKS = ("classify",)  # the tasks (core/task.py) this family can train on
 
     def __init__(self, cfg, *, num_classes: int, image_shape, rngs: nnx.Rngs):
         H, W, C = image_shape
@@ -66,3 +99,6 @@ class CNN(nnx.Module):
             x_BF = self._act(layer(x_BF if k is None else self.drop(x_BF, rngs=k)))
         x_BF = x_BF if keys[-1] is None else self.drop(x_BF, rngs=keys[-1])
         return self.head(x_BF).astype(jnp.float32)
+
+
+Model = CNN

@@ -64,4 +64,18 @@ def bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
     return y_TF.reshape(*lhs.shape[:-1], rhs.shape[1]).astype(preferred_element_type or lhs.dtype)
 
 
-DOT_GENERAL = {"float32": jax.lax.dot_general, "bfloat16": bf16_dot_general}
+def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
+    """`nnx.Linear`'s dot_general hook in float32: (..., D) @ (D, F) as one 2-D matmul.
+
+    XLA-CPU runs 2-D dots and their gradients faster than the same product with batch dims.
+    """
+    (lhs_contract, rhs_contract), batch = dimension_numbers
+    if tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or rhs.ndim != 2 or any(batch):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    y_TF = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())), precision=precision,
+                               preferred_element_type=preferred_element_type)
+    return y_TF.reshape(*lhs.shape[:-1], rhs.shape[1])
+
+
+DOT_GENERAL = {"float32": flat_dot_general, "bfloat16": bf16_dot_general}

@@ -12,10 +12,34 @@ variant), so numbers can be compared with `torch.nn.LSTM`/`GRU`.
 The recurrent carry plays the role of the transformer's KV cache: `model(x, cache=carry)` returns
 (outputs, carry), so the scan sampler in core/sampler.py drives both families.
 """
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from errors import UserError
+
 GATES = {"lstm": 4, "gru": 3}
+TASKS = ("lm", "regress")
+
+
+@dataclass
+class Config:
+    family: str = "rnn"
+    cell: str = "lstm"  # lstm | gru
+    n_layers: int = 2
+    d_hidden: int = 256
+    dropout: float = 0.0  # between layers and before the head
+    dtype: str = "float32"
+
+
+def check(cfg) -> None:
+    """Values the schema's types cannot rule out."""
+    if cfg.cell not in GATES:
+        raise UserError(f"model.cell={cfg.cell} must be 'lstm' or 'gru'")
+    if cfg.n_layers <= 0 or cfg.d_hidden <= 0:
+        raise UserError("model.n_layers and model.d_hidden must be positive")
 
 
 def lstm_cell(carry, xproj_BG, w_rec_HG, b_rec_G):
@@ -41,8 +65,6 @@ CELLS = {"lstm": lstm_cell, "gru": gru_cell}
 
 class RNN(nnx.Module):
     """Embedding or input dense -> N recurrent layers (dropout between) -> dense head."""
-
-    TASKS = ("lm", "regress")  # the tasks (core/task.py) this family can train on
 
     def __init__(self, cfg, *, vocab_size: int | None = None, in_features: int | None = None,
                  out_features: int | None = None, rngs: nnx.Rngs):
@@ -94,3 +116,6 @@ class RNN(nnx.Module):
             x_BLH = self.drop(x_BLH, rngs=keys[-1])
         out = self.head(x_BLH.astype(jnp.float32))
         return out if cache is None else (out, (jnp.stack(hs), jnp.stack(cs)))
+
+
+Model = RNN

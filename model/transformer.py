@@ -1,110 +1,182 @@
-"""Decoder-only transformer LM (GPT-2 layout, pre-LN, tied head) in Flax NNX.
+"""Transformer LM in Flax NNX: GPT-2 layout (pre-LN, learned positions, head tied to the embedding).
 
-Shape key: B batch, L length, T = B*L tokens, M attended (cache) length, D model width, H heads, K head dim,
-F MLP width, V vocab, N layers.
+Shape key: B batch, L length, M attended length, D model width, H heads, K head dim, F MLP width,
+V vocab, N layers.
 
-The N blocks are stored stacked (one Block whose params have a leading N axis), so the same
-checkpoint serves `scan_layers=True` (one compiled block inside a lax.scan) and `False`
-(a Python loop over the N slices, unrolled by XLA): the switch can change between resumes.
+`Attention`, `MLP` and `Block` take `causal` and a key padding mask, so the encoder (model/encoder.py)
+is built from the same blocks. The N blocks are stored stacked (one Block whose params have a leading
+N axis), so one checkpoint serves `scan_layers=True` (one compiled block inside a lax.scan) and
+`False` (a Python loop over the N slices): the switch may change between resumes.
 """
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from errors import UserError
 from model.matmul import DOT_GENERAL
 
-Q_ROWS = 64  # training attention runs in causal query blocks of this many rows (see Block.__call__)
+TASKS = ("lm",)
+
+
+@dataclass
+class Config:
+    family: str = "transformer"
+    # The defaults train in minutes on a laptop CPU; +experiment=shakespeare_char is nanoGPT's GPU size.
+    n_layers: int = 4
+    n_heads: int = 4
+    d_model: int = 128
+    mlp_ratio: int = 4
+    block_size: int = 256  # positions the model has; training windows are data.seq_len <= block_size
+    dropout: float = 0.0
+    bias: bool = False
+    dtype: str = "float32"  # compute dtype; params stay float32
+    # bfloat16: dense matmuls (forward and both gradients) on bf16 operands, float32 accumulation
+    # (model/matmul.py); everything else stays float32. float32: exact.
+    matmul_dtype: str = "float32"
+    scan_layers: bool = False  # one compiled block in a lax.scan: faster compiles for deep models
+    remat: bool = False
+
+
+def check(cfg) -> None:
+    """Values the schema's types cannot rule out."""
+    if cfg.matmul_dtype not in DOT_GENERAL:
+        raise UserError(f"model.matmul_dtype={cfg.matmul_dtype} must be float32 or bfloat16")
+    if cfg.d_model % cfg.n_heads:
+        raise UserError(f"model.d_model={cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}")
+    if cfg.block_size <= 0 or cfg.n_layers <= 0:
+        raise UserError("model.block_size and model.n_layers must be positive")
+
+
+def dense_factory(cfg, rngs):
+    """nnx.Linear with the config's bias, dtype and matmul precision."""
+    return partial(nnx.Linear, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), rngs=rngs,
+                   dot_general=DOT_GENERAL[cfg.get("matmul_dtype", "float32")])  # old checkpoints: float32
+
+
+def attend(q_BLHK, k_BMHK, v_BMHK, allowed_BLM, drop=None):
+    """Softmax attention of L queries over M keys; `allowed_BLM` masks out (False) what may not be seen."""
+    scores_BHLM = jnp.einsum("BLHK,BMHK->BHLM", q_BLHK, k_BMHK) / math.sqrt(q_BLHK.shape[-1])
+    scores_BHLM = jnp.where(allowed_BLM[:, None], scores_BHLM.astype(jnp.float32), -jnp.inf)
+    probs_BHLM = jax.nn.softmax(scores_BHLM, axis=-1).astype(q_BLHK.dtype)
+    probs_BHLM = probs_BHLM if drop is None else drop(probs_BHLM)
+    return jnp.einsum("BHLM,BMHK->BLHK", probs_BHLM, v_BMHK.astype(q_BLHK.dtype))
+
+
+def allowed(L: int, M: int, pos, causal: bool, mask_BM=None):
+    """Which of M keys each of L queries (at positions pos..pos+L-1) may attend to: (B or 1, L, M)."""
+    allowed_1LM = jnp.ones((1, L, M), bool)
+    if causal:
+        allowed_1LM = (jnp.arange(M)[None, :] <= pos + jnp.arange(L)[:, None])[None]
+    return allowed_1LM if mask_BM is None else allowed_1LM & mask_BM[:, None, :].astype(bool)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention; with a cache, new keys and values are written at `pos` first."""
+
+    def __init__(self, cfg, *, causal: bool, rngs: nnx.Rngs):
+        D = cfg.d_model
+        dense = dense_factory(cfg, rngs)
+        self.n_heads, self.causal = cfg.n_heads, causal
+        self.qkv = dense(D, 3 * D, kernel_init=nnx.initializers.normal(0.02))
+        # GPT-2's scaled init of the projections into the residual stream.
+        self.proj = dense(D, D, kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layers)))
+        self.drop = nnx.Dropout(cfg.dropout)
+
+    def __call__(self, x_BLD, *, mask_BM=None, cache=None, pos=0, key=None):
+        """(y_BLD, cache); cache is None or (k_BMHK, v_BMHK) holding every position so far."""
+        B, L, D = x_BLD.shape
+        H = self.n_heads
+        q_BLHK, k_BLHK, v_BLHK = (t.reshape(B, L, H, D // H) for t in jnp.split(self.qkv(x_BLD), 3, axis=-1))
+        if cache is not None:  # written in place (dynamic_update_slice), never copied per token
+            cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, pos, 0, 0))
+                          for c, new in zip(cache, (k_BLHK, v_BLHK)))
+            k_BLHK, v_BLHK = cache
+        k_attn, k_out = (None, None) if key is None else jax.random.split(key)
+        drop = None if key is None else partial(self.drop, rngs=k_attn)
+        mask = allowed(L, k_BLHK.shape[1], pos, self.causal, mask_BM)
+        y_BLD = attend(q_BLHK, k_BLHK, v_BLHK, mask, drop).reshape(B, L, D)
+        y_BLD = self.proj(y_BLD)
+        return (y_BLD if key is None else self.drop(y_BLD, rngs=k_out)), cache
+
+
+class MLP(nnx.Module):
+    """Dense D -> F, GELU, dense F -> D."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.mlp_ratio * cfg.d_model
+        dense = dense_factory(cfg, rngs)
+        self.fc = dense(D, F, kernel_init=nnx.initializers.normal(0.02))
+        self.proj = dense(F, D, kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layers)))
+        self.drop = nnx.Dropout(cfg.dropout)
+
+    def __call__(self, x_BLD, key=None):
+        y_BLD = self.proj(jax.nn.gelu(self.fc(x_BLD), approximate=True))
+        return y_BLD if key is None else self.drop(y_BLD, rngs=key)
 
 
 class Block(nnx.Module):
     """Pre-LN block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
-        D, F = cfg.d_model, cfg.mlp_ratio * cfg.d_model
-        self.n_heads = cfg.n_heads
-        self.dtype = jnp.dtype(cfg.dtype)
-        std = nnx.initializers.normal(0.02)
-        # nanoGPT's scaled init of the projections into the residual stream (GPT-2 paper).
-        std_resid = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layers))
-        dot_general = DOT_GENERAL[cfg.get("matmul_dtype", "float32")]  # checkpoints from before the key: float32
-        dense = partial(nnx.Linear, use_bias=cfg.bias, dtype=self.dtype, dot_general=dot_general, rngs=rngs)
-        norm = partial(nnx.LayerNorm, D, use_bias=cfg.bias, epsilon=1e-5, dtype=self.dtype, rngs=rngs)
+    def __init__(self, cfg, *, causal: bool = True, rngs: nnx.Rngs):
+        norm = partial(nnx.LayerNorm, cfg.d_model, use_bias=cfg.bias, epsilon=1e-5, dtype=jnp.dtype(cfg.dtype),
+                       rngs=rngs)
         self.ln1, self.ln2 = norm(), norm()
-        self.qkv = dense(D, 3 * D, kernel_init=std)
-        self.attn_proj = dense(D, D, kernel_init=std_resid)
-        self.fc = dense(D, F, kernel_init=std)
-        self.fc_proj = dense(F, D, kernel_init=std_resid)
-        self.drop = nnx.Dropout(cfg.dropout)
+        self.attn = Attention(cfg, causal=causal, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
 
-    def _dropout(self, x, key):
-        return x if key is None else self.drop(x, rngs=key)
+    def __call__(self, x_BLD, *, mask_BM=None, cache=None, pos=0, key=None):
+        k_attn, k_mlp = (None, None) if key is None else jax.random.split(key)
+        y_BLD, cache = self.attn(self.ln1(x_BLD), mask_BM=mask_BM, cache=cache, pos=pos, key=k_attn)
+        x_BLD = x_BLD + y_BLD
+        return x_BLD + self.mlp(self.ln2(x_BLD), k_mlp), cache
 
-    def _attend(self, q__LK, k__MK, v__MK, offset, key):
-        """Causal softmax attention of queries at positions offset..offset+L-1 over keys 0..M-1.
 
-        `__` is any leading batch dims, (B, H) or (B*H,).
-        """
-        L, M, K = q__LK.shape[-2], k__MK.shape[-2], q__LK.shape[-1]
-        scores__LM = jnp.einsum("...LK,...MK->...LM", q__LK, k__MK) / math.sqrt(K)
-        causal_LM = jnp.arange(M)[None, :] <= (jnp.arange(L)[:, None] + offset)
-        scores__LM = jnp.where(causal_LM, scores__LM.astype(jnp.float32), -jnp.inf)
-        probs__LM = self._dropout(jax.nn.softmax(scores__LM, axis=-1).astype(self.dtype), key)
-        return jnp.einsum("...LM,...MK->...LK", probs__LM, v__MK.astype(self.dtype))
+def stacked_blocks(cfg, causal: bool, rngs: nnx.Rngs):
+    """N blocks whose params are stacked on a leading axis (one init per layer, vmapped)."""
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return Block(cfg, causal=causal, rngs=rngs)
 
-    def __call__(self, x_BLD, cache, layer, pos, key):
-        """Returns (x_BLD, cache). cache is None (training), this layer's (k_XMK, v_XMK) (layer=None),
-        or every layer's stacked (k_NXMK, v_NXMK) under scan-over-layers; X = B*H.
+    return make(rngs)
 
-        New keys/values are written at position `pos` (and [layer] when stacked) with
-        dynamic_update_slice, so the cache is updated in place, never copied per token.
-        """
-        k_attn, k_res1, k_res2 = (None,) * 3 if key is None else jax.random.split(key, 3)
-        B, L, D = x_BLD.shape
-        H = self.n_heads
-        # Dense layers see (B*L, D): XLA-CPU runs 2-D matmuls and their gradients ~2x faster than 3-D ones.
-        qkv_BLD3 = self.qkv(self.ln1(x_BLD).reshape(B * L, D)).reshape(B, L, 3 * D)
-        q_BLHK, k_BLHK, v_BLHK = (t.reshape(B, L, H, D // H) for t in jnp.split(qkv_BLD3, 3, axis=-1))
-        q_BHLK, k_BHLK, v_BHLK = (t.transpose(0, 2, 1, 3) for t in (q_BLHK, k_BLHK, v_BLHK))
-        if cache is not None:
-            # The cache holds (B*H, M, K): the attention dots read the updated buffer as it is (a 4-D
-            # cache made XLA-CPU update a reshaped copy for them beside the carried one, every token).
-            k_XLK, v_XLK = (t.reshape(B * H, L, D // H).astype(c.dtype) for t, c in zip((k_BHLK, v_BHLK), cache))
-            if layer is None:  # this layer's own (k_XMK, v_XMK)
-                cache = tuple(jax.lax.dynamic_update_slice(c, new, (0, pos, 0)) for c, new in zip(cache, (k_XLK, v_XLK)))
-                k_XMK, v_XMK = cache
-            else:  # every layer's (k_NXMK, v_NXMK), this one at [layer]
-                cache = tuple(jax.lax.dynamic_update_slice(c, new[None], (layer, 0, pos, 0))
-                              for c, new in zip(cache, (k_XLK, v_XLK)))
-                k_XMK, v_XMK = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in cache)
-            y_XLK = self._attend(q_BHLK.reshape(B * H, L, D // H), k_XMK, v_XMK, pos, k_attn)
-            y_BHLK = y_XLK.reshape(B, H, L, D // H)
-        elif L // Q_ROWS > 1 and L % Q_ROWS == 0:
-            # Query block i attends only keys [0, (i+1)*Q_ROWS): the fully masked upper-right blocks are
-            # never computed ((n+1)/2n of the work: 62.5% at block_size 256). On the 2-core CPU the GPU
-            # config's step drops ~6% (9.0 -> 8.5 s) and block_size 128 ~9%; at 64 it would not pay.
-            n_blocks = L // Q_ROWS
-            keys = [None] * n_blocks if k_attn is None else list(jax.random.split(k_attn, n_blocks))
-            y_BHLK = jnp.concatenate([
-                self._attend(q_BHLK[:, :, i * Q_ROWS:(i + 1) * Q_ROWS], k_BHLK[:, :, :(i + 1) * Q_ROWS],
-                             v_BHLK[:, :, :(i + 1) * Q_ROWS], i * Q_ROWS, keys[i]) for i in range(n_blocks)], axis=2)
-        else:
-            y_BHLK = self._attend(q_BHLK, k_BHLK, v_BHLK, 0, k_attn)
-        y_BLD = y_BHLK.transpose(0, 2, 1, 3).reshape(B, L, D)
-        x_TD = x_BLD.reshape(B * L, D) + self._dropout(self.attn_proj(y_BLD.reshape(B * L, D)), k_res1)
-        h_TF = jax.nn.gelu(self.fc(self.ln2(x_TD)), approximate=True)
-        x_TD = x_TD + self._dropout(self.fc_proj(h_TF), k_res2)
-        return x_TD.reshape(B, L, D), cache
+
+def run_blocks(blocks, x_BLD, *, n_layers: int, scan: bool, remat: bool, mask_BM=None, cache=None, pos=0,
+               key=None, layer_states=None):
+    """x through the N stacked blocks: a lax.scan over them, or a Python loop over their slices.
+
+    cache is None or (k_NBMHK, v_NBMHK) under scan, one (k_BMHK, v_BMHK) per layer in the loop.
+    layer_states: every layer's weights already sliced out of the stack (see Transformer.decoder).
+    """
+    graphdef, block_state = nnx.split(blocks)
+    keys_N = None if key is None else jax.random.split(key, n_layers)
+
+    def apply(x_BLD, layer_state, layer_cache, layer_key):
+        return nnx.merge(graphdef, layer_state)(x_BLD, mask_BM=mask_BM, cache=layer_cache, pos=pos, key=layer_key)
+
+    apply = jax.checkpoint(apply) if remat else apply
+    if scan:
+        def body(x_BLD, xs):
+            return apply(x_BLD, *xs)
+
+        return jax.lax.scan(body, x_BLD, (block_state, cache, keys_N))
+    new_cache = []
+    for i in range(n_layers):
+        layer_state = layer_states[i] if layer_states else jax.tree.map(lambda a: a[i], block_state)
+        x_BLD, layer_cache = apply(x_BLD, layer_state, None if cache is None else cache[i],
+                                   None if keys_N is None else keys_N[i])
+        new_cache.append(layer_cache)
+    return x_BLD, (None if cache is None else tuple(new_cache))
 
 
 class Transformer(nnx.Module):
-    """Token + learned position embeddings, N pre-LN blocks, final LN, head tied to the embedding."""
+    """Token + learned position embeddings, N pre-LN causal blocks, final LN, head tied to the embedding."""
 
-    TASKS = ("lm",)  # the tasks (core/task.py) this family can train on
-
-    def __init__(self, cfg, vocab_size: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, vocab_size: int, rngs: nnx.Rngs):
         # Plain hashable fields only: they become part of the static graph definition.
         self.n_layers, self.n_heads, self.d_model = cfg.n_layers, cfg.n_heads, cfg.d_model
         self.block_size, self.dtype = cfg.block_size, jnp.dtype(cfg.dtype)
@@ -113,75 +185,42 @@ class Transformer(nnx.Module):
         self.wte = nnx.Embed(vocab_size, cfg.d_model, embedding_init=std, rngs=rngs)
         self.wpe = nnx.Embed(cfg.block_size, cfg.d_model, embedding_init=std, rngs=rngs)
         self.drop = nnx.Dropout(cfg.dropout)
-
-        @nnx.split_rngs(splits=cfg.n_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_blocks(rngs):
-            return Block(cfg, rngs=rngs)
-
-        self.blocks = make_blocks(rngs)
+        self.blocks = stacked_blocks(cfg, causal=True, rngs=rngs)
         self.ln_f = nnx.LayerNorm(cfg.d_model, use_bias=cfg.bias, epsilon=1e-5, rngs=rngs)
 
     def init_cache(self, batch: int, length: int | None = None):
-        """Zeroed KV cache: one (k_XMK, v_XMK) per layer, X = B*H, or (k_NXMK, v_NXMK) under scan-over-layers.
-
-        Separate per-layer buffers are updated in place without slicing a stacked array (~17% faster
-        decode at batch 16 on CPU); the layer scan needs the stacked form.
-        """
-        shape = (batch * self.n_heads, length or self.block_size, self.d_model // self.n_heads)
-        if not self.scan_layers:
-            return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(self.n_layers))
-        shape = (self.n_layers, *shape)
-        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+        """Zeroed keys and values: one (k_BMHK, v_BMHK) per layer, or stacked (k_NBMHK, v_NBMHK) under scan."""
+        shape = (batch, length or self.block_size, self.n_heads, self.d_model // self.n_heads)
+        if self.scan_layers:
+            return (jnp.zeros((self.n_layers, *shape), self.dtype),) * 2
+        return tuple((jnp.zeros(shape, self.dtype),) * 2 for _ in range(self.n_layers))
 
     def decoder(self):
-        """This model's call with every layer's weights sliced out of the stacked params once, here.
+        """This model's call with each layer's weights sliced out of the stack once, here.
 
-        Called outside a decode loop (core/sampler.py): inside one, XLA-CPU copies each layer's weights
-        out of the stack on every iteration (~3 MB per step for the CPU config).
+        For decode loops (core/sampler.py): sliced inside the loop, XLA-CPU copies every layer's
+        weights out of the stack on every iteration.
         """
         if self.scan_layers:
             return self
-        block_state = nnx.state(self.blocks)
-        return partial(self, layer_states=[jax.tree.map(lambda a: a[i], block_state) for i in range(self.n_layers)])
+        state = nnx.state(self.blocks)
+        return partial(self, layer_states=[jax.tree.map(lambda a: a[i], state) for i in range(self.n_layers)])
 
     def __call__(self, idx_BL, *, key=None, cache=None, pos=0, layer_states=None):
-        """Logits_BLV for tokens at positions pos..pos+L-1; with a cache, returns (logits, cache).
+        """logits_BLV for tokens at positions pos..pos+L-1; with a cache, (logits_BLV, cache).
 
         key: a PRNG key enables dropout (training); None is deterministic.
-        layer_states: every layer's weights already sliced out of the stack (see `decoder`).
         """
-        L = idx_BL.shape[1]
+        B, L = idx_BL.shape
         k_emb, k_blocks = (None, None) if key is None else jax.random.split(key)
-        pos_L = pos + jnp.arange(L)
-        x_BLD = (self.wte(idx_BL) + self.wpe(pos_L)[None]).astype(self.dtype)
+        x_BLD = (self.wte(idx_BL) + self.wpe(pos + jnp.arange(L))[None]).astype(self.dtype)
         x_BLD = x_BLD if k_emb is None else self.drop(x_BLD, rngs=k_emb)
+        x_BLD, cache = run_blocks(self.blocks, x_BLD, n_layers=self.n_layers, scan=self.scan_layers,
+                                  remat=self.remat, cache=cache, pos=pos, key=k_blocks, layer_states=layer_states)
+        x_BLD = self.ln_f(x_BLD.astype(jnp.float32))
+        # The tied head as one 2-D matmul: XLA-CPU runs 2-D dots and their gradients faster than 3-D ones.
+        logits_BLV = self.wte.attend(x_BLD.reshape(B * L, -1)).reshape(B, L, -1)
+        return logits_BLV if cache is None else (logits_BLV, cache)
 
-        graphdef, block_state = nnx.split(self.blocks)
-        keys_N = None if k_blocks is None else jax.random.split(k_blocks, self.n_layers)
 
-        def apply(x, cache, layer_state, layer, layer_key):
-            return nnx.merge(graphdef, layer_state)(x, cache, layer, pos, layer_key)
-
-        if self.remat:
-            apply = jax.checkpoint(apply)
-        if self.scan_layers:
-            def body(carry, xs):
-                return apply(*carry, *xs), None
-
-            layers = (block_state, jnp.arange(self.n_layers), keys_N)
-            (x_BLD, new_cache), _ = jax.lax.scan(body, (x_BLD, cache), layers)
-        else:
-            new_cache = [] if cache is not None else None
-            for i in range(self.n_layers):
-                layer_state = layer_states[i] if layer_states else jax.tree.map(lambda a: a[i], block_state)
-                layer_key = None if keys_N is None else keys_N[i]
-                x_BLD, layer_cache = apply(x_BLD, None if cache is None else cache[i], layer_state, None, layer_key)
-                if cache is not None:
-                    new_cache.append(layer_cache)
-            new_cache = None if cache is None else tuple(new_cache)
-
-        B, _, D = x_BLD.shape
-        logits_TV = self.wte.attend(self.ln_f(x_BLD.astype(jnp.float32).reshape(B * L, D)))  # 2-D, as in Block
-        logits_BLV = logits_TV.reshape(B, L, -1)
-        return logits_BLV if cache is None else (logits_BLV, new_cache)
+Model = Transformer

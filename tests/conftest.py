@@ -17,9 +17,9 @@ import pytest  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from core import config, xla_flags  # noqa: E402
+from core import config, runtime  # noqa: E402
 
-xla_flags.apply()  # as train.py and sample.py compile (core/xla_flags.py); before any test starts JAX
+runtime.apply()  # XLA_FLAGS as train.py and sample.py set them (core/runtime.py); before any test starts JAX
 config.register()
 
 # The debug experiment, on one device unless a test asks for a mesh: fast to compile on 2 cores.

@@ -8,12 +8,12 @@ from conftest import ROOT, run_cli
 
 
 @pytest.fixture(scope="module")
-def typo_experiment():
-    path = os.path.join(ROOT, "configs", "experiment", "zz_test_typo.yaml")
-    with open(path, "w") as f:
-        f.write("# @package _global_\nmodel:\n  n_layre: 3\n")
-    yield "zz_test_typo"
-    os.remove(path)
+def typo_experiment(tmp_path_factory):
+    """An experiment of the user's own, in a config directory outside the repository."""
+    root = tmp_path_factory.mktemp("configs")
+    (root / "experiment").mkdir()
+    (root / "experiment" / "zz_test_typo.yaml").write_text("# @package _global_\nmodel:\n  n_layre: 3\n")
+    return ["+experiment=zz_test_typo", f"hydra.searchpath=[file://{root}]"]
 
 
 def one_line_error(proc):
@@ -31,6 +31,7 @@ def one_line_error(proc):
     (["experiment=debug"], "+experiment=NAME"),
     (["model=nope"], "unknown model 'nope'; available: cnn, rnn, transformer"),
     (["data=nope"], "unknown data 'nope'; available: images, series, text"),
+    (["task=nope"], "unknown task 'nope'; available: classify, lm, regress"),
     (["steps=abc"], "could not be converted to Integer (key 'steps')"),
 ])
 def test_bad_overrides_fail_at_compose_time(args, expected, tmp_path):
@@ -40,8 +41,8 @@ def test_bad_overrides_fail_at_compose_time(args, expected, tmp_path):
 
 
 def test_typo_in_an_experiment_yaml_names_the_key_and_file(typo_experiment):
-    line = one_line_error(run_cli("train.py", f"+experiment={typo_experiment}"))
-    assert "model.n_layre" in line and typo_experiment in line
+    line = one_line_error(run_cli("train.py", *typo_experiment))
+    assert "model.n_layre" in line and "zz_test_typo" in line
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -71,7 +72,6 @@ def _file(tmp_path, name, content: bytes):
     (["steps=-1"], "steps=-1 must be a positive integer"),
     (["on_nan=ignore"], "on_nan=ignore must be 'stop' or 'skip'"),
     (["parallel=vmap"], "parallel=vmap must be 'jit' or 'pmap'"),
-    (["parallel=pmap", "steps_per_call=4"], "parallel=pmap runs one step per call"),
     (["model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1)"),
     (["model.dtype=int8"], "model.dtype=int8 must be float32, bfloat16 or float16"),
     (["data.path=EMPTY"], "is empty"),
@@ -88,7 +88,7 @@ def test_bad_input_table(overrides, expected, tmp_path, text_file):
 def _assert_refused(overrides, files, expected, tmp_path):
     """Running `overrides` (FILE placeholders replaced by paths) raises a one-line UserError and writes nothing."""
     from conftest import compose
-    from core.errors import UserError
+    from errors import UserError
     from core.loop import run
 
     overrides = [o.split("=")[0] + "=" + files.get(o.split("=")[1], o.split("=")[1]) for o in overrides]
@@ -104,13 +104,19 @@ def _npz(tmp_path, name, **arrays):
     return str(path)
 
 
-IMAGES = ["model=cnn", "data=images", "batch_size=8", "mesh.data=1"]
+IMAGES = ["model=cnn", "data=images", "task=classify", "batch_size=8", "mesh.data=1"]
 
 
 # Family and image-data mistakes: each a one-line UserError before anything is compiled or written.
 @pytest.mark.parametrize("overrides, expected", [
-    (["model=cnn", "data.path=TEXT"], "model=cnn cannot train on data=text (task lm); use model=transformer or model=rnn"),
-    (["model=rnn", "data=images", "data.path=NPZ"], "model=rnn cannot train on data=images"),
+    (["model=cnn", "data.path=TEXT"], "model=cnn cannot train task=lm (it does classify); use model=rnn or "
+                                      "model=transformer"),
+    (["model=rnn", "data=images", "data.path=NPZ"], "task=lm reads tokens, and data=images provides classes; "
+                                                     "use task=classify"),
+    (["model=rnn", "data=images", "task=classify", "data.path=NPZ"], "model=rnn cannot train task=classify"),
+    (["model=cnn", "task=classify", "data.path=TEXT"], "task=classify reads classes, and data=text provides tokens"),
+    (["data.seq_len=32", "model.block_size=16"], "data.seq_len=32 is longer than the model's model.block_size=16"),
+    (["data.path=DIR"], "is a directory"),
     (["data.path=NPZ"], "is an array file, and data=text reads text"),
     (IMAGES + ["data.path=/nonexistent/images.npz"], "does not exist; pass data.path=FILE.npz"),
     (IMAGES + ["data.path=TEXT"], "is not a readable .npz file"),
@@ -124,17 +130,18 @@ IMAGES = ["model=cnn", "data=images", "batch_size=8", "mesh.data=1"]
 def test_bad_family_input_table(overrides, expected, tmp_path, text_file):
     rng = np.random.default_rng(0)
     files = {"TEXT": text_file,
+             "DIR": str(tmp_path),
              "NPZ": _npz(tmp_path, "ok.npz", x=rng.integers(0, 255, (20, 8, 8), np.uint8), y=np.arange(20) % 3),
              "WRONG_KEYS": _npz(tmp_path, "keys.npz", images=np.zeros((4, 8, 8))),
              "FLOAT_LABELS": _npz(tmp_path, "float.npz", x=np.zeros((10, 8, 8)), y=np.linspace(0, 1, 10))}
     _assert_refused(overrides, files, expected, tmp_path)
 
 
-def test_block_size_larger_than_the_data(tmp_path):
+def test_windows_longer_than_the_data(tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("hello world\n" * 3)
     line = one_line_error(run_cli("train.py", "+experiment=debug", f"data.path={small}", f"out_dir={tmp_path}/r"))
-    assert "block_size" in line
+    assert "fewer than a window of 17; use more text or a smaller data.seq_len" in line
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 from omegaconf import OmegaConf
 
 from conftest import compose, make_text
-from core.errors import UserError
+from errors import UserError
 from data import text
 
 
@@ -18,27 +18,34 @@ def data_cfg(**data):
 
 
 def test_batches_are_a_pure_function_of_seed_and_step_and_rows_partition_them(tmp_path):
+    from tasks import lm
+
     path = tmp_path / "t.txt"
     path.write_text(make_text(5000))
-    corpus = text.load_corpus(data_cfg(path=str(path)))
-    full = text.train_batch(corpus, seed=3, step=17, batch_size=8, block_size=16, rows=slice(0, 8))
-    again = text.train_batch(corpus, seed=3, step=17, batch_size=8, block_size=16, rows=slice(0, 8))
-    np.testing.assert_array_equal(full["x"], again["x"])
-    halves = [text.train_batch(corpus, 3, 17, 8, 16, slice(i * 4, i * 4 + 4)) for i in range(2)]
+    cfg = data_cfg(path=str(path))
+    corpus = text.load(cfg)
+    feed = lambda seed, rows=slice(0, 8): lm.feed(corpus, cfg, seed=seed, batch_size=8, rows=rows,  # noqa: E731
+                                                  eval_batches=2)
+    full = feed(3).train_batch(17)
+    np.testing.assert_array_equal(full["x"], feed(3).train_batch(17)["x"])
+    halves = [feed(3, slice(i * 4, i * 4 + 4)).train_batch(17) for i in range(2)]
     np.testing.assert_array_equal(np.concatenate([h["x"] for h in halves]), full["x"])
     np.testing.assert_array_equal(full["x"][:, 1:], full["y"][:, :-1])  # targets are inputs shifted by one
-    assert not np.array_equal(text.train_batch(corpus, 3, 18, 8, 16, slice(0, 8))["x"], full["x"])
-    assert not np.array_equal(text.train_batch(corpus, 4, 17, 8, 16, slice(0, 8))["x"], full["x"])
+    assert full["x"].shape == (8, cfg.seq_len)
+    assert not np.array_equal(feed(3).train_batch(18)["x"], full["x"])
+    assert not np.array_equal(feed(4).train_batch(17)["x"], full["x"])
     # Validation batches do not depend on the run's seed: runs with different seeds compare fairly.
-    np.testing.assert_array_equal(text.eval_batch(corpus, 1234, 0, 8, 16, slice(0, 8))["x"],
-                                  text.eval_batch(corpus, 1234, 0, 8, 16, slice(0, 8))["x"])
+    (val3, w3), (val4, w4) = feed(3).eval_batch(0), feed(4).eval_batch(0)
+    np.testing.assert_array_equal(val3["x"], val4["x"])
+    assert w3 == w4 == 8
+    assert not np.array_equal(feed(3).eval_batch(1)[0]["x"], val3["x"])
 
 
 def test_local_file_split_and_vocab(tmp_path):
     path = tmp_path / "t.txt"
     body = "abcabcabc" * 100
     path.write_text(body + "xyz" * 10)  # 'xyz' only in the last 10%
-    corpus = text.load_corpus(data_cfg(path=str(path), val_fraction=0.1))
+    corpus = text.load(data_cfg(path=str(path), val_fraction=0.1))
     assert corpus.vocab == "abc"  # vocab from the training part only
     assert len(corpus.train_T) == int(len(body + "xyz" * 10) * 0.9)
     assert text.decode(corpus.train_T[:6], corpus.vocab) == "abcabc"
@@ -51,12 +58,18 @@ def test_bad_files_are_user_errors(tmp_path, content, match):
     path = tmp_path / "bad.txt"
     path.write_bytes(content)
     with pytest.raises(UserError, match=match):
-        text.load_corpus(data_cfg(path=str(path)))
+        text.load(data_cfg(path=str(path)))
+
+
+def test_shipped_tiny_shakespeare_is_the_default():
+    corpus = text.load(data_cfg())
+    assert corpus.vocab_size == 65 and len(corpus.train_T) + len(corpus.val_T) == 1_115_394
+    assert text.decode(corpus.train_T[:14], corpus.vocab) == "First Citizen:"
 
 
 def test_tfds_text_dataset_through_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=1):
-        corpus = text.load_corpus(data_cfg(tfds_data_dir=str(tmp_path)))
+        corpus = text.load(data_cfg(tfds_name="tiny_shakespeare", tfds_data_dir=str(tmp_path)))
     assert corpus.vocab_size > 1 and len(corpus.train_T) > 0 and len(corpus.val_T) > 0
 
 
@@ -67,7 +80,7 @@ def test_tfds_download_that_hangs_gives_up_with_a_hint(monkeypatch, tmp_path):
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", hang)
     t0 = time.perf_counter()
     with pytest.raises(UserError, match="did not download within 1s.*data.path=/path/to/input.txt"):
-        text.load_corpus(data_cfg(tfds_data_dir=str(tmp_path), download_timeout=1))
+        text.load(data_cfg(tfds_name="tiny_shakespeare", tfds_data_dir=str(tmp_path), download_timeout=1))
     assert time.perf_counter() - t0 < 10
 
 
@@ -80,6 +93,6 @@ def test_a_timed_out_download_leaves_no_partial_files(monkeypatch, tmp_path):
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", hang)
     with pytest.raises(UserError, match="did not download within 1s"):
-        text.load_corpus(data_cfg(tfds_data_dir=str(tmp_path), download_timeout=1))
+        text.load(data_cfg(tfds_name="tiny_shakespeare", tfds_data_dir=str(tmp_path), download_timeout=1))
     leftovers = [os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path) for f in fs]
     assert leftovers == [] and not os.path.exists(tmp_path / "tiny_shakespeare")

@@ -9,18 +9,18 @@ import tensorflow_datasets as tfds
 from flax import nnx
 
 from conftest import compose, run_cli
-from core import mesh as mesh_lib, metrics
+from core import metrics
 from core.loop import run
 from core.sampler import compile_generate
-from core.state import load_run, state_spec
-from core.step import compile_steps
-from core.task import classify_loss, lm_loss, regress_loss
+from core.state import load_run, setup
 from model import build
+from tasks import classify, lm, regress
 
-CNN_TINY = ["model=cnn", "data=images", "model.channels=[4,8]", "model.pool=[true,false]", "model.dense=[16]",
+classify_loss, lm_loss, regress_loss = classify.loss, lm.loss, regress.loss
+CNN_TINY = ["model=cnn", "data=images", "task=classify", "model.channels=[4,8]", "model.pool=[true,false]", "model.dense=[16]",
             "batch_size=16", "steps=20", "eval_every=10", "ckpt_every=10", "log_every=5", "eval_batches=4",
             "progress=false", "mesh.data=1", "optim.warmup_steps=2"]
-RNN_TINY = ["model=rnn", "model.n_layers=2", "model.d_hidden=16", "model.block_size=16", "batch_size=8",
+RNN_TINY = ["model=rnn", "model.n_layers=2", "model.d_hidden=16", "data.seq_len=16", "batch_size=8",
             "steps=20", "eval_every=10", "ckpt_every=10", "log_every=5", "eval_batches=2", "progress=false",
             "mesh.data=1", "optim.warmup_steps=2"]
 
@@ -52,11 +52,8 @@ def images_npz(tmp_path_factory):
 
 
 def _overfit(cfg, dims, loss_fn, batch, steps):
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    spec = state_spec(cfg, dims, mesh)
-    runner = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=loss_fn,
-                           lr_fn=spec.lr_fn, seed=0, grad_accum=1)
-    state = jax.jit(spec.make_state, out_shardings=spec.shardings)()
+    built = setup(cfg, dims, loss_fn)
+    runner, state = built.runner, built.fresh_state()
     batch = runner.batch(batch)
     losses = []
     for _ in range(steps):
@@ -75,7 +72,7 @@ def test_cnn_with_batch_norm_overfits_a_batch_and_keeps_running_statistics():
     dims = {"num_classes": 5, "image_shape": [8, 8, 1]}
     losses, state, ev = _overfit(cfg, dims, classify_loss, batch, 60)
     assert losses[0] > 1.2 and losses[-1] < 0.1, (losses[0], losses[-1])
-    assert 0.0 <= float(ev["accuracy"]) <= 1.0 and "loss" in ev
+    assert float(ev["accuracy"]) >= 0.9  # eval mode (running statistics) fits the batch too
     # Batch-norm statistics live in `rest` and moved away from their init (mean 0, var 1).
     for stats in state["rest"]["norms"].values():
         assert not np.allclose(stats["mean"], 0.0) and not np.allclose(stats["var"], 1.0)
@@ -90,7 +87,7 @@ def test_cnn_with_batch_norm_overfits_a_batch_and_keeps_running_statistics():
 
 @pytest.mark.parametrize("cell,kind", [("lstm", "lm"), ("gru", "regress")])
 def test_rnn_overfits_a_batch(cell, kind):
-    cfg = compose(RNN_TINY + FAST + [f"model.cell={cell}"] + (["data=series"] if kind == "regress" else []))
+    cfg = compose(RNN_TINY + FAST + [f"model.cell={cell}"] + (["data=series", "task=regress"] if kind == "regress" else []))
     rng = np.random.default_rng(0)
     if kind == "lm":
         tokens = rng.integers(0, 12, size=(8, 17)).astype(np.int32)
@@ -195,7 +192,7 @@ def test_batch_norm_over_a_sharded_batch_equals_one_device(tmp_path, images_npz)
 
 def test_a_checkpoint_of_another_family_is_refused_in_one_line(rnn_run, text_file):
     from conftest import TINY
-    from core.errors import UserError
+    from errors import UserError
 
     with pytest.raises(UserError, match=r"differs from its checkpoint in .*model\.family.*; restore those values") as e:
         run(compose(TINY + [f"data.path={text_file}", f"out_dir={rnn_run}", "steps=30"]))

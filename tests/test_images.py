@@ -4,12 +4,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose
-from core.errors import UserError
+from errors import UserError
 from data import images, series
 
 
 def images_cfg(path, **data):
-    return OmegaConf.merge(compose(["model=cnn", "data=images"]).data, {"path": str(path), **data})
+    return OmegaConf.merge(compose(["model=cnn", "data=images", "task=classify"]).data, {"path": str(path), **data})
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from flax import nnx
 
 from conftest import TINY, compose
 from core.config import check
-from core.errors import UserError
+from errors import UserError
 from model import build
 from model.matmul import bf16_matmul
 
@@ -69,7 +69,8 @@ def test_matmul_dtype_can_change_between_resumes_and_old_checkpoint_configs_load
     saved = OmegaConf.to_container(cfg)
     del saved["model"]["matmul_dtype"]
     model = build(OmegaConf.create(saved).model, {"vocab_size": 13}, rngs=nnx.Rngs(0))
-    assert model.blocks.fc.dot_general is jax.lax.dot_general
+    from model.matmul import flat_dot_general
+    assert model.blocks.mlp.fc.dot_general is flat_dot_general
     current = OmegaConf.to_container(compose(TINY + ["model.matmul_dtype=bfloat16"]))
     assert diff(saved, current) == ([], ["model.matmul_dtype"])
 

@@ -32,22 +32,25 @@ def test_no_gradient_flows_from_future_tokens():
     assert np.all(np.abs(grad_wpe[: t + 1]).sum(-1) > 0), "every past position must matter"
 
 
-def test_attention_in_causal_query_blocks_equals_one_block(monkeypatch):
-    """Long blocks run attention per query block against only the keys it can see: same result."""
-    import model.transformer as transformer
-    model = tiny_model(dropout=0.0)
-    graphdef, params = nnx.split(model)
-    idx_BL = jax.random.randint(jax.random.key(3), (2, 12), 0, V)
-    weights_BLV = jax.random.normal(jax.random.key(4), (2, 12, V))
+def test_blocks_take_causal_and_a_padding_mask_as_an_encoder_needs():
+    from model.transformer import Block
 
-    def loss(params):
-        return jnp.sum(nnx.merge(graphdef, params)(idx_BL) * weights_BLV)
-
-    whole = jax.jit(jax.value_and_grad(loss))(params)  # 12 rows < Q_ROWS: one block
-    monkeypatch.setattr(transformer, "Q_ROWS", 4)  # three blocks of 4 query rows
-    blocked = jax.jit(jax.value_and_grad(loss))(params)
-    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(blocked)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    cfg = compose(TINY).model
+    x_BLD = jax.random.normal(jax.random.key(0), (2, 6, cfg.d_model))
+    mask_BM = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    encoder, decoder = Block(cfg, causal=False, rngs=nnx.Rngs(0)), Block(cfg, causal=True, rngs=nnx.Rngs(0))
+    y_BLD = encoder(x_BLD, mask_BM=mask_BM)[0]
+    # Padding: what sits in padded positions changes no real position's output.
+    noise = jax.random.normal(jax.random.key(1), (2, cfg.d_model))
+    y_pad = encoder(x_BLD.at[0, 4:].set(noise), mask_BM=mask_BM)[0]
+    np.testing.assert_allclose(np.asarray(y_pad[0, :4]), np.asarray(y_BLD[0, :4]), atol=1e-6)
+    # Bidirectional: a later token changes an earlier position's output; causal: it does not.
+    later = x_BLD.at[1, 5].set(3 * noise[0])  # a new direction (LayerNorm removes a constant shift)
+    moved = np.abs(np.asarray(encoder(later, mask_BM=mask_BM)[0][1, 0]) - np.asarray(y_BLD[1, 0])).max()
+    assert moved > 1e-6, moved
+    np.testing.assert_allclose(np.asarray(decoder(later)[0][1, :5]), np.asarray(decoder(x_BLD)[0][1, :5]), atol=1e-6)
+    # The same params either way: causal is a flag, not another layer.
+    assert jax.tree.structure(nnx.state(encoder)) == jax.tree.structure(nnx.state(decoder))
 
 
 def test_cached_greedy_decode_equals_uncached_up_to_block_size():
@@ -102,7 +105,7 @@ def test_scan_layers_matches_unrolled_and_shares_checkpoint_layout():
     decode = lambda m: np.asarray(jax.jit(lambda p: generate(m, p, jax.random.key(0), max_new_tokens=20,  # noqa: E731
                                                              temperature=0.0))(idx[:, :3]))
     np.testing.assert_array_equal(decode(unrolled), decode(scanned))  # the KV cache works under both
-    qkv_N = np.asarray(unrolled.blocks.qkv.kernel[...])
+    qkv_N = np.asarray(unrolled.blocks.attn.qkv.kernel[...])
     assert not np.allclose(qkv_N[0], qkv_N[1]), "stacked layers must be initialised independently"
 
 

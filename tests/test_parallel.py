@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, compose, run_cli
 from core import metrics
-from core.errors import UserError
+from errors import UserError
 from core.loop import run
 from core.state import load_run, state_spec
 from core import mesh as mesh_lib
@@ -53,10 +53,10 @@ def test_fsdp_really_shards_the_big_params():
     mesh = mesh_lib.make_mesh(cfg.mesh)
     spec = state_spec(cfg, {"vocab_size": 65}, mesh)
     state = jax.jit(spec.make_state, out_shardings=spec.shardings)()
-    fc = state["params"]["blocks"]["fc"]["kernel"]  # (N, D, F) = (2, 64, 256)
+    fc = state["params"]["blocks"]["mlp"]["fc"]["kernel"]  # (N, D, F) = (2, 64, 256)
     assert "fsdp" in str(fc.sharding.spec)
     assert fc.sharding.shard_shape(fc.shape) == (2, 64, 128)
-    mu = state["opt_state"][1][0].mu["blocks"]["fc"]["kernel"]  # Adam moments follow their params
+    mu = state["opt_state"][1][0].mu["blocks"]["mlp"]["fc"]["kernel"]  # Adam moments follow their params
     assert mu.sharding.shard_shape(mu.shape) == (2, 64, 128)
     scale = state["params"]["blocks"]["ln1"]["scale"]
     assert scale.sharding.is_fully_replicated

@@ -9,23 +9,24 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY, compose, run_cli
-from core import checkpoint, loop, metrics, task
-from core.errors import Diverged, UserError
+from core import checkpoint, loop, metrics
 from core.state import load_run
 from data import text
+from errors import Diverged, UserError
+from tasks import lm
 
 # Run train.py, but have the process signal itself when it builds the batch of step {step}.
 SIGNAL_AT_STEP = """
 import os, signal, sys
 sys.argv = sys.argv[1:]
 from data import text
-orig = text.train_batch
-def train_batch(corpus, seed, step, *a, **k):
+orig = text.train_windows
+def train_windows(corpus, seed, step, *a, **k):
     if step == {step}:
         for sig in {signals}:
             os.kill(os.getpid(), getattr(signal, sig))
     return orig(corpus, seed, step, *a, **k)
-text.train_batch = train_batch
+text.train_windows = train_windows
 exec(open("train.py").read())
 """
 
@@ -35,6 +36,12 @@ def train_with_signal_at(step, signals, *args):
     code = SIGNAL_AT_STEP.format(step=step, signals=list(signals))
     return subprocess.run([sys.executable, "-c", code, "train.py", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def curve(run_dir, skip=()):
+    """The logged values of a run, without the wall-clock fields."""
+    return [{k: v for k, v in r.items() if k != "time_s" and not k.endswith("_per_s")}
+            for r in metrics.read(os.path.join(run_dir, "metrics.jsonl")) if r["step"] not in skip]
 
 
 def assert_same_state(dir_a, dir_b):
@@ -67,9 +74,7 @@ def test_sigterm_saves_at_that_step_exits_0_and_resumes_exactly(reference, tmp_p
     resumed = run_cli("train.py", *args, f"out_dir={out}")
     assert resumed.returncode == 0 and "resuming from step 12" in resumed.stderr
     assert_same_state(ref_dir, out)
-    curve = lambda d: [(r["step"], r.get("train_loss"), r.get("val_loss"))  # noqa: E731
-                       for r in metrics.read(os.path.join(d, "metrics.jsonl")) if r["step"] != 12]
-    assert curve(ref_dir) == curve(out)
+    assert curve(ref_dir, skip={12}) == curve(out, skip={12})  # step 12's extra log line is the stop's
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(reference, tmp_path):
@@ -78,8 +83,9 @@ def test_sigkill_then_rerun_equals_uninterrupted(reference, tmp_path):
     assert train_with_signal_at(19, ["SIGKILL"], *args, f"out_dir={out}").returncode == -signal.SIGKILL
     resumed = run_cli("train.py", *args, f"out_dir={out}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from step 16" in resumed.stderr or "resuming from step 8" in resumed.stderr
+    assert "resuming from step 16" in resumed.stderr or "resuming from step 8" in resumed.stderr  # 16: if committed
     assert_same_state(ref_dir, out)
+    assert curve(ref_dir) == curve(out)  # the lines past step 16 of the killed attempt are gone
 
 
 def _truncate_largest_file(step_dir):
@@ -120,22 +126,22 @@ def test_config_changes_between_runs(tmp_path, text_file):
 
 def _poison(monkeypatch, at_steps):
     """Batches at `at_steps` carry a marker that makes the loss NaN (a stand-in for a bad batch)."""
-    orig_batch, orig_loss = text.train_batch, task.lm_loss
+    orig_windows, orig_loss = text.train_windows, lm.loss
 
-    def train_batch(corpus, seed, step, *a, **k):
-        batch = orig_batch(corpus, seed, step, *a, **k)
+    def train_windows(corpus, seed, step, *a, **k):
+        windows = orig_windows(corpus, seed, step, *a, **k)
         if step in at_steps:
-            batch["x"] = batch["x"].copy()
-            batch["x"][0, 0] = -1
-        return batch
+            windows = windows.copy()
+            windows[0, 0] = -1
+        return windows
 
     def lm_loss(model, batch, key):
-        loss, m = orig_loss(model, batch, key)
+        loss, m = orig_loss(model, jax.tree.map(lambda x: jax.numpy.maximum(x, 0), batch), key)
         loss = loss + jax.numpy.where((batch["x"] < 0).any(), jax.numpy.nan, 0.0)
         return loss, {**m, "loss": loss}
 
-    monkeypatch.setattr(text, "train_batch", train_batch)
-    monkeypatch.setattr(task, "lm_loss", lm_loss)
+    monkeypatch.setattr(text, "train_windows", train_windows)
+    monkeypatch.setattr(lm, "loss", lm_loss)
 
 
 def test_nan_stops_the_run_naming_the_step_and_last_good_checkpoint(monkeypatch, tmp_path, text_file):

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from conftest import ROOT, run_cli
+from core import metrics
 
 SWEEP = ["-m", "+experiment=debug", "steps=6", "eval_every=3", "ckpt_every=3", "log_every=3", "eval_batches=1"]
 
@@ -24,13 +25,13 @@ def sweep(tmp_path_factory, text_file):
 def test_a_2x2_sweep_gives_four_run_dirs_named_by_their_overrides(sweep):
     root, _, first = sweep
     assert first.returncode == 0, first.stderr[-2000:]
-    assert job_dirs(root) == ["optim.lr=0.001,seed=0", "optim.lr=0.001,seed=1",
-                              "optim.lr=0.003,seed=0", "optim.lr=0.003,seed=1"]
-    for d in job_dirs(root):
-        rows = open(os.path.join(root, d, "metrics.jsonl")).read().splitlines()
-        assert any('"val_loss"' in r for r in rows)
-    losses = {open(os.path.join(root, d, "metrics.jsonl")).read() for d in job_dirs(root)}
-    assert len(losses) == 4  # every job trained its own config (no state shared between jobs)
+    # Named by the overrides that change training (steps too: a different schedule is a different run).
+    assert job_dirs(root) == ["optim.lr=0.001,seed=0,steps=6", "optim.lr=0.001,seed=1,steps=6",
+                              "optim.lr=0.003,seed=0,steps=6", "optim.lr=0.003,seed=1,steps=6"]
+    curves = {d: [r.get("train_loss") for r in metrics.read(os.path.join(root, d, "metrics.jsonl"))]
+              for d in job_dirs(root)}
+    assert all(None not in c[:1] for c in curves.values())
+    assert len({tuple(c) for c in curves.values()}) == 4  # every job trained its own config
 
 
 def test_rerunning_the_sweep_skips_finished_jobs(sweep):
@@ -48,7 +49,7 @@ def test_a_failing_job_is_recorded_and_the_others_finish(tmp_path, text_file):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "1 sweep job(s) failed" in proc.stderr
     failed = [d for d in job_dirs(root) if os.path.exists(os.path.join(root, d, "FAILED"))]
-    assert failed == ["model.d_model=18,model.n_heads=4"]
+    assert failed == ["model.d_model=18,model.n_heads=4,steps=6"]
     assert "not divisible by model.n_heads=4" in open(os.path.join(root, failed[0], "FAILED")).read()
     finished = [d for d in job_dirs(root) if os.path.exists(os.path.join(root, d, "checkpoints", "6"))]
     assert len(finished) == 3
@@ -78,14 +79,14 @@ SIGTERM_IN_SECOND_JOB = """
 import os, signal, sys
 sys.argv = sys.argv[1:]
 from data import text
-orig, jobs = text.train_batch, []
-def train_batch(corpus, seed, step, *a, **k):
+orig, jobs = text.train_windows, []
+def train_windows(corpus, seed, step, *a, **k):
     if step == 0:
         jobs.append(seed)
     if len(jobs) == 2 and step == 3:
         os.kill(os.getpid(), signal.SIGTERM)
     return orig(corpus, seed, step, *a, **k)
-text.train_batch = train_batch
+text.train_windows = train_windows
 exec(open("train.py").read())
 """
 
@@ -101,9 +102,9 @@ def test_a_sweep_killed_part_way_resumes_where_it_stopped(tmp_path, text_file):
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == 0, killed.stderr[-2000:]
     assert "sweep stopped by SIGTERM; rerun the same command to resume it" in killed.stderr
-    assert job_dirs(root) == ["seed=0", "seed=1"]  # the third job never started
-    assert os.path.isdir(os.path.join(root, "seed=1", "checkpoints", "4"))
+    assert job_dirs(root) == ["seed=0,steps=6", "seed=1,steps=6"]  # the third job never started
+    assert os.path.isdir(os.path.join(root, "seed=1,steps=6", "checkpoints", "4"))
     again = run_cli("train.py", *args)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "seed=0 is already at step 6" in again.stderr and "resuming from step 4" in again.stderr
-    assert all(os.path.isdir(os.path.join(root, d, "checkpoints", "6")) for d in ["seed=0", "seed=1", "seed=2"])
+    assert "seed=0,steps=6 is already at step 6" in again.stderr and "resuming from step 4" in again.stderr
+    assert all(os.path.isdir(os.path.join(root, f"seed={i},steps=6", "checkpoints", "6")) for i in range(3))

@@ -1,4 +1,8 @@
-"""The one exception type a user's mistake raises: printed as one line, exit status 2."""
+"""The one exception type a user's mistake raises; the mains print it as one line and exit 2.
+
+It lives at the bottom of the import graph so that models and data can raise it without
+importing the training machinery.
+"""
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

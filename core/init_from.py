@@ -1,0 +1,79 @@
+"""Start a run from another run's params (nanoGPT's init_from, big_vision's model_init).
+
+Every param whose path both models have is copied (the same shape is required: a clash is an error
+naming it); params only the new model has start fresh (a new head), and the source's other params
+are left behind (an old head). The optimizer starts fresh. `init_from_skip` names param paths (or
+their prefixes, `head` for head/kernel and head/bias) to leave fresh although both models have them.
+"""
+import os
+
+import jax
+from omegaconf import OmegaConf
+
+from core import checkpoint
+from errors import UserError
+
+
+def paths(tree) -> dict:
+    """{"a/b/c": leaf} of a nested dict."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
+
+
+def _skipped(path: str, skip) -> bool:
+    return any(path == s.strip("/") or path.startswith(s.strip("/") + "/") for s in skip)
+
+
+def load(cfg, spec, mesh, meta: dict, log) -> dict:
+    """The params of a fresh state with every matching param replaced by the source run's."""
+    from core.state import run_dims, state_spec
+
+    src = os.path.abspath(os.path.expanduser(cfg.init_from))
+    if not os.path.isdir(checkpoint.ckpt_dir(src)):
+        raise UserError(f"init_from={src} holds no checkpoints; pass the directory of a trained run")
+    mngr = checkpoint.manager(src, read_only=True)
+    try:
+        steps = mngr.all_steps()
+        step = cfg.init_from_step if cfg.init_from_step is not None else max(steps, default=None)
+        if step is None:
+            raise UserError(f"init_from={src} holds no complete checkpoint; train it first")
+        if step not in steps:
+            raise UserError(f"init_from={src} has no checkpoint at step {step}; available: {sorted(steps)}")
+        src_meta = checkpoint.read_meta(mngr, step)
+        src_cfg = OmegaConf.create(src_meta["config"])
+        if src_cfg.model.family != cfg.model.family:
+            raise UserError(f"init_from={src} holds a model={src_cfg.model.family} run, and this run trains "
+                            f"model={cfg.model.family}; start from a run of the same family")
+        for key in ("vocab", "tokenizer", "labels"):
+            if key in src_meta and key in meta and src_meta[key] != meta[key]:
+                raise UserError(f"init_from={src} was trained with another {key} than this run's data; its "
+                                f"embeddings would mean other tokens: train on data with the same {key}")
+        src_spec = state_spec(src_cfg, run_dims(src_meta), mesh)
+        restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(src_spec.abstract, src_spec.shardings),
+                                             step=step, set_aside=False)
+    finally:
+        mngr.close()
+    source = paths(restored[1]["params"])
+    target = paths(spec.abstract["params"])
+    skip = list(cfg.init_from_skip)
+    clash = [p for p in target if p in source and not _skipped(p, skip) and source[p].shape != target[p].shape]
+    if clash:
+        shapes = ", ".join(f"{p} {tuple(source[p].shape)} vs {tuple(target[p].shape)}" for p in clash[:3])
+        raise UserError(f"init_from={src}: params differ in shape ({shapes}{' ...' if len(clash) > 3 else ''}); "
+                        f"match the model's sizes, or leave them fresh with init_from_skip=[{clash[0]}]")
+    loaded = [p for p in target if p in source and not _skipped(p, skip)]
+    if not loaded:
+        raise UserError(f"init_from={src} shares no param with this model; check model= and init_from_skip")
+    fresh = [p for p in target if p not in loaded]
+    unused = [p for p in source if p not in target]
+    n = sum(target[p].size for p in loaded)
+    log(f"init_from {src} step {step}: loaded {len(loaded)} of {len(target)} param tensors ({n:,} values)"
+        + (f"; fresh: {', '.join(fresh)}" if fresh else "") + (f"; not used: {', '.join(unused)}" if unused else ""))
+    return {p: source[p] for p in loaded}
+
+
+def merge(params, loaded: dict):
+    """`params` with the leaves at `loaded`'s paths replaced."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [loaded.get("/".join(str(getattr(k, "key", k)) for k in path), leaf) for path, leaf in flat]
+    return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -1,0 +1,59 @@
+"""One writer per run directory: an flock on out_dir/.lock that names its holder (pid@host).
+
+The kernel drops an flock when its holder dies, however it dies, so a SIGKILLed run never keeps
+its directory locked. A second launch on a held directory fails at once, naming the holder.
+"""
+import fcntl
+import os
+import shutil
+import socket
+import time
+
+from errors import UserError
+
+LOCK = ".lock"
+
+
+class RunLocked(UserError):
+    """Another live process is writing this run directory."""
+
+
+class RunLock:
+    """Context manager: hold out_dir's lock for the whole run (process 0 of a multi-host run only)."""
+
+    def __init__(self, out_dir: str, enabled: bool = True):
+        self.out_dir, self.enabled = out_dir, enabled
+        self.fd, self.created = None, False
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        self.created = not os.path.exists(self.out_dir)
+        path = os.path.join(self.out_dir, LOCK)
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write to out_dir={self.out_dir} ({e.strerror}); choose a writable out_dir=") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            self.fd = None
+            raise RunLocked(f"out_dir={self.out_dir} is in use by {holder}; wait for that run to finish (or stop "
+                            f"it), or pass another out_dir=") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is None:
+            return False
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # releases the lock; the file stays, so no second inode can be locked meanwhile
+        self.fd = None
+        if self.created and os.listdir(self.out_dir) == [LOCK]:  # nothing was written: leave nothing behind
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+        return False

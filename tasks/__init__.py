@@ -1,0 +1,51 @@
+"""Tasks: `task=NAME` is `configs/task/NAME.yaml` plus the module file `tasks/NAME.py`.
+
+A task is a loss plus metrics and the batches they read. Its file holds a `Config` dataclass
+(`name` plus its settings), `READS` (what it needs from a data source: "tokens", "classes" or
+"values"), `train_batch`/`eval_batch` (the source's rows turned into the fields its loss reads) and
+`loss(model, batch, key) -> (loss, metrics)`; `key` set means training. Metrics are means over the
+batch's real examples; an eval batch comes with its weight (real examples, or scored tokens), so
+the validation metrics are exact means over the split whatever its padding.
+"""
+import importlib
+import os
+from typing import Callable, NamedTuple
+
+import jax.numpy as jnp
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "task")
+
+
+def names() -> list[str]:
+    """Every task, by its config file."""
+    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+
+
+def task(name: str):
+    """The module of task `name`."""
+    if name not in names():
+        raise KeyError(name)
+    return importlib.import_module(f"tasks.{name}")
+
+
+def weighted_mean(x_B, batch):
+    """Mean of x_B over the rows whose `mask` is 1 (all rows when the batch has no mask)."""
+    if "mask" not in batch:
+        return x_B.mean()
+    w_B = batch["mask"]
+    return (x_B * w_B).sum() / jnp.maximum(w_B.sum(), 1.0)
+
+
+class Feed(NamedTuple):
+    """What the loop draws from a source for a task: batches are pure functions of their index."""
+    train_batch: Callable  # step -> this process's rows of the global batch
+    eval_batch: Callable  # i -> (this process's rows of validation batch i, its weight)
+    eval_count: int  # validation batches per evaluation
+    units_per_example: int  # what throughput counts per example (tokens per window, 1 per image)
+
+
+def examples_feed(source, data_cfg, *, seed: int, batch_size: int, rows: slice, eval_batches: int) -> Feed:
+    """A labelled-examples source as it is: its batches carry x, y (and a mask of padding for eval)."""
+    return Feed(lambda step: source.train_batch(seed, step, batch_size, rows),
+                lambda i: source.eval_batch(i, batch_size, rows),
+                source.eval_count(batch_size, eval_batches), getattr(source, "units_per_example", 1))

@@ -1,0 +1,34 @@
+"""Next-token language modelling: cross-entropy of every position's prediction of the token after it."""
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import optax
+
+from data import text
+from tasks import Feed
+
+READS = "tokens"
+
+
+@dataclass
+class Config:
+    name: str = "lm"
+
+
+def _split(window_BL1) -> dict:
+    return {"x": window_BL1[:, :-1], "y": window_BL1[:, 1:]}  # targets: the inputs shifted by one
+
+
+def feed(corpus, data_cfg, *, seed: int, batch_size: int, rows: slice, eval_batches: int) -> Feed:
+    """Windows of seq_len + 1 tokens: inputs x_BL and next-token targets y_BL."""
+    L1 = data_cfg.seq_len + 1
+    text.check_fits(corpus, L1)
+    return Feed(lambda step: _split(text.train_windows(corpus, seed, step, batch_size, L1, rows)),
+                lambda i: (_split(text.eval_windows(corpus, data_cfg.eval_seed, i, batch_size, L1, rows)), batch_size),
+                eval_batches, data_cfg.seq_len)
+
+
+def loss(model, batch, key):
+    logits_BLV = model(batch["x"], key=key)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32), batch["y"]).mean()
+    return loss, {"loss": loss}

@@ -1,0 +1,100 @@
+"""Process-wide settings (core/runtime.py): XLA_FLAGS, thread pool, compile cache, applied by the mains only."""
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from conftest import ROOT
+from core import runtime
+from core.sampler import compile_generate, decode_unroll
+from test_model import V, tiny_model
+
+
+def test_apply_adds_the_threshold_once_and_keeps_the_users_flags(monkeypatch):
+    monkeypatch.setattr(runtime, "_backend_started", lambda: False)
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert runtime.apply(env)
+    assert env["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 --xla_backend_extra_options="
+                                f"xla_cpu_small_while_loop_byte_threshold={runtime.SMALL_LOOP_BYTES}")
+    assert not runtime.apply(env)  # once
+    assert runtime.small_loop_bytes(env) == runtime.SMALL_LOOP_BYTES
+    mine = {"XLA_FLAGS": "--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=4096"}
+    assert not runtime.apply(mine) and runtime.small_loop_bytes(mine) == 4096  # the user's value wins
+    assert runtime.small_loop_bytes({}) == runtime.XLA_DEFAULT
+    fresh = {}
+    assert runtime.apply(fresh) and fresh["XLA_FLAGS"].startswith("--xla_backend_extra_options=")
+
+
+def test_apply_leaves_runtime_alone_once_jax_has_started():
+    jax.devices()  # this process's backend is up: XLA read its flags already
+    env = {}
+    assert not runtime.apply(env) and env == {}
+    assert not runtime.cpu_threads(1, env) and env == {}
+
+
+def test_cpu_threads_sizes_the_pool_unless_the_user_did(monkeypatch):
+    monkeypatch.setattr(runtime, "_backend_started", lambda: False)
+    env = {}
+    assert runtime.cpu_threads(1, env) and env == {"PJRT_NPROC": "1"} and runtime.cpu_thread_count(env) == 1
+    assert not runtime.cpu_threads(3, env) and env == {"PJRT_NPROC": "1"}  # set once; the first value stays
+    fresh = {}
+    assert not runtime.cpu_threads(0, fresh) and fresh == {}  # 0: XLA's default, one per core
+    assert runtime.cpu_thread_count(fresh) == len(os.sched_getaffinity(0))
+    for mine in ({"PJRT_NPROC": "4"}, {"NPROC": "4"}):  # a value the user set wins
+        assert not runtime.cpu_threads(1, mine) and runtime.cpu_thread_count(mine) == 4
+
+
+def test_every_entry_point_configures_the_process_before_jax_starts_and_library_code_never_does():
+    for script in ("train.py", "sample.py", os.path.join("benchmarks", "run.py")):
+        with open(os.path.join(ROOT, script)) as f:
+            source = f.read()
+        assert 'if __name__ == "__main__":\n    runtime.configure()' in source, script
+        first_jax = min(i for i in (source.find("import jax"), source.find("config.register()")) if i >= 0)
+        assert source.index("runtime.configure()") < first_jax, script
+    for folder in ("core", "model", "data", "tasks"):
+        for name in os.listdir(os.path.join(ROOT, folder)):
+            if name.endswith(".py") and name != "runtime.py":
+                source = open(os.path.join(ROOT, folder, name)).read()
+                assert "runtime.configure(" not in source and "os.environ[" not in source, f"{folder}/{name}"
+
+
+def test_batch_1_decode_loop_compiles_to_one_function_and_is_not_unrolled():
+    """The speed path the CPU sampler relies on: if a JAX upgrade drops the option, this fails."""
+    model = tiny_model()
+    assert runtime.small_loop_bytes() == runtime.SMALL_LOOP_BYTES  # conftest applied it, as train.py does
+    threshold = runtime.small_loop_bytes()
+    assert decode_unroll(model, model.init_cache(1), 1, threshold) == 1
+    assert decode_unroll(model, model.init_cache(2), 2, threshold) == 4  # multi-row matmuls: kernel by kernel
+    assert decode_unroll(model, model.init_cache(1), 1) == 4  # XLA's default threshold: no hoisting
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    gen = compile_generate(graphdef, max_new_tokens=model.block_size + 3, temperature=1.0, small_loop_bytes=threshold)
+    text = gen.lower(params, rest, jnp.zeros((1, 2), jnp.int32), jax.random.key(0)).compile().as_text()
+    assert 'xla_cpu_small_call="true"' in text
+    assert int(gen(params, rest, jnp.zeros((1, 2), jnp.int32), jax.random.key(0)).max()) < V
+
+
+def test_compile_cache_is_used_by_a_second_process_and_gives_the_same_result(tmp_path):
+    """`compile_cache=DIR` fills DIR on the first run; the second loads from it (JAX logs the hit)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from core import runtime; runtime.compile_cache(sys.argv[1]); import jax, jax.numpy as jnp; "
+            "hits = []; jax.monitoring.register_event_listener(lambda e, **k: hits.append(e) if 'cache_hits' in e "
+            "else None); f = jax.jit(lambda x: jnp.sin(x) @ x.T + 1.5); print(f(jnp.ones((64, 64))).sum().item()); "
+            "print(len(hits))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE") and k != "XLA_FLAGS"}
+    env |= {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    cache = tmp_path / "cache"
+    runs = [subprocess.run([sys.executable, "-c", code, str(cache)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120).stdout.split() for _ in range(2)]
+    assert runs[0][0] == runs[1][0]  # bitwise the same result
+    assert os.listdir(cache) and runs[0][1] == "0" and int(runs[1][1]) > 0  # compiled, then loaded
+    off = subprocess.run([sys.executable, "-c", code, "off"], cwd=ROOT, env={**env, "HOME": str(tmp_path / "home")},
+                         capture_output=True, text=True, timeout=120)
+    assert off.returncode == 0 and off.stdout.split()[0] == runs[0][0] and not (tmp_path / "home").exists()
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    bad = subprocess.run([sys.executable, "-c", code, str(blocked / "cache")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 0 and "compiling without it" in bad.stderr and bad.stdout.split()[0] == runs[0][0]
