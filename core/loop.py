@@ -195,7 +195,7 @@ def _evaluate(loop: Loop) -> dict:
         for k, v in jax.device_get(loop.built.runner.evaluate(loop.state, loop.built.runner.batch(rows))).items():
             totals[k] = totals.get(k, 0.0) + first(v) * w
         weight += w
-    val = {f"val_{k}": v / weight for k, v in totals.items()}
+    val = loop.task.finish({f"val_{k}": v / weight for k, v in totals.items()}, loop.meta)
     loop.val_loss = val["val_loss"]
     loop.metrics_log.write(loop.step, {**val, "time_s": time.perf_counter() - loop.t_run})
     log(f"step {loop.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
@@ -251,6 +251,9 @@ def _train(loop: Loop) -> dict:
     loop.t_run = loop.t_last = time.perf_counter()
     loop.step_last = loop.step
     try:
+        if loop.task.baseline and loop.step == 0:
+            loop.metrics_log.write(0, loop.task.baseline)
+            log("baseline: " + ", ".join(f"{k} {v:.4g}" for k, v in loop.task.baseline.items()))
         if cfg.init_from and loop.step == 0:
             _evaluate(loop)  # the starting point's own score, before any update
         batch = _batches_at(loop, loop.step)

@@ -20,6 +20,8 @@ class Task:
     feed: tasks.Feed  # train_batch(step), eval_batch(i) -> (batch, weight), eval_count, units_per_example
     unit: str  # what throughput counts: tokens, images, values
     summary: str  # one line for the log
+    finish: Callable = lambda val, meta: val  # validation means -> the logged metrics (e.g. in target units)
+    baseline: dict = None  # a reference model's validation metrics, logged once at the start (baseline_*)
 
 
 def load(cfg) -> Task:
@@ -29,4 +31,6 @@ def load(cfg) -> Task:
     feed = task.feed(source, cfg.data, seed=cfg.seed, batch_size=cfg.batch_size,
                      rows=mesh_lib.process_rows(cfg.batch_size), eval_batches=cfg.eval_batches)
     unit = "tokens" if task.READS == "tokens" else getattr(source, "unit", "examples")
-    return Task(cfg.task.name, task.loss, source.dims, source.meta, feed, unit, source.summary)
+    finish = getattr(task, "finish", lambda val, meta: val)
+    return Task(cfg.task.name, task.loss, source.dims, source.meta, feed, unit, source.summary, finish,
+                getattr(source, "baseline", None))

@@ -5,7 +5,8 @@ A task is a loss plus metrics and the batches they read. Its file holds a `Confi
 "values"), `train_batch`/`eval_batch` (the source's rows turned into the fields its loss reads) and
 `loss(model, batch, key) -> (loss, metrics)`; `key` set means training. Metrics are means over the
 batch's real examples; an eval batch comes with its weight (real examples, or scored tokens), so
-the validation metrics are exact means over the split whatever its padding.
+the validation metrics are exact means over the split whatever its padding. An optional
+`finish(val, meta) -> val` turns those means into the logged metrics (e.g. errors in target units).
 """
 import importlib
 import os
