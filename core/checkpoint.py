@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 
 import jax
@@ -18,6 +19,12 @@ from errors import UserError, first_line
 
 def ckpt_dir(out_dir: str) -> str:
     return os.path.join(out_dir, "checkpoints")
+
+
+def has_checkpoints(out_dir: str) -> bool:
+    """Whether out_dir holds any checkpoint step (complete or not), read from the directory alone."""
+    root = ckpt_dir(out_dir)
+    return os.path.isdir(root) and any(d.isdigit() for d in os.listdir(root))
 
 
 def manager(out_dir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
@@ -31,7 +38,8 @@ def manager(out_dir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
 
 
 def _disk_error(mngr, e: Exception) -> UserError:
-    return UserError(f"writing a checkpoint to {mngr.directory} failed ({first_line(e)}); free disk space or fix "
+    reason = "No space left on device" if "No space left on device" in str(e) else first_line(e)
+    return UserError(f"writing a checkpoint to {mngr.directory} failed ({reason}); free disk space or fix "
                      f"permissions, then rerun to resume from the last complete checkpoint")
 
 
@@ -88,6 +96,49 @@ def peek_meta(out_dir: str, step: int | None = None) -> dict | None:
         except (OSError, ValueError):
             continue
     return None
+
+
+class _DropOrbaxErrors(logging.Filter):
+    """Orbax's writer threads log each failed array; the failure reaches the user once, as a UserError."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+def _closed_loop(error) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+@contextlib.contextmanager
+def quiet_async_failures():
+    """While a run's manager lives: a failed async save is reported once (by `save`/`wait`), not as pages.
+
+    When a save fails (a full disk), Orbax closes its event loop while TensorStore's writer threads
+    still hold callbacks into it: each then prints "Event loop is closed" with a traceback. Those
+    are echoes of the one failure, so they are dropped; every other error still prints.
+    """
+    hooks = sys.excepthook, sys.unraisablehook, threading.excepthook
+    drop = _DropOrbaxErrors()
+
+    def excepthook(kind, error, tb):
+        if not _closed_loop(error):
+            hooks[0](kind, error, tb)
+
+    def unraisablehook(unraisable):
+        if not _closed_loop(unraisable.exc_value):
+            hooks[1](unraisable)
+
+    def thread_excepthook(args):
+        if not _closed_loop(args.exc_value):
+            hooks[2](args)
+
+    sys.excepthook, sys.unraisablehook, threading.excepthook = excepthook, unraisablehook, thread_excepthook
+    logging.getLogger("absl").addFilter(drop)
+    try:
+        yield
+    finally:
+        sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
+        logging.getLogger("absl").removeFilter(drop)
 
 
 def abstract_like(abstract_state, shardings):

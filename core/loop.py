@@ -117,19 +117,22 @@ def run(cfg) -> dict:
         built = setup(cfg, task.dims, task.loss_fn)
         meta = {"config": OmegaConf.to_container(cfg, resolve=True), "task": task.name, "dims": task.dims,
                 **task.meta}
+        own = cfg.resume and checkpoint.has_checkpoints(out_dir)
+        # Read (and so check) the source before anything is written; a run with checkpoints resumes them.
+        loaded = init_from.load(cfg, built.spec, built.mesh, meta, log) if cfg.init_from and not own else None
         _prepare_out_dir(out_dir, fresh=not cfg.resume)
         distributed.check_shared_dir(out_dir)
         # Signals are held from here to the last committed save: a stop request is a flag, never an
         # interrupted write.
-        with StopRequests() as stop:
+        with StopRequests() as stop, checkpoint.quiet_async_failures():
             mngr = checkpoint.manager(out_dir, cfg.keep_checkpoints)
             try:
-                return _start(cfg, built, task, meta, mngr, stop)
+                return _start(cfg, built, task, meta, mngr, stop, loaded)
             finally:
                 checkpoint.close(mngr)
 
 
-def _start(cfg, built: Setup, task, meta: dict, mngr, stop) -> dict:
+def _start(cfg, built: Setup, task, meta: dict, mngr, stop, loaded) -> dict:
     """Resume this run's own checkpoint, else start from init_from, else fresh; then train."""
     spec = built.spec
     restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(spec.abstract, spec.shardings),
@@ -140,8 +143,7 @@ def _start(cfg, built: Setup, task, meta: dict, mngr, stop) -> dict:
                                                                 if cfg.init_from else ""))
     else:
         start, state = 0, built.fresh_state()
-        if cfg.init_from:
-            loaded = init_from.load(cfg, spec, built.mesh, meta, log)
+        if loaded is not None:
             params = jax.jit(init_from.merge, out_shardings=spec.shardings["params"])(state["params"], loaded)
             state = {**state, "params": params}
     if start >= cfg.steps:  # the newest checkpoint was unreadable and an older one suffices
@@ -234,6 +236,7 @@ def _log_step(loop: Loop, step_metrics, bar) -> None:
 
 def _checkpoint(loop: Loop) -> None:
     _check_finite(loop)
+    loop.metrics_log.flush()
     checkpoint.save(loop.mngr, loop.step, loop.built.runner.get(loop.state), loop.meta)
     loop.last_ckpt = loop.step
 

@@ -34,6 +34,11 @@ class MetricsLog:
             if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, step)
 
+    def flush(self) -> None:
+        """Make every event so far durable (called with each checkpoint, so a killed run loses none it keeps)."""
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

@@ -1,9 +1,15 @@
-"""TFDS datasets prepared with a deadline: offline, TFDS retries DNS for minutes instead of failing."""
+"""TFDS datasets prepared with a deadline: offline, TFDS retries DNS for minutes instead of failing.
+
+The download runs in a child process, so at the deadline it is killed before its partial files
+are removed: a thread could not be stopped, and would go on writing after the clean-up.
+"""
 import glob
 import logging
+import multiprocessing
 import os
 import shutil
-import threading
+import sys
+import warnings
 
 from errors import UserError, first_line
 
@@ -21,7 +27,6 @@ def prepare(cfg, hint: str):
         builder = tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir)
     except Exception as e:  # noqa: BLE001 - an unknown or misspelt dataset name
         raise UserError(f"TFDS has no dataset {cfg.tfds_name!r} ({first_line(e)}); check data.tfds_name, or {hint}") from None
-    error: list[BaseException] = []
     root = getattr(builder, "_data_dir_root", None) or os.path.dirname(os.path.dirname(builder.data_dir))
     partial_files = lambda: set(glob.glob(os.path.join(root, builder.name, "**", "incomplete.*"), recursive=True)  # noqa: E731
                                  + glob.glob(os.path.join(root, "downloads", "**", "*.tmp.*"), recursive=True))
@@ -29,26 +34,40 @@ def prepare(cfg, hint: str):
     new_dirs = [d for d in (os.path.join(root, builder.name), os.path.join(root, "downloads", builder.name))
                 if not os.path.exists(d)]
 
-    def run():
-        try:
-            builder.download_and_prepare(file_format="array_record")
-        except BaseException as e:  # noqa: BLE001 - reported to the main thread below
-            error.append(e)
-
-    # A daemon thread, so a hung download cannot keep the process alive past the deadline.
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(cfg.download_timeout)
-    if worker.is_alive() or error:
-        # Nothing half-written is left behind: TFDS's partial download and preparation of this attempt go.
-        for path in partial_files() - before:
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-        for d in new_dirs:
-            if os.path.isdir(d) and not os.listdir(d):
-                os.rmdir(d)
-    if worker.is_alive():
-        raise UserError(f"TFDS dataset {cfg.tfds_name!r} did not download within "
-                        f"{cfg.download_timeout:.0f}s (offline?); {hint}")
-    if error:
-        raise UserError(f"TFDS dataset {cfg.tfds_name!r} could not be prepared ({first_line(error[0])}); {hint}")
+    if not builder.is_prepared():
+        # fork: the child needs nothing re-imported, and it runs TFDS code only (no JAX).
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        errors = context.Queue()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # JAX's note that fork and threads do not mix
+            worker = context.Process(target=_prepare, args=(builder, errors), daemon=True)
+            worker.start()
+        worker.join(cfg.download_timeout)
+        timed_out = worker.is_alive()
+        if timed_out:
+            worker.kill()
+            worker.join()
+        error = None if timed_out or errors.empty() else errors.get()
+        if timed_out or error or worker.exitcode:
+            # Nothing half-written is left behind: this attempt's partial download and preparation go.
+            for path in partial_files() - before:
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            for d in new_dirs:
+                if os.path.isdir(d) and not os.listdir(d):
+                    os.rmdir(d)
+        if timed_out:
+            raise UserError(f"TFDS dataset {cfg.tfds_name!r} did not download within "
+                            f"{cfg.download_timeout:.0f}s (offline?); {hint}")
+        if error or worker.exitcode:
+            raise UserError(f"TFDS dataset {cfg.tfds_name!r} could not be prepared "
+                            f"({error or f'exit status {worker.exitcode}'}); {hint}")
+        builder = tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir)  # reads what the child wrote
     return builder
+
+
+def _prepare(builder, errors) -> None:
+    """The child's work: download and prepare, reporting an error's first line to the parent."""
+    try:
+        builder.download_and_prepare(file_format="array_record")
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        errors.put(first_line(e))

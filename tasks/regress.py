@@ -1,11 +1,16 @@
-"""Regression: mean squared error of every predicted value (a sequence's next values, a row's target)."""
+"""Regression: mean squared error of every predicted value (a sequence's next values, a row's targets).
+
+Sources that standardise their targets (data=tabular) put the targets' std and the validation
+targets' variance in meta; `finish` then adds RMSE, MAE and R² in the targets' own units.
+"""
+import math
 from dataclasses import dataclass
 
 import jax.numpy as jnp
 
+from errors import UserError
 from tasks import examples_feed, weighted_mean
 
-feed = examples_feed
 READS = "values"
 
 
@@ -14,8 +19,42 @@ class Config:
     name: str = "regress"
 
 
+def feed(source, data_cfg, **kw):
+    """The source's examples as they are, once it is clear they carry values."""
+    provides = getattr(source, "provides", READS)
+    if provides != READS:
+        raise UserError(f"data={data_cfg.kind} gives {provides} here (data.target_kind={data_cfg.get('target_kind')}), "
+                        f"and task=regress needs numbers; use task=classify, or data.target_kind=values")
+    return examples_feed(source, data_cfg, **kw)
+
+
 def loss(model, batch, key):
     pred = model(batch["x"], key=key).astype(jnp.float32)
-    err2_B = ((pred - batch["y"]) ** 2).reshape(pred.shape[0], -1).mean(axis=-1)
-    loss = weighted_mean(err2_B, batch)
-    return loss, {"loss": loss}
+    err = pred - batch["y"]
+    B = pred.shape[0]
+    loss = weighted_mean((err ** 2).reshape(B, -1).mean(axis=-1), batch)
+    metrics = {"loss": loss, "abs_err": weighted_mean(jnp.abs(err).reshape(B, -1).mean(axis=-1), batch)}
+    if err.ndim == 2 and err.shape[1] > 1:  # several targets (table rows): each in its own units later
+        for i in range(err.shape[1]):
+            metrics[f"sq_err_{i}"] = weighted_mean(err[:, i] ** 2, batch)
+            metrics[f"abs_err_{i}"] = weighted_mean(jnp.abs(err[:, i]), batch)
+    return loss, metrics
+
+
+def finish(val: dict, meta: dict) -> dict:
+    """Validation means plus RMSE, MAE and R² in target units, where meta has the targets' scale."""
+    std, var, names = meta.get("target_std"), meta.get("target_val_var"), meta.get("target")
+    if not std or not var:
+        return val
+    if len(std) == 1:
+        pairs = [("", val["val_loss"], val["val_abs_err"])]
+    else:
+        pairs = [(f"_{t}", val[f"val_sq_err_{i}"], val[f"val_abs_err_{i}"]) for i, t in enumerate(names)]
+        val = {k: v for k, v in val.items() if not k.startswith(("val_sq_err_", "val_abs_err_"))}
+    out, r2s = dict(val), []
+    for (suffix, mse, mae), s, v in zip(pairs, std, var):
+        r2s.append(1.0 - mse * s * s / v if v > 0 else float("nan"))
+        out |= {f"val_rmse{suffix}": math.sqrt(max(mse, 0.0)) * s, f"val_mae{suffix}": mae * s, f"val_r2{suffix}": r2s[-1]}
+    if len(std) > 1:
+        out["val_r2"] = sum(r2s) / len(r2s)
+    return out

@@ -60,3 +60,23 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "input.txt"
     path.write_text(make_text())
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, text_file):
+    """One tiny LM run, trained once per session, for the tests that only read or start from a run."""
+    from core.loop import run
+
+    out = str(tmp_path_factory.mktemp("trained") / "run")
+    result = run(compose(TINY + [f"data.path={text_file}", f"out_dir={out}", "steps=20", "eval_every=10",
+                                 "ckpt_every=10"]))
+    assert result["step"] == 20
+    return out
+
+
+def curve(run_dir, skip=()):
+    """The logged values of a run, without the wall-clock fields."""
+    from core import metrics
+
+    return [{k: v for k, v in r.items() if k != "time_s" and not k.endswith("_per_s")}
+            for r in metrics.read(os.path.join(run_dir, "metrics.jsonl")) if r["step"] not in skip]

@@ -96,3 +96,26 @@ def test_a_timed_out_download_leaves_no_partial_files(monkeypatch, tmp_path):
         text.load(data_cfg(tfds_name="tiny_shakespeare", tfds_data_dir=str(tmp_path), download_timeout=1))
     leftovers = [os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path) for f in fs]
     assert leftovers == [] and not os.path.exists(tmp_path / "tiny_shakespeare")
+
+
+def test_a_download_still_writing_after_the_deadline_leaves_nothing_behind(monkeypatch, tmp_path):
+    """The download is stopped before its partial files are removed, so none appear afterwards."""
+    def slow(self, **kwargs):
+        time.sleep(1.5)  # past the deadline, then a partial write
+        os.makedirs(os.path.join(str(tmp_path), "tiny_shakespeare", "incomplete.XYZ_1.0.0"))
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", slow)
+    with pytest.raises(UserError, match="did not download within 1s"):
+        text.load(data_cfg(tfds_name="tiny_shakespeare", tfds_data_dir=str(tmp_path), download_timeout=1))
+    time.sleep(1.5)
+    assert not os.path.exists(tmp_path / "tiny_shakespeare")
+
+
+def test_a_failed_download_is_one_line_naming_the_cause(monkeypatch, tmp_path):
+    def fail(self, **kwargs):
+        raise ConnectionError("Failed to resolve 'storage.googleapis.com'\nmore detail")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail)
+    with pytest.raises(UserError, match=r"could not be prepared \(Failed to resolve 'storage.googleapis.com'\)") as e:
+        text.load(data_cfg(tfds_name="tiny_shakespeare", tfds_data_dir=str(tmp_path), download_timeout=30))
+    assert "\n" not in str(e.value)

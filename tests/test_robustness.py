@@ -1,14 +1,16 @@
 """Never lose a run: SIGTERM, damaged checkpoints, NaNs, config changes and disk errors, drilled."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, compose, run_cli
+from conftest import ROOT, TINY, compose, curve, run_cli
 from core import checkpoint, loop, metrics
 from core.state import load_run
 from data import text
@@ -36,12 +38,6 @@ def train_with_signal_at(step, signals, *args):
     code = SIGNAL_AT_STEP.format(step=step, signals=list(signals))
     return subprocess.run([sys.executable, "-c", code, "train.py", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
-def curve(run_dir, skip=()):
-    """The logged values of a run, without the wall-clock fields."""
-    return [{k: v for k, v in r.items() if k != "time_s" and not k.endswith("_per_s")}
-            for r in metrics.read(os.path.join(run_dir, "metrics.jsonl")) if r["step"] not in skip]
 
 
 def assert_same_state(dir_a, dir_b):
@@ -184,3 +180,147 @@ def test_failed_checkpoint_write_stops_the_run_and_keeps_earlier_checkpoints(mon
     with pytest.raises(UserError, match="No space left on device.*free disk space"):
         loop.run(compose(base + ["steps=30"]))
     assert load_run(out).step == 10
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 KiB tmpfs (root only): the first checkpoint of a 64-wide debug model does not fit."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_during_an_async_save_is_one_line_and_a_rerun_cleans_up(small_disk, text_file):
+    args = ["+experiment=debug", f"data.path={text_file}", "model.d_model=64", "steps=20", f"out_dir={small_disk}/run"]
+    proc = run_cli("train.py", *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith("error: writing a checkpoint") and "No space left on device" in lines[-1]
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    again = run_cli("train.py", *args)  # disk freed: the half-written step is cleaned, the run completes
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(os.listdir(small_disk / "run" / "checkpoints")) == ["10", "20"]
+
+
+def test_a_leftover_orbax_tmp_dir_is_ignored_and_cleaned(trained_run, tmp_path, text_file):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    junk = out / "checkpoints" / "30.orbax-checkpoint-tmp"
+    junk.mkdir()
+    (junk / "half_written").write_bytes(b"\0" * 100)
+    result = loop.run(compose(TINY + [f"data.path={text_file}", f"out_dir={out}", "steps=30", "eval_every=10",
+                                      "ckpt_every=10"]))
+    assert result["step"] == 30 and not junk.exists()
+    assert checkpoint.manager(str(out), read_only=True).all_steps() == [10, 20, 30]
+
+
+def test_the_same_command_twice_on_one_out_dir_second_refuses_naming_the_first(tmp_path, text_file):
+    args = ["+experiment=debug", f"data.path={text_file}", "steps=40"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    slow = SIGNAL_AT_STEP.replace("if step == {step}:", "time.sleep(0.1)\n    if False:").replace(
+        "import os, signal, sys", "import os, signal, sys, time").format(step=0, signals=[])
+    first = subprocess.Popen([sys.executable, "-c", slow, "train.py", *args, f"out_dir={tmp_path}/run"], cwd=ROOT,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "metrics.jsonl").exists():  # the lock is held from before the first line
+            assert first.poll() is None and time.time() < deadline, "the first run ended early"
+            time.sleep(0.05)
+        second = run_cli("train.py", *args, f"out_dir={tmp_path}/run")
+    finally:
+        out, err = first.communicate(timeout=300)
+    assert second.returncode == 2 and f"is in use by pid {first.pid} on " in second.stderr
+    assert len([line for line in second.stderr.splitlines() if line.strip()]) == 1
+    assert first.returncode == 0, err[-2000:]
+    solo = run_cli("train.py", *args, f"out_dir={tmp_path}/solo")
+    assert solo.returncode == 0 and curve(tmp_path / "run") == curve(tmp_path / "solo")
+
+
+def test_a_sweep_skips_a_job_another_process_holds(tmp_path, text_file):
+    import fcntl
+
+    root = tmp_path / "sweep"
+    held = root / "seed=1,steps=4"
+    held.mkdir(parents=True)
+    with open(held / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("pid 4242 on elsewhere\n")
+        lock.flush()
+        proc = run_cli("train.py", "-m", "+experiment=debug", f"data.path={text_file}", "steps=4", "seed=0,1",
+                       f"hydra.sweep.dir={root}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "job skipped: out_dir=" in proc.stderr and "is in use by pid 4242 on elsewhere" in proc.stderr
+    assert "1 sweep job(s) skipped, held by another process" in proc.stderr
+    assert os.path.isdir(root / "seed=0,steps=4" / "checkpoints" / "4") and os.listdir(held) == [".lock"]
+
+
+def test_a_sweep_on_tfds_data_offline_exits_promptly_with_its_failed_job_count(tmp_path):
+    args = ["-m", "+experiment=debug", "data.tfds_name=tiny_shakespeare", f"data.tfds_data_dir={tmp_path}/tfds",
+            "data.download_timeout=5", "seed=0,1", f"hydra.sweep.dir={tmp_path}/sweep"]
+    offline = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    t0 = time.perf_counter()
+    proc = run_cli("train.py", *args, env=offline, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("job failed (error: TFDS dataset 'tiny_shakespeare'") == 2
+    assert "2 sweep job(s) failed" in proc.stderr
+    assert elapsed < 2 * 5 + 40, elapsed  # two deadlines and start-up; no wait on the download threads at exit
+
+
+# Run train.py, but send a signal to the process right after the save of step {step} has started
+# (the async write in flight).
+SIGNAL_IN_SAVE = """
+import os, signal, sys
+sys.argv = sys.argv[1:]
+from core import checkpoint
+orig = checkpoint.save
+def save(mngr, step, *a, **k):
+    orig(mngr, step, *a, **k)
+    if step == {step}:
+        os.kill(os.getpid(), signal.{signal})
+checkpoint.save = save
+exec(open("train.py").read())
+"""
+
+
+def tb_scalars(run_dir):
+    """Every TensorBoard scalar but the wall-clock ones, as TensorBoard itself reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(run_dir, "tb"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
+            if tag != "time_s" and not tag.endswith("_per_s")}
+
+
+def train_with_signal_in_save(step, sig, *args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, "-c", SIGNAL_IN_SAVE.format(step=step, signal=sig), "train.py", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("sig, at", [("SIGTERM", 24), ("SIGTERM", 8), ("SIGKILL", 16)],
+                         ids=["sigterm-in-final-save", "sigterm-in-save", "sigkill-in-save"])
+def test_a_signal_during_a_save_loses_nothing(reference, tmp_path, sig, at):
+    ref_dir, args = reference
+    out = tmp_path / "run"
+    proc = train_with_signal_in_save(at, sig, *args, f"out_dir={out}")
+    if sig == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    if at != 24:
+        resumed = run_cli("train.py", *args, f"out_dir={out}")
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert checkpoint.manager(str(out), read_only=True).latest_step() == 24
+    assert_same_state(ref_dir, out)
+    stop_step = {8: {9}, 16: set(), 24: set()}[at]  # a stop logs its own step's line
+    assert curve(ref_dir) == curve(out, skip=stop_step)
+    ref_tb, tb = tb_scalars(ref_dir), tb_scalars(out)
+    assert ref_tb.keys() == tb.keys() and "train_loss" in tb
+    for tag in ref_tb:
+        assert ref_tb[tag] == [p for p in tb[tag] if p[0] not in stop_step], tag
