@@ -14,6 +14,7 @@ import io
 import os
 import sys
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, List, Optional
 
 import numpy as np
@@ -24,6 +25,7 @@ from errors import UserError
 PROVIDES = ("values", "classes")
 MISSING = ["", "na", "n/a", "nan", "null", "none", "?"]  # lower-cased cells that mean "no value"
 _SPLIT_STREAM = 4
+_QUANTILES = 256  # knots of data.scale=quantile per numeric column (they go into meta)
 
 
 @dataclass
@@ -35,6 +37,9 @@ class Config:
     features: Optional[List[str]] = None  # None: every column but the target
     target_kind: str = "auto"  # auto (numbers: values, strings: classes) | values | classes
     missing: str = "drop"  # rows with a missing or non-finite feature: drop | mean (fill with the training mean)
+    # Numeric columns: standard (z-scores) | quantile (through the training split's quantiles to a
+    # standard normal: heavy tails such as counts stop dominating an MLP's inputs).
+    scale: str = "standard"
     split_seed: int = 0
     val_fraction: float = 0.2
 
@@ -164,7 +169,7 @@ def _missing(table: dict, names: list, numeric: dict, where: str) -> np.ndarray:
     return gone_N
 
 
-def fit(train: dict, numeric: dict, features: list, target: list, target_kind: str) -> dict:
+def fit(train: dict, numeric: dict, features: list, target: list, target_kind: str, scale: str = "standard") -> dict:
     """The preprocessing fitted on the training rows kept, as JSON types (it goes into the run's meta)."""
     spec = []
     for name in features:
@@ -172,6 +177,8 @@ def fit(train: dict, numeric: dict, features: list, target: list, target_kind: s
         if numeric[name]:
             mean, std = (float(np.mean(v[~gone])), float(np.std(v[~gone]))) if (~gone).any() else (0.0, 1.0)
             spec.append({"name": name, "mean": mean, "std": std if std > 0 else 1.0})
+            if scale == "quantile" and (~gone).any():
+                spec[-1]["quantiles"] = np.quantile(v[~gone], np.linspace(0, 1, _QUANTILES)).tolist()
         else:
             spec.append({"name": name, "categories": sorted(set(v[~gone].tolist()))})
     prep = {"features": spec, "target": target, "target_kind": target_kind}
@@ -183,15 +190,26 @@ def fit(train: dict, numeric: dict, features: list, target: list, target_kind: s
     return {**prep, "labels": [_label(x) for x in sorted(set(v.tolist()))]}
 
 
-def encode(table: dict, prep: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(x_NF float32, rows with a missing feature) under the fitted `prep`; a missing cell is 0 (the mean)."""
+def _normal_scores(v: np.ndarray, knots_Q: list) -> np.ndarray:
+    """v mapped through the quantile knots to standard-normal scores (ties averaged, as sklearn's QuantileTransformer)."""
+    p_Q = np.linspace(0, 1, len(knots_Q)).clip(1e-7, 1 - 1e-7)
+    z_Q, k_Q = np.array([NormalDist().inv_cdf(p) for p in p_Q]), np.array(knots_Q)
+    return 0.5 * (np.interp(v, k_Q, z_Q) - np.interp(-v, -k_Q[::-1], -z_Q[::-1]))
+
+
+def encode(table: dict, prep: dict, where: str, standard: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(x_NF float32, rows with a missing feature) under the fitted `prep`; a missing cell is 0 (the mean).
+
+    `standard` z-scores every numeric column even where `prep` has quantiles (the linear baseline's inputs).
+    """
     n = len(next(iter(table.values())))
     parts, gone_N = [], np.zeros(n, bool)
     for col in prep["features"]:
         cats = col.get("categories")
         v, gone = _parse(table[col["name"]], cats is None, where, col["name"])
         if cats is None:
-            parts.append(np.where(gone, 0.0, (v - col["mean"]) / col["std"]).astype(np.float32)[:, None])
+            z = _normal_scores(v, col["quantiles"]) if "quantiles" in col and not standard else (v - col["mean"]) / col["std"]
+            parts.append(np.where(gone, 0.0, z).astype(np.float32)[:, None])
         else:
             known = np.array(cats or [""], dtype=str)
             pos = np.minimum(np.searchsorted(known, v), len(known) - 1)
@@ -283,9 +301,10 @@ def load(cfg) -> Rows:
     """The train and validation rows named by the data config, preprocessed with training statistics."""
     if not cfg.path:
         raise UserError("pass data.path=FILE.csv (a header line, then rows) or FILE.npz, and data.target=COLUMN")
-    if cfg.target_kind not in ("auto", "values", "classes") or cfg.missing not in ("drop", "mean"):
-        raise UserError(f"data.target_kind={cfg.target_kind} must be auto, values or classes, and "
-                        f"data.missing={cfg.missing} drop or mean")
+    if cfg.target_kind not in ("auto", "values", "classes") or cfg.missing not in ("drop", "mean") or \
+            cfg.scale not in ("standard", "quantile"):
+        raise UserError(f"data.target_kind={cfg.target_kind} must be auto, values or classes, data.missing="
+                        f"{cfg.missing} drop or mean, and data.scale={cfg.scale} standard or quantile")
     table, test, default_target = _table(cfg.path)
     columns = list(table)
     target = default_target if cfg.target is None else [cfg.target] if isinstance(cfg.target, str) else list(cfg.target)
@@ -327,7 +346,7 @@ def load(cfg) -> Rows:
     keep = ~_missing(train, target + (features if cfg.missing == "drop" else []), numeric, "training")
     _dropped(keep, "training", cfg, kind)
     train = {k: v[keep] for k, v in train.items()}
-    prep = fit(train, numeric, features, target, kind)
+    prep = fit(train, numeric, features, target, kind, cfg.scale)
     x_tr, _ = encode(train, prep, "training")
     y_tr, _ = targets(train, prep, "training")
     x_va, x_gone = encode(val, prep, "validation")
@@ -345,7 +364,11 @@ def load(cfg) -> Rows:
     summary = (f"{len(x_tr):,} training / {len(x_va):,} validation rows of {os.path.basename(cfg.path)}, "
                f"{n_num} numeric + {len(features) - n_num} categorical columns -> {x_tr.shape[1]} inputs; target "
                f"{', '.join(target)} " + (f"({len(prep['labels'])} classes)" if kind == "classes" else "(values)"))
-    return Rows(x_tr, y_tr, x_va, y_va, meta, summary, _baseline(x_tr, y_tr, x_va, y_va, meta))
+    if cfg.scale != "standard":  # the baseline is the linear model on z-scored features whatever the MLP reads
+        x_tr_z, x_va_z = encode(train, prep, "training", True)[0], encode(val, prep, "validation", True)[0][keep]
+    else:
+        x_tr_z, x_va_z = x_tr, x_va
+    return Rows(x_tr, y_tr, x_va, y_va, meta, summary, _baseline(x_tr_z, y_tr, x_va_z, y_va, meta))
 
 
 def _dropped(keep: np.ndarray, split: str, cfg, kind: str) -> None:

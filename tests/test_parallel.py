@@ -113,3 +113,14 @@ def test_layout_mistakes_are_user_errors(text_file, tmp_path):
     with pytest.raises(UserError, match="go together"):
         run(compose(BASE + [f"data.path={text_file}", "distributed.enabled=true",
                             "distributed.coordinator=127.0.0.1:1234"]))
+
+
+def test_pmap_runs_an_experiment_as_configured_steps_per_call_included(tmp_path, text_file, capsys):
+    """The experiments set steps_per_call=10: under pmap the same K steps run as a scan inside pmap."""
+    base = ["+experiment=shakespeare_char_cpu", f"data.path={text_file}", "steps=20", "eval_every=20",
+            "eval_batches=2", "ckpt_every=20", "mesh.data=4", "progress=false"]
+    jit = run(compose(base + [f"out_dir={tmp_path}/jit"]))
+    pmap = run(compose(base + ["parallel=pmap", f"out_dir={tmp_path}/pmap"]))
+    assert "parallel=pmap: 10 steps per call run as a lax.scan" in capsys.readouterr().err
+    assert pmap["val_loss"] == pytest.approx(jit["val_loss"], abs=1e-3)
+    np.testing.assert_allclose(losses(f"{tmp_path}/pmap"), losses(f"{tmp_path}/jit"), atol=1e-3)
