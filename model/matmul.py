@@ -9,7 +9,7 @@ The layer's saved input is kept in bf16 (half the activation memory).
 Why a custom VJP: JAX's own transpose of a bf16 x bf16 -> f32 dot multiplies the float32 cotangent
 by the bf16 operand, which XLA runs as a float32 dot. Here the cotangent is rounded to bf16 too.
 
-On this 2-core AVX-512-BF16 CPU, XLA-CPU's YNNPACK dots run bf16 at ~1.8x the float32 rate, but only in
+On a CPU with AVX-512-BF16, XLA-CPU's YNNPACK dots run bf16 faster than float32 (benchmarks/), but only in
 the layouts it supports: the left operand contracted on its last dimension (see `_rows_last`).
 """
 import jax
@@ -22,7 +22,7 @@ def _rows_last(x_TD):
     """x_TD as (D, T) in memory, for the weight gradient x^T @ g.
 
     A plain transpose is folded into the dot's dimension numbers; XLA-CPU then hands the dot to Eigen,
-    which has no bf16 kernel, and upcasts it to float32 (~2.5x slower here). Through a reshape the
+    which has no bf16 kernel, and upcasts it to float32. Through a reshape the
     transpose is materialised and the dot stays in YNNPACK's bf16 kernel. Rows are split (T/2, 2) so a
     data-parallel sharding of T stays local to each device.
     """

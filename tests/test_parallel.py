@@ -82,24 +82,78 @@ def test_sample_py_on_one_device_reads_a_sharded_checkpoint(curves):
     assert load_run(curves["pmap over 8"][0]).step == 6  # pmap runs save the same checkpoint format
 
 
-def test_two_processes_follow_the_same_curve_as_one_process_with_as_many_devices(tmp_path, text_file):
+def free_port() -> int:
+    """A port the OS just handed out; the coordinator binds it a moment later (the test's only race)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = [os.path.join(ROOT, "train.py"), *BASE, f"data.path={text_file}", "steps=8"]
+        return s.getsockname()[1]
+
+
+def two_processes(*args, harness=None):
+    """Run train.py as processes 0 and 1 of a 2-host job (2 fake devices each); [(returncode, stderr)]."""
+    port = free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    procs = [subprocess.Popen([sys.executable, *args, f"out_dir={tmp_path / 'multi'}", "distributed.enabled=true",
+    head = ["-c", harness, "train.py"] if harness else [os.path.join(ROOT, "train.py")]
+    procs = [subprocess.Popen([sys.executable, *head, *args, "distributed.enabled=true",
                                f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2",
                                f"distributed.process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=240) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][1][-1500:] + outs[1][1][-1500:]
-    assert "global batch 8 = 2 per device x 4 devices" in outs[0][1]
-    assert "step 8: val_loss" not in outs[1][1]  # only process 0 logs
-    single = subprocess.run([sys.executable, *args, f"out_dir={tmp_path / 'single'}"], cwd=ROOT, capture_output=True,
-                            text=True, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
+
+
+# Process 1 alone gets SIGTERM while it builds the batch of step 7 (a preemption notice to one host).
+SIGTERM_PROCESS_1 = """
+import os, signal, sys
+sys.argv = sys.argv[1:]
+from data import text
+orig, me = text.train_windows, [a for a in sys.argv if a.startswith("distributed.process_id=")][0][-1]
+def train_windows(corpus, seed, step, *a, **k):
+    if me == "1" and step == 7:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return orig(corpus, seed, step, *a, **k)
+text.train_windows = train_windows
+exec(open("train.py").read())
+"""
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, text_file):
+    """An uninterrupted 2-process run (2 hosts x 2 devices) and its arguments."""
+    args = [*BASE, f"data.path={text_file}", "steps=16", "ckpt_every=100"]
+    out = tmp_path_factory.mktemp("two") / "whole"
+    results = two_processes(*args, f"out_dir={out}")
+    assert all(rc == 0 for rc, _ in results), results[0][1][-1500:] + results[1][1][-1500:]
+    return out, args, results
+
+
+def test_two_processes_follow_the_same_curve_as_one_process_with_as_many_devices(two_process_run, tmp_path):
+    out, args, results = two_process_run
+    assert "global batch 8 = 2 per device x 4 devices" in results[0][1]
+    assert "step 16: val_loss" not in results[1][1]  # only process 0 logs
+    single = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, f"out_dir={tmp_path / 'single'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert single.returncode == 0, single.stderr[-1500:]
-    np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"), atol=5e-6, rtol=0)
+    np.testing.assert_allclose(losses(out), losses(tmp_path / "single"), atol=5e-6, rtol=0)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(two_process_run, tmp_path):
+    whole, args, _ = two_process_run
+    stopped = two_processes(*args, f"out_dir={tmp_path / 'run'}", harness=SIGTERM_PROCESS_1)
+    assert all(rc == 0 for rc, _ in stopped), stopped[0][1][-1500:] + stopped[1][1][-1500:]
+    step = int(stopped[0][1].split("stopped by preemption at step ")[1].split(";")[0])
+    assert 7 <= step < 16 and os.listdir(tmp_path / "run" / "checkpoints") == [str(step)]
+    resumed = two_processes(*args, f"out_dir={tmp_path / 'run'}")
+    assert all(rc == 0 for rc, _ in resumed) and f"resuming from step {step}" in resumed[0][1]
+    np.testing.assert_array_equal(losses(tmp_path / "run"), losses(whole))
+    a, b = load_run(str(whole)), load_run(str(tmp_path / "run"))
+    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_layout_mistakes_are_user_errors(text_file, tmp_path):
