@@ -73,7 +73,7 @@ def main(cfg) -> float | None:
     else:
         if result["stopped_by"]:  # SIGTERM/Ctrl-C stops the whole sweep, not just this job
             print(f"sweep stopped by {result['stopped_by']}; rerun the same command to resume it", file=sys.stderr)
-            cli.exit_now(0)
+            cli.exit_now(min(len(FAILED_JOBS) + len(SKIPPED_JOBS), 100))
         return result["val_loss"]
     return float("nan")  # what sweepers such as Optuna read as a failed trial
 

@@ -108,3 +108,51 @@ def test_a_sweep_killed_part_way_resumes_where_it_stopped(tmp_path, text_file):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "seed=0,steps=6 is already at step 6" in again.stderr and "resuming from step 4" in again.stderr
     assert all(os.path.isdir(os.path.join(root, f"seed={i},steps=6", "checkpoints", "6")) for i in range(3))
+
+
+# A sweep whose seed=1 job crashes once (a transient fault) and whose seed=2 job is stopped by SIGTERM.
+FLAKY_SWEEP = """
+import os, signal, sys
+sys.argv = sys.argv[1:]
+from data import text
+orig = text.train_windows
+def train_windows(corpus, seed, step, *a, **k):
+    if seed == 1 and step == 2 and os.path.exists(os.environ["FAIL_ONCE"]):
+        os.remove(os.environ["FAIL_ONCE"])
+        raise RuntimeError("a transient fault")
+    if seed == 2 and step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return orig(corpus, seed, step, *a, **k)
+text.train_windows = train_windows
+exec(open("train.py").read())
+"""
+
+
+def test_a_failed_job_is_retried_by_the_rerun_and_every_job_equals_a_standalone_run(tmp_path, text_file):
+    import subprocess
+    import sys
+
+    from conftest import TINY, compose, curve  # TINY: one device, as the sweep's process has
+    from core.loop import run
+
+    root = tmp_path / "sweep"
+    args = SWEEP + [f"data.path={text_file}", f"hydra.sweep.dir={root}", "seed=0,1,2"]
+    marker = tmp_path / "fail_once"
+    marker.write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"FAIL_ONCE": str(marker)}
+    first = subprocess.run([sys.executable, "-c", FLAKY_SWEEP, "train.py", *args], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1, first.stderr[-2000:]  # one failed job; the stop ends the sweep
+    assert "RuntimeError: a transient fault" in open(root / "seed=1,steps=6" / "FAILED").read()
+    report = run_cli("report.py", str(root))
+    assert report.returncode == 0, report.stderr
+    with open(root / "report.csv") as f:
+        status = {r["run"]: r["status"] for r in csv.DictReader(f)}
+    assert status == {"seed=0,steps=6": "done", "seed=1,steps=6": "failed", "seed=2,steps=6": "partial"}
+    again = run_cli("train.py", *args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not os.path.exists(root / "seed=1,steps=6" / "FAILED")
+    for seed in range(3):
+        alone = tmp_path / f"alone{seed}"
+        run(compose(TINY + SWEEP[2:] + [f"data.path={text_file}", f"seed={seed}", f"out_dir={alone}"]))
+        assert curve(root / f"seed={seed},steps=6", skip={4}) == curve(alone), seed  # 4: the stop's own line
