@@ -5,7 +5,6 @@ import sys
 from core import config
 from errors import UserError
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def fail(error: Exception) -> None:
@@ -25,11 +24,6 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-def _groups(group: str) -> list[str]:
-    folder = os.path.join(CONFIG_DIR, group)
-    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
-
-
 def compose_error(config_name: str, overrides: list[str]) -> str | None:
     """None if the overrides compose; else a one-line description of what is wrong and what to do."""
     from hydra import compose, initialize_config_dir
@@ -39,13 +33,13 @@ def compose_error(config_name: str, overrides: list[str]) -> str | None:
     searchpath = any(o.startswith("hydra.searchpath") for o in overrides)  # groups of the user's own
     for o in overrides:
         key, _, value = o.lstrip("+~").partition("=")
-        if key in ("experiment", "model", "data", "task", "optim") and value and value not in _groups(key) \
+        if key in ("experiment", "model", "data", "task", "optim") and value and value not in config.choices(key) \
                 and not searchpath:
             add = "+" if key == "experiment" and not o.startswith("+") else ""
-            return (f"unknown {key} {value!r}; available: {', '.join(_groups(key))}"
+            return (f"unknown {key} {value!r}; available: {', '.join(config.choices(key))}"
                     + (f" (and write it as +{key}=NAME)" if add else ""))
     try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        with initialize_config_dir(config_dir=config.CONFIG_DIR, version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         return describe(e, config_name)
@@ -68,7 +62,7 @@ def describe(e: Exception, config_name: str) -> str:
                 f"spaces or special characters, e.g. 'prompt=\"To be\"'")
     if "No match in the defaults list" in text:
         group = text.split("'")[1]
-        return f"{group} is not in the defaults list: write +{group}=NAME (available: {', '.join(_groups(group))})"
+        return f"{group} is not in the defaults list: write +{group}=NAME (available: {', '.join(config.choices(group))})"
     if full_key and ("not in" in text or "Could not override" in text):
         return (f"unknown config key '{full_key}'" + (f" (in {where}.yaml)" if where else "")
                 + f"; check its spelling (`python {config_name}.py --cfg job` lists every key)")

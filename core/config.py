@@ -4,16 +4,29 @@ The trainer's own keys are `TrainConfig`; `model`, `data` and `task` are the sch
 family, source and task, each found by name beside its module (model/, data/, tasks/).
 """
 import dataclasses
+import importlib
+import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-import data as sources
-import model as families
-import tasks
 from errors import UserError
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+PACKAGES = {"model": "model", "data": "data", "task": "tasks"}  # config group -> the package of its modules
+NODES = {"model": "family", "data": "kind", "task": "name"}  # the key naming each group's choice
+
+
+def choices(group: str) -> list[str]:
+    """The choices of a config group: one YAML file (and one module of the same name) each."""
+    return sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, group)) if f.endswith(".yaml"))
+
+
+def module(group: str, name: str):
+    """The module of choice `name` in `group` (model/NAME.py, data/NAME.py, tasks/NAME.py)."""
+    return importlib.import_module(f"{PACKAGES[group]}.{name}")
 
 
 @dataclass
@@ -96,30 +109,24 @@ class SampleConfig:
     compile_cache: Optional[str] = "auto"
 
 
-GROUPS = {"model": (families.names, families.family), "data": (sources.names, sources.source),
-          "task": (tasks.names, tasks.task)}
-NODES = {"model": "family", "data": "kind", "task": "name"}  # the key naming each group's choice
-
-
 def register() -> None:
     """Put every schema in Hydra's ConfigStore; each YAML file lists its schema first in its defaults."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(group="optim", name="adamw_schema", node=OptimConfig)
-    for group, (names, module) in GROUPS.items():
-        for name in names():
-            cs.store(group=group, name=f"{name}_schema", node=module(name).Config)
+    for group in PACKAGES:
+        for name in choices(group):
+            cs.store(group=group, name=f"{name}_schema", node=module(group, name).Config)
     if not OmegaConf.has_resolver("unnamed_keys"):
         OmegaConf.register_new_resolver("unnamed_keys", lambda: sorted(UNNAMED_KEYS))
 
 
 def _module(cfg, group: str):
     choice = cfg[group].get(NODES[group])
-    names, module = GROUPS[group]
-    if choice not in names():
-        raise UserError(f"unknown {group}.{NODES[group]}={choice!r}; available: {', '.join(names())}")
-    return module(choice)
+    if choice not in choices(group):
+        raise UserError(f"unknown {group}.{NODES[group]}={choice!r}; available: {', '.join(choices(group))}")
+    return module(group, choice)
 
 
 def check(cfg) -> None:
@@ -136,11 +143,11 @@ def check(cfg) -> None:
         raise UserError(f"on_nan={cfg.on_nan} must be 'stop' or 'skip'")
     family, source, task = (_module(cfg, g) for g in ("model", "data", "task"))
     if task.READS not in source.PROVIDES:
-        fits = [n for n in tasks.names() if tasks.task(n).READS in source.PROVIDES]
+        fits = [n for n in choices("task") if module("task", n).READS in source.PROVIDES]
         raise UserError(f"task={cfg.task.name} reads {task.READS}, and data={cfg.data.kind} provides "
                         f"{' or '.join(source.PROVIDES)}; use task={' or task='.join(fits)}")
     if cfg.task.name not in family.TASKS:
-        fits = [n for n in families.names() if cfg.task.name in families.family(n).TASKS]
+        fits = [n for n in choices("model") if cfg.task.name in module("model", n).TASKS]
         raise UserError(f"model={cfg.model.family} cannot train task={cfg.task.name} (it does "
                         f"{', '.join(family.TASKS)}); use model={' or model='.join(fits)}")
     m, o = cfg.model, cfg.optim
@@ -169,7 +176,7 @@ def check_keys(cfg) -> None:
     """Reject keys no schema declares (Hydra lets `+key=value` add them even to typed nodes)."""
     nodes = {"": (cfg, TrainConfig), "optim.": (cfg.optim, OptimConfig), "mesh.": (cfg.mesh, MeshConfig),
              "distributed.": (cfg.distributed, DistributedConfig)}
-    for group in GROUPS:
+    for group in PACKAGES:
         nodes[f"{group}."] = (cfg[group], _module(cfg, group).Config)
     for prefix, (node, schema) in nodes.items():
         unknown = sorted(set(node.keys()) - {f.name for f in dataclasses.fields(schema)})

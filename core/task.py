@@ -6,9 +6,9 @@ made sure the task can read what the source provides. The loop sees only this `T
 from dataclasses import dataclass
 from typing import Callable
 
-import data as sources
 import tasks
 from core import mesh as mesh_lib
+from core.config import module
 
 
 @dataclass
@@ -26,8 +26,8 @@ class Task:
 
 def load(cfg) -> Task:
     """Read the data the config names (UserError if it cannot) and wire it to the task."""
-    source = sources.source(cfg.data.kind).load(cfg.data)
-    task = tasks.task(cfg.task.name)
+    source = module("data", cfg.data.kind).load(cfg.data)
+    task = module("task", cfg.task.name)
     feed = task.feed(source, cfg.data, seed=cfg.seed, batch_size=cfg.batch_size,
                      rows=mesh_lib.process_rows(cfg.batch_size), eval_batches=cfg.eval_batches)
     unit = "tokens" if task.READS == "tokens" else getattr(source, "unit", "examples")

@@ -7,23 +7,8 @@ image_shape; in_features and out_features). Every model is called as `model(x, k
 means training mode (dropout, batch statistics). Adding a family adds those two files, nothing else.
 """
 import importlib
-import os
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "model")
-
-
-def names() -> list[str]:
-    """Every family, by its config file."""
-    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
-
-
-def family(name: str):
-    """The module of family `name` (its Config, TASKS and Model)."""
-    if name not in names():
-        raise KeyError(name)
-    return importlib.import_module(f"model.{name}")
 
 
 def build(cfg, dims: dict, rngs):
     """Instantiate the module named by `cfg.family` for the data's dims."""
-    return family(cfg.family).Model(cfg, rngs=rngs, **dims)
+    return importlib.import_module(f"model.{cfg.family}").Model(cfg, rngs=rngs, **dims)

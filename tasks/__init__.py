@@ -8,25 +8,9 @@ batch's real examples; an eval batch comes with its weight (real examples, or sc
 the validation metrics are exact means over the split whatever its padding. An optional
 `finish(val, meta) -> val` turns those means into the logged metrics (e.g. errors in target units).
 """
-import importlib
-import os
 from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "task")
-
-
-def names() -> list[str]:
-    """Every task, by its config file."""
-    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
-
-
-def task(name: str):
-    """The module of task `name`."""
-    if name not in names():
-        raise KeyError(name)
-    return importlib.import_module(f"tasks.{name}")
 
 
 def weighted_mean(x_B, batch):

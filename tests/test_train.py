@@ -23,6 +23,7 @@ def test_every_experiment_composes_and_builds_its_model(name):
 
     check(cfg)
     dims = {"text": {"vocab_size": 65}, "series": {"in_features": 1, "out_features": 1},
+            "tabular": {"in_features": 8, "out_features": 1},
             "images": {"num_classes": 10, "image_shape": [28, 28, 1] if "mnist" in name else [32, 32, 3]}}
     assert set(dims) >= {cfg.data.kind}, f"add the dims of data={cfg.data.kind} here"
     model = nnx.eval_shape(lambda: build(cfg.model, dims[cfg.data.kind], rngs=nnx.Rngs(0)))
