@@ -24,21 +24,36 @@ def _skipped(path: str, skip) -> bool:
     return any(path == s.strip("/") or path.startswith(s.strip("/") + "/") for s in skip)
 
 
-def load(cfg, spec, mesh, meta: dict, log) -> dict:
-    """The params of a fresh state with every matching param replaced by the source run's."""
-    from core.state import run_dims, state_spec
-
+def _source(cfg):
+    """(directory, manager, step) of the run to start from; UserError if it has no such checkpoint."""
     src = os.path.abspath(os.path.expanduser(cfg.init_from))
     if not os.path.isdir(checkpoint.ckpt_dir(src)):
         raise UserError(f"init_from={src} holds no checkpoints; pass the directory of a trained run")
     mngr = checkpoint.manager(src, read_only=True)
+    steps = mngr.all_steps()
+    step = cfg.init_from_step if cfg.init_from_step is not None else max(steps, default=None)
+    if step is None or step not in steps:
+        mngr.close()
+        raise UserError(f"init_from={src} holds no complete checkpoint; train it first" if step is None else
+                        f"init_from={src} has no checkpoint at step {step}; available: {sorted(steps)}")
+    return src, mngr, step
+
+
+def source_meta(cfg) -> dict:
+    """The meta of the run to start from (its config, tokenizer, labels): what the data inherits."""
+    _, mngr, step = _source(cfg)
     try:
-        steps = mngr.all_steps()
-        step = cfg.init_from_step if cfg.init_from_step is not None else max(steps, default=None)
-        if step is None:
-            raise UserError(f"init_from={src} holds no complete checkpoint; train it first")
-        if step not in steps:
-            raise UserError(f"init_from={src} has no checkpoint at step {step}; available: {sorted(steps)}")
+        return checkpoint.read_meta(mngr, step)
+    finally:
+        mngr.close()
+
+
+def load(cfg, spec, mesh, meta: dict, log) -> dict:
+    """The params of a fresh state with every matching param replaced by the source run's."""
+    from core.state import run_dims, state_spec
+
+    src, mngr, step = _source(cfg)
+    try:
         src_meta = checkpoint.read_meta(mngr, step)
         src_cfg = OmegaConf.create(src_meta["config"])
         if src_cfg.model.family != cfg.model.family:

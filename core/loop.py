@@ -113,13 +113,14 @@ def run(cfg) -> dict:
         if done is not None:
             log(f"run in {out_dir} is already at step {done} (steps={cfg.steps}); raise steps= to train further")
             return {"out_dir": out_dir, "step": done, "val_loss": _last_val_loss(out_dir), "stopped_by": None}
-        task = tasks.load(cfg)
+        own = cfg.resume and checkpoint.has_checkpoints(out_dir)
+        # A run with checkpoints resumes them; a new one reads (and so checks) its source before writing.
+        starting = cfg.init_from and not own
+        task = tasks.load(cfg, init_from.source_meta(cfg) if starting else None)
         built = setup(cfg, task.dims, task.loss_fn)
         meta = {"config": OmegaConf.to_container(cfg, resolve=True), "task": task.name, "dims": task.dims,
                 **task.meta}
-        own = cfg.resume and checkpoint.has_checkpoints(out_dir)
-        # Read (and so check) the source before anything is written; a run with checkpoints resumes them.
-        loaded = init_from.load(cfg, built.spec, built.mesh, meta, log) if cfg.init_from and not own else None
+        loaded = init_from.load(cfg, built.spec, built.mesh, meta, log) if starting else None
         _prepare_out_dir(out_dir, fresh=not cfg.resume)
         distributed.check_shared_dir(out_dir)
         # Signals are held from here to the last committed save: a stop request is a flag, never an

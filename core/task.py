@@ -24,9 +24,13 @@ class Task:
     baseline: dict = None  # a reference model's validation metrics, logged once at the start (baseline_*)
 
 
-def load(cfg) -> Task:
-    """Read the data the config names (UserError if it cannot) and wire it to the task."""
-    source = module("data", cfg.data.kind).load(cfg.data)
+def load(cfg, inherited: dict | None = None) -> Task:
+    """Read the data the config names (UserError if it cannot) and wire it to the task.
+
+    inherited: the meta of the run this one starts from (init_from), whose tokenizer and labels the
+    data must reuse so that the params mean the same tokens and classes.
+    """
+    source = module("data", cfg.data.kind).load(cfg.data, inherited)
     task = module("task", cfg.task.name)
     feed = task.feed(source, cfg.data, seed=cfg.seed, batch_size=cfg.batch_size,
                      rows=mesh_lib.process_rows(cfg.batch_size), eval_batches=cfg.eval_batches)

@@ -135,7 +135,7 @@ def _from_tfds(cfg) -> tuple:
     return (*out, int(features["label"].num_classes))
 
 
-def load(cfg) -> Images:
+def load(cfg, inherited: dict | None = None) -> Images:
     """The train and validation splits named by the data config, with normalisation statistics."""
     x_tr, y_tr, x_va, y_va, num_classes = _from_npz(cfg.path, cfg.val_fraction) if cfg.path else _from_tfds(cfg)
     if len(np.unique(y_va)) < min(num_classes, len(y_va)) // 2:

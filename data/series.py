@@ -47,7 +47,7 @@ class Sines:
         return max_batches  # an endless generator: eval_batches decides
 
 
-def load(cfg) -> Sines:
+def load(cfg, inherited: dict | None = None) -> Sines:
     return Sines(cfg.seq_len, cfg.noise, cfg.eval_seed)
 
 

@@ -104,7 +104,7 @@ def _as_str(x) -> str:
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
-def load(cfg) -> Corpus:
+def load(cfg, inherited: dict | None = None) -> Corpus:
     """Read and tokenise the text named by the data config; the vocab comes from the train part."""
     if cfg.path or not cfg.tfds_name:
         text = _read_file(cfg.path or SHIPPED)
@@ -115,6 +115,12 @@ def load(cfg) -> Corpus:
     else:
         train_text, val_text = _tfds_texts(cfg)
     vocab = "".join(sorted(set(train_text)))
+    if inherited and "vocab" in inherited:  # a run started from another (init_from) keeps its tokens
+        extra = sorted(set(vocab) - set(inherited["vocab"]))
+        if extra:
+            raise UserError(f"the text holds characters {''.join(extra)!r} that the init_from run's vocabulary "
+                            f"lacks; start from a run trained on such text, or drop init_from")
+        vocab = inherited["vocab"]
     unseen = set(val_text) - set(vocab)
     if unseen:  # rare characters that only occur in the validation tail cannot be scored
         print(f"warning: dropping {sum(val_text.count(c) for c in unseen)} validation characters "

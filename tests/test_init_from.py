@@ -68,7 +68,7 @@ def test_mismatched_sources_are_one_line_errors(trained_run, tmp_path, text_file
         run(compose(base + [f"out_dir={tmp_path}/d", f"init_from={trained_run}", "init_from_step=7"]))
     other = tmp_path / "other.txt"
     other.write_text("0123456789 abcdefghij\n" * 200)
-    with pytest.raises(UserError, match="another vocab than this run's data"):
+    with pytest.raises(UserError, match=r"characters '0123456789.*' that the init_from run's vocabulary lacks"):
         run(compose(TINY + [f"data.path={other}", "steps=2", f"out_dir={tmp_path}/e", f"init_from={trained_run}"]))
     assert not any(os.path.exists(tmp_path / d) for d in "abcde")
 
@@ -88,3 +88,12 @@ def test_the_new_run_resumes_itself_after_sigkill(trained_run, tmp_path, text_fi
     for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert curve(whole) == curve(killed)
+
+
+def test_a_char_lm_fine_tunes_on_other_text_with_the_source_vocabulary(trained_run, tmp_path):
+    """init_from carries the vocabulary: a text using fewer characters is encoded with the source's."""
+    small = tmp_path / "small.txt"
+    small.write_text("the king and the queen. " * 200)
+    out = str(tmp_path / "tuned")
+    run(compose(TINY + [f"data.path={small}", f"out_dir={out}", f"init_from={trained_run}", "steps=2"]))
+    assert load_run(out).vocab == load_run(trained_run).vocab
