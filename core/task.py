@@ -36,5 +36,6 @@ def load(cfg, inherited: dict | None = None) -> Task:
                      rows=mesh_lib.process_rows(cfg.batch_size), eval_batches=cfg.eval_batches)
     unit = "tokens" if task.READS == "tokens" else getattr(source, "unit", "examples")
     finish = getattr(task, "finish", lambda val, meta: val)
-    return Task(cfg.task.name, task.loss, source.dims, source.meta, feed, unit, source.summary, finish,
+    dims = getattr(task, "model_dims", lambda d: d)(source.dims)  # e.g. masked LM: no classifier head
+    return Task(cfg.task.name, task.loss, dims, source.meta, feed, unit, source.summary, finish,
                 getattr(source, "baseline", None))

@@ -6,7 +6,8 @@ A task is a loss plus metrics and the batches they read. Its file holds a `Confi
 `loss(model, batch, key) -> (loss, metrics)`; `key` set means training. Metrics are means over the
 batch's real examples; an eval batch comes with its weight (real examples, or scored tokens), so
 the validation metrics are exact means over the split whatever its padding. An optional
-`finish(val, meta) -> val` turns those means into the logged metrics (e.g. errors in target units).
+`finish(val, meta) -> val` turns those means into the logged metrics (e.g. errors in target units),
+and an optional `model_dims(dims) -> dims` picks the source's dims the model is built with.
 """
 from typing import Callable, NamedTuple
 
