@@ -36,9 +36,15 @@ def _record_failure(out_dir: str, message: str) -> None:
 
 
 def default_out_dir(cfg) -> str:
-    """runs/<name>, then `,` and the overrides that name the run (as sweep job directories are named)."""
-    named = HydraConfig.get().job.override_dirname
-    return os.path.join("runs", cfg.name + (f",{named}" if named else ""))
+    """runs/<name>, then `,` and the overrides that name the run (as sweep job directories are named).
+
+    A run started from another one is named by the source's directory name too, so it never lands
+    in its own source's directory.
+    """
+    named = [HydraConfig.get().job.override_dirname]
+    if cfg.init_from:
+        named.append(f"init_from={os.path.basename(os.path.normpath(cfg.init_from))}")
+    return os.path.join("runs", ",".join([cfg.name, *filter(None, named)]))
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")

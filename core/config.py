@@ -195,8 +195,9 @@ RESUME_SAFE = {
     "steps": False, "parallel": False, "steps_per_call": False, "mesh": False,
     "model.scan_layers": False, "model.remat": False, "model.matmul_dtype": False,
 }
-# Keys that name nothing though they matter: the experiment is the name already; paths make poor names.
-UNNAMED_PATHS = ("experiment", "hparams_search", "name", "data.path", "data.val_path", "data.dir", "init_from")
+# Keys that name nothing though they matter: the experiment is the name already; paths make poor names
+# (a run started from another is named by the source directory's name instead: train.py).
+UNNAMED_PATHS = ("experiment", "hparams_search", "name", "data.path", "data.val_path", "init_from")
 
 
 def _expand(key: str) -> list[str]:

@@ -111,7 +111,8 @@ def run(cfg) -> dict:
     with RunLock(out_dir, enabled=jax.process_index() == 0):
         done = _finished_step(cfg, out_dir)
         if done is not None:
-            log(f"run in {out_dir} is already at step {done} (steps={cfg.steps}); raise steps= to train further")
+            log(f"run in {out_dir} is already at step {done} (steps={cfg.steps}); to train it further pass "
+                f"out_dir={out_dir} steps=N")
             return {"out_dir": out_dir, "step": done, "val_loss": _last_val_loss(out_dir), "stopped_by": None}
         own = cfg.resume and checkpoint.has_checkpoints(out_dir)
         # A run with checkpoints resumes them; a new one reads (and so checks) its source before writing.
@@ -288,6 +289,7 @@ def _train(loop: Loop) -> dict:
     finally:
         bar.close()
         loop.metrics_log.close()
+    use = "sample with: python sample.py" if task.name == "lm" else "predict with: python predict.py"
     log(f"done: step {cfg.steps}, val_loss {loop.val_loss:.4f}, {time.perf_counter() - loop.t_run:.1f}s; "
-        f"sample with: python sample.py out_dir={cfg.out_dir}")
+        f"{use} out_dir={cfg.out_dir}")
     return {"out_dir": cfg.out_dir, "step": cfg.steps, "val_loss": loop.val_loss, "stopped_by": None}

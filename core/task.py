@@ -8,7 +8,8 @@ from typing import Callable
 
 import tasks
 from core import mesh as mesh_lib
-from core.config import module
+from core.config import choices, module
+from errors import UserError
 
 
 @dataclass
@@ -32,6 +33,12 @@ def load(cfg, inherited: dict | None = None) -> Task:
     """
     source = module("data", cfg.data.kind).load(cfg.data, inherited)
     task = module("task", cfg.task.name)
+    provides = getattr(source, "provides", None)  # a source whose file decides what it gives (data=tabular)
+    if provides is not None and provides != task.READS:
+        fits = [n for n in choices("task") if module("task", n).READS == provides]
+        hint = f", or data.target_kind={task.READS}" if "target_kind" in cfg.data else ""
+        raise UserError(f"data={cfg.data.kind} gives {provides} here, and task={cfg.task.name} reads {task.READS}; "
+                        f"use task={' or task='.join(fits)}{hint}")
     feed = task.feed(source, cfg.data, seed=cfg.seed, batch_size=cfg.batch_size,
                      rows=mesh_lib.process_rows(cfg.batch_size), eval_batches=cfg.eval_batches)
     unit = "tokens" if task.READS == "tokens" else getattr(source, "unit", "examples")

@@ -2,7 +2,8 @@
 
 Everything is fitted on the training split only: numeric columns are standardised, string columns
 one-hot over the training split's sorted categories (an unseen category is all zeros), regression
-targets standardised, class targets mapped to the ids of their sorted values. That preprocessing
+targets standardised, class targets mapped to the ids of their sorted values (data.scale=quantile
+maps numeric columns through their training quantiles to normal scores instead). That preprocessing
 goes into `meta` (JSON types), so predict.py turns new rows into model inputs from a run dir alone.
 
 Without data.val_path the split is a permutation of the file's rows keyed on data.split_seed, drawn
@@ -26,6 +27,7 @@ PROVIDES = ("values", "classes")
 MISSING = ["", "na", "n/a", "nan", "null", "none", "?"]  # lower-cased cells that mean "no value"
 _SPLIT_STREAM = 4
 _QUANTILES = 256  # knots of data.scale=quantile per numeric column (they go into meta)
+_MAX_CATEGORIES = 1000  # one-hot inputs per string column; more is an id, or numbers with a typo
 
 
 @dataclass
@@ -42,10 +44,6 @@ class Config:
     scale: str = "standard"
     split_seed: int = 0
     val_fraction: float = 0.2
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr)
 
 
 def _delimiter(name: str, sample: str) -> str:
@@ -80,7 +78,8 @@ def read_csv(stream, name: str) -> tuple[list, np.ndarray]:
     return header, np.array(rows[1:], dtype=str)
 
 
-def _open_csv(path: str) -> tuple[list, np.ndarray]:
+def read_file(path: str) -> tuple[list, np.ndarray]:
+    """(header, cells) of a CSV/TSV file."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             return read_csv(f, path)
@@ -110,19 +109,19 @@ def _strings(col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return cells, np.isin(np.char.lower(cells), MISSING)
 
 
-def _table(path: str) -> tuple[dict, Optional[dict], list]:
+def _table(path: str, key: str) -> tuple[dict, Optional[dict], list]:
     """({column: cells} of the file, the same of its test split (.npz x_test/y_test) or None, default target)."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
-        raise UserError(f"data.path={path} does not exist; pass a CSV/TSV file with a header line, or a .npz")
+        raise UserError(f"{key}={path} does not exist; pass a CSV/TSV file with a header line, or a .npz")
     if not path.endswith(".npz"):
-        header, cells = _open_csv(path)
+        header, cells = read_file(path)
         return dict(zip(header, cells.T)), None, None
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except (ValueError, OSError) as e:
-        raise UserError(f"data.path={path} is not a readable .npz file ({e})") from None
+        raise UserError(f"{key}={path} is not a readable .npz file ({e})") from None
     names = [("x_train", "y_train"), ("x_test", "y_test")] if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys() \
         else [("x", "y")] if {"x", "y"} <= arrays.keys() else None
     if names is None:
@@ -181,6 +180,11 @@ def fit(train: dict, numeric: dict, features: list, target: list, target_kind: s
                 spec[-1]["quantiles"] = np.quantile(v[~gone], np.linspace(0, 1, _QUANTILES)).tolist()
         else:
             spec.append({"name": name, "categories": sorted(set(v[~gone].tolist()))})
+            if len(spec[-1]["categories"]) > _MAX_CATEGORIES:
+                odd = next((c for c in v[~gone].tolist() if _floats(np.array([c])) is None), "")
+                raise UserError(f"feature column {name} holds {len(spec[-1]['categories']):,} distinct strings, each "
+                                f"a one-hot input; leave it out with data.features=[...] (an id?), or fix the "
+                                f"cells that are not numbers (e.g. {odd!r})")
     prep = {"features": spec, "target": target, "target_kind": target_kind}
     if target_kind == "values":
         y_NO = np.stack([_floats(train[t]) for t in target], axis=1)
@@ -192,7 +196,7 @@ def fit(train: dict, numeric: dict, features: list, target: list, target_kind: s
 
 def _normal_scores(v: np.ndarray, knots_Q: list) -> np.ndarray:
     """v mapped through the quantile knots to standard-normal scores (ties averaged, as sklearn's QuantileTransformer)."""
-    p_Q = np.linspace(0, 1, len(knots_Q)).clip(1e-7, 1 - 1e-7)
+    p_Q = (np.arange(len(knots_Q)) + 0.5) / len(knots_Q)  # the extremes land at +-2.7, not sklearn's +-5.2
     z_Q, k_Q = np.array([NormalDist().inv_cdf(p) for p in p_Q]), np.array(knots_Q)
     return 0.5 * (np.interp(v, k_Q, z_Q) - np.interp(-v, -k_Q[::-1], -z_Q[::-1]))
 
@@ -276,8 +280,8 @@ class Rows:
                             f"lower batch_size or give more rows")
         count = -(-len(self.x_val) // batch_size)
         if count > max_batches:
-            _say(f"note: validation scores {max_batches * batch_size:,} of its {len(self.x_val):,} rows; "
-                 f"eval_batches={count} scores them all")
+            print(f"note: validation scores {max_batches * batch_size:,} of its {len(self.x_val):,} rows; "
+                 f"eval_batches={count} scores them all", file=sys.stderr)
         return min(count, max_batches)
 
 
@@ -289,7 +293,8 @@ def _baseline(x_tr, y_tr, x_va, y_va, prep: dict) -> dict:
     w, *_ = np.linalg.lstsq(np.c_[x_tr, np.ones(len(x_tr))].astype(np.float64), y_tr * std + mean, rcond=None)
     err_NO = np.c_[x_va, np.ones(len(x_va))] @ w - (y_va * std + mean)
     rmse, mae = np.sqrt((err_NO ** 2).mean(0)), np.abs(err_NO).mean(0)
-    r2 = 1.0 - (err_NO ** 2).mean(0) / np.maximum(np.array(prep["target_val_var"]), 1e-300)
+    var = np.array(prep["target_val_var"])
+    r2 = np.where(var > 0, 1.0 - (err_NO ** 2).mean(0) / np.where(var > 0, var, 1.0), np.nan)
     if len(prep["target"]) == 1:
         return {"baseline_rmse": float(rmse[0]), "baseline_mae": float(mae[0]), "baseline_r2": float(r2[0])}
     out = {f"baseline_{k}_{t}": float(v[i]) for i, t in enumerate(prep["target"])
@@ -297,20 +302,14 @@ def _baseline(x_tr, y_tr, x_va, y_va, prep: dict) -> dict:
     return {**out, "baseline_r2": float(r2.mean())}
 
 
-def load(cfg) -> Rows:
-    """The train and validation rows named by the data config, preprocessed with training statistics."""
-    if not cfg.path:
-        raise UserError("pass data.path=FILE.csv (a header line, then rows) or FILE.npz, and data.target=COLUMN")
-    if cfg.target_kind not in ("auto", "values", "classes") or cfg.missing not in ("drop", "mean") or \
-            cfg.scale not in ("standard", "quantile"):
-        raise UserError(f"data.target_kind={cfg.target_kind} must be auto, values or classes, data.missing="
-                        f"{cfg.missing} drop or mean, and data.scale={cfg.scale} standard or quantile")
-    table, test, default_target = _table(cfg.path)
+def _columns(cfg, table: dict, default_target, default_features=None) -> tuple[list, list, dict, str]:
+    """(target columns, feature columns, which are numeric, target kind) as the config and the file say."""
     columns = list(table)
-    target = default_target if cfg.target is None else [cfg.target] if isinstance(cfg.target, str) else list(cfg.target)
+    one = isinstance(cfg.target, (str, int, float))  # a column name YAML read as a number is still a name
+    target = default_target if cfg.target is None else [str(cfg.target)] if one else [str(t) for t in cfg.target]
     if not target:
         raise UserError(f"pass data.target=COLUMN, the column to predict; {cfg.path} has columns {', '.join(columns)}")
-    features = [c for c in columns if c not in target] if cfg.features is None else list(cfg.features)
+    features = list(cfg.features) if cfg.features is not None else default_features or [c for c in columns if c not in target]
     for key, names in (("data.target", target), ("data.features", features)):
         unknown = [c for c in names if c not in table]
         if unknown:
@@ -330,27 +329,58 @@ def load(cfg) -> Rows:
                         f"needs numbers; to classify it use task=classify data.target_kind=classes")
     if kind == "classes" and len(target) > 1:
         raise UserError(f"data.target lists {len(target)} columns; only regression (data.target_kind=values) takes several")
-    n = len(table[columns[0]])
+    return target, features, numeric, kind
+
+
+def _splits(cfg, table: dict, test, needed: list) -> tuple[dict, dict, dict]:
+    """(training table, validation table, how they were split: it goes into meta)."""
+    n = len(next(iter(table.values())))
     if cfg.val_path or test is not None:
-        val = _table(cfg.val_path)[0] if cfg.val_path else test
-        lacking = [c for c in features + target if c not in val]
+        val = _table(cfg.val_path, "data.val_path")[0] if cfg.val_path else test
+        lacking = [c for c in needed if c not in val]
         if lacking:
-            raise UserError(f"the validation file {cfg.val_path or cfg.path} lacks column(s) {', '.join(lacking)}")
-        train, split = table, {"rows": n}
-    else:
-        if not 0.0 < cfg.val_fraction < 1.0 or n < 2:
-            raise UserError(f"data.val_fraction={cfg.val_fraction} must be in (0, 1) and {cfg.path} hold 2+ rows")
-        tr, va = _split(n, cfg.split_seed, cfg.val_fraction)
-        train, val = ({k: v[idx] for k, v in table.items()} for idx in (tr, va))
-        split = {"rows": n, "seed": cfg.split_seed, "val_fraction": cfg.val_fraction, "val_rows": va.tolist()}
+            raise UserError(f"the validation rows of {cfg.val_path or cfg.path} lack column(s) {', '.join(lacking)}")
+        return table, val, {"rows": n}
+    if not 0.0 < cfg.val_fraction < 1.0 or n < 2:
+        raise UserError(f"data.val_fraction={cfg.val_fraction} must be in (0, 1) and {cfg.path} hold 2+ rows")
+    tr, va = _split(n, cfg.split_seed, cfg.val_fraction)
+    train, val = ({k: v[idx] for k, v in table.items()} for idx in (tr, va))
+    return train, val, {"rows": n, "seed": cfg.split_seed, "val_fraction": cfg.val_fraction, "val_rows": va.tolist()}
+
+
+def _inherit(source: dict, target: list, features: list, kind: str) -> dict:
+    """The preprocessing of the run this one starts from (init_from), so its params read the same inputs."""
+    ours, theirs = (target, features, kind), (source["target"], [c["name"] for c in source["features"]], source["target_kind"])
+    if ours != theirs:
+        raise UserError(f"the init_from run predicts {', '.join(theirs[0])} ({theirs[2]}) from {', '.join(theirs[1])}; "
+                        f"this run's data.target, data.features or data.target_kind differ: make them the same")
+    return {k: source[k] for k in ("features", "target", "target_kind", "target_mean", "target_std", "labels") if k in source}
+
+
+def load(cfg, inherited: dict | None = None) -> Rows:
+    """The train and validation rows named by the data config, preprocessed with training statistics.
+
+    `inherited`: the meta of the run this one starts from (init_from); a table run's preprocessing is reused.
+    """
+    if not cfg.path:
+        raise UserError("pass data.path=FILE.csv (a header line, then rows) or FILE.npz, and data.target=COLUMN")
+    if cfg.target_kind not in ("auto", "values", "classes") or cfg.missing not in ("drop", "mean") or \
+            cfg.scale not in ("standard", "quantile"):
+        raise UserError(f"data.target_kind={cfg.target_kind} must be auto, values or classes, data.missing="
+                        f"{cfg.missing} drop or mean, and data.scale={cfg.scale} standard or quantile")
+    table, test, default_target = _table(cfg.path, "data.path")
+    source = inherited if inherited and "features" in inherited else None
+    target, features, numeric, kind = _columns(cfg, table, source["target"] if source else default_target,
+                                               [c["name"] for c in source["features"]] if source else None)
+    train, val, split = _splits(cfg, table, test, features + target)
     keep = ~_missing(train, target + (features if cfg.missing == "drop" else []), numeric, "training")
     _dropped(keep, "training", cfg, kind)
     train = {k: v[keep] for k, v in train.items()}
-    prep = fit(train, numeric, features, target, kind, cfg.scale)
-    x_tr, _ = encode(train, prep, "training")
-    y_tr, _ = targets(train, prep, "training")
-    x_va, x_gone = encode(val, prep, "validation")
-    y_va, y_gone = targets(val, prep, "validation")
+    prep = _inherit(source, target, features, kind) if source else fit(train, numeric, features, target, kind, cfg.scale)
+    (x_tr, _), (y_tr, unknown) = encode(train, prep, "training"), targets(train, prep, "training")
+    if unknown.any():  # only inherited labels can miss a training class
+        raise UserError(f"the training rows hold classes the init_from run's labels ({prep['labels']}) lack")
+    (x_va, x_gone), (y_va, y_gone) = encode(val, prep, "validation"), targets(val, prep, "validation")
     keep = ~(y_gone | (x_gone if cfg.missing == "drop" else False))
     _dropped(keep, "validation", cfg, kind)
     x_va, y_va = x_va[keep], y_va[keep]
@@ -359,7 +389,7 @@ def load(cfg) -> Rows:
         dims = {"in_features": x_tr.shape[1], "out_features": y_tr.shape[1]}
     else:
         dims = {"in_features": x_tr.shape[1], "num_classes": len(prep["labels"])}
-    meta = {**dims, "columns": columns, **prep, "missing": cfg.missing, "split": split}
+    meta = {**dims, "columns": list(table), **prep, "missing": cfg.missing, "split": split}
     n_num = sum("mean" in c for c in prep["features"])
     summary = (f"{len(x_tr):,} training / {len(x_va):,} validation rows of {os.path.basename(cfg.path)}, "
                f"{n_num} numeric + {len(features) - n_num} categorical columns -> {x_tr.shape[1]} inputs; target "
@@ -377,7 +407,8 @@ def _dropped(keep: np.ndarray, split: str, cfg, kind: str) -> None:
         return
     why = "a missing target" + (" or an unseen class" if kind == "classes" and split == "validation" else "") + \
         (", or a missing or non-finite feature (data.missing=drop)" if cfg.missing == "drop" else "")
-    _say(f"data: dropped {int((~keep).sum()):,} of {len(keep):,} {split} rows with {why}")
+    print(f"data: dropped {int((~keep).sum()):,} of {len(keep):,} {split} rows with {why}", file=sys.stderr)
     if not keep.any():
         raise UserError(f"no {split} row of {cfg.path} is left after dropping rows with missing or non-finite "
                         f"values; fix the file" + (" or pass data.missing=mean" if cfg.missing == "drop" else ""))
+
