@@ -193,7 +193,7 @@ RESUME_SAFE = {
     "eval_batches": True, "ckpt_every": True, "keep_checkpoints": True, "on_nan": True, "compile_cache": True,
     "distributed": True, "data.tfds_data_dir": True, "data.download_timeout": True,
     "steps": False, "parallel": False, "steps_per_call": False, "mesh": False,
-    "model.scan_layers": False, "model.remat": False, "model.matmul_dtype": False,
+    "model.scan_layers": False, "model.remat": False, "model.matmul_dtype": False, "model.attention": False,
 }
 # Keys that name nothing though they matter: the experiment is the name already; paths make poor names
 # (a run started from another is named by the source directory's name instead: train.py).

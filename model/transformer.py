@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from errors import UserError
+from model import attention_cpu
 from model.matmul import DOT_GENERAL
 
 TASKS = ("lm",)
@@ -39,16 +40,27 @@ class Config:
     matmul_dtype: str = "float32"
     scan_layers: bool = False  # one compiled block in a lax.scan: faster compiles for deep models
     remat: bool = False
+    # auto: model/attention_cpu.py's layouts on the CPU backend, this file's `attend` elsewhere; or
+    # reference | cpu. The same math and params either way.
+    attention: str = "auto"
 
 
 def check(cfg) -> None:
     """Values the schema's types cannot rule out."""
+    if cfg.attention not in ("auto", "reference", "cpu"):
+        raise UserError(f"model.attention={cfg.attention} must be auto, reference or cpu")
     if cfg.matmul_dtype not in DOT_GENERAL:
         raise UserError(f"model.matmul_dtype={cfg.matmul_dtype} must be float32 or bfloat16")
     if cfg.d_model % cfg.n_heads:
         raise UserError(f"model.d_model={cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}")
     if cfg.block_size <= 0 or cfg.n_layers <= 0:
         raise UserError("model.block_size and model.n_layers must be positive")
+
+
+def cpu_attention(cfg) -> bool:
+    """Whether attention runs in model/attention_cpu.py's layouts (decided when the model is built)."""
+    choice = cfg.get("attention", "auto")  # checkpoints from before the key: auto
+    return choice == "cpu" or (choice == "auto" and jax.default_backend() == "cpu")
 
 
 def dense_factory(cfg, rngs):
@@ -80,7 +92,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg, *, causal: bool, rngs: nnx.Rngs):
         D = cfg.d_model
         dense = dense_factory(cfg, rngs)
-        self.n_heads, self.causal = cfg.n_heads, causal
+        self.n_heads, self.causal, self.cpu = cfg.n_heads, causal, cpu_attention(cfg)
         self.qkv = dense(D, 3 * D, kernel_init=nnx.initializers.normal(0.02))
         # GPT-2's scaled init of the projections into the residual stream.
         self.proj = dense(D, D, kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layers)))
@@ -91,15 +103,20 @@ class Attention(nnx.Module):
         B, L, D = x_BLD.shape
         H = self.n_heads
         q_BLHK, k_BLHK, v_BLHK = (t.reshape(B, L, H, D // H) for t in jnp.split(self.qkv(x_BLD), 3, axis=-1))
-        if cache is not None:  # written in place (dynamic_update_slice), never copied per token
-            cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, pos, 0, 0))
-                          for c, new in zip(cache, (k_BLHK, v_BLHK)))
-            k_BLHK, v_BLHK = cache
         k_attn, k_out = (None, None) if key is None else jax.random.split(key)
-        drop = None if key is None else partial(self.drop, rngs=k_attn)
-        mask = allowed(L, k_BLHK.shape[1], pos, self.causal, mask_BM)
-        y_BLD = attend(q_BLHK, k_BLHK, v_BLHK, mask, drop).reshape(B, L, D)
-        y_BLD = self.proj(y_BLD)
+        if self.cpu:  # the same math in XLA-CPU's fastest layouts (its cache is (B*H, M, K))
+            y_BLHK, cache = attention_cpu.attention(q_BLHK, k_BLHK, v_BLHK, causal=self.causal, mask_BM=mask_BM,
+                                                    cache=cache, pos=pos, drop=None if key is None else self.drop,
+                                                    key=k_attn)
+        else:
+            if cache is not None:  # written in place (dynamic_update_slice), never copied per token
+                cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, pos, 0, 0))
+                              for c, new in zip(cache, (k_BLHK, v_BLHK)))
+                k_BLHK, v_BLHK = cache
+            drop = None if key is None else partial(self.drop, rngs=k_attn)
+            mask = allowed(L, k_BLHK.shape[1], pos, self.causal, mask_BM)
+            y_BLHK = attend(q_BLHK, k_BLHK, v_BLHK, mask, drop)
+        y_BLD = self.proj(y_BLHK.reshape(B, L, D))
         return (y_BLD if key is None else self.drop(y_BLD, rngs=k_out)), cache
 
 
@@ -114,7 +131,9 @@ class MLP(nnx.Module):
         self.drop = nnx.Dropout(cfg.dropout)
 
     def __call__(self, x_BLD, key=None):
-        y_BLD = self.proj(jax.nn.gelu(self.fc(x_BLD), approximate=True))
+        # On (B*L, D) rows: XLA-CPU fuses the GELU and its gradient with 2-D dots, not 3-D ones.
+        x_TD = x_BLD.reshape(-1, x_BLD.shape[-1])
+        y_BLD = self.proj(jax.nn.gelu(self.fc(x_TD), approximate=True)).reshape(x_BLD.shape)
         return y_BLD if key is None else self.drop(y_BLD, rngs=key)
 
 
@@ -180,7 +199,7 @@ class Transformer(nnx.Module):
         # Plain hashable fields only: they become part of the static graph definition.
         self.n_layers, self.n_heads, self.d_model = cfg.n_layers, cfg.n_heads, cfg.d_model
         self.block_size, self.dtype = cfg.block_size, jnp.dtype(cfg.dtype)
-        self.scan_layers, self.remat = cfg.scan_layers, cfg.remat
+        self.scan_layers, self.remat, self.cpu = cfg.scan_layers, cfg.remat, cpu_attention(cfg)
         std = nnx.initializers.normal(0.02)
         self.wte = nnx.Embed(vocab_size, cfg.d_model, embedding_init=std, rngs=rngs)
         self.wpe = nnx.Embed(cfg.block_size, cfg.d_model, embedding_init=std, rngs=rngs)
@@ -189,11 +208,14 @@ class Transformer(nnx.Module):
         self.ln_f = nnx.LayerNorm(cfg.d_model, use_bias=cfg.bias, epsilon=1e-5, rngs=rngs)
 
     def init_cache(self, batch: int, length: int | None = None):
-        """Zeroed keys and values: one (k_BMHK, v_BMHK) per layer, or stacked (k_NBMHK, v_NBMHK) under scan."""
-        shape = (batch, length or self.block_size, self.n_heads, self.d_model // self.n_heads)
+        """Zeroed keys and values: one (k_BMHK, v_BMHK) per layer ((k_XMK, v_XMK) for the CPU attention),
+        stacked on a leading N axis under scan-over-layers."""
+        M, H, K = length or self.block_size, self.n_heads, self.d_model // self.n_heads
+        layer = attention_cpu.init_cache(batch, M, H, K, self.dtype) if self.cpu else \
+            (jnp.zeros((batch, M, H, K), self.dtype),) * 2
         if self.scan_layers:
-            return (jnp.zeros((self.n_layers, *shape), self.dtype),) * 2
-        return tuple((jnp.zeros(shape, self.dtype),) * 2 for _ in range(self.n_layers))
+            return tuple(jnp.broadcast_to(c, (self.n_layers, *c.shape)) for c in layer)
+        return tuple(layer for _ in range(self.n_layers))
 
     def decoder(self):
         """This model's call with each layer's weights sliced out of the stack once, here.

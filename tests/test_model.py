@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from conftest import TINY, compose
@@ -51,6 +52,35 @@ def test_blocks_take_causal_and_a_padding_mask_as_an_encoder_needs():
     np.testing.assert_allclose(np.asarray(decoder(later)[0][1, :5]), np.asarray(decoder(x_BLD)[0][1, :5]), atol=1e-6)
     # The same params either way: causal is a flag, not another layer.
     assert jax.tree.structure(nnx.state(encoder)) == jax.tree.structure(nnx.state(decoder))
+
+
+@pytest.mark.parametrize("L", [12, 128], ids=["one-block", "query-blocks"])
+def test_cpu_attention_layouts_compute_what_the_reference_does(L):
+    """model/attention_cpu.py is a layout, not another model: same params, logits, gradients, tokens."""
+    cfg = lambda impl: compose(TINY + [f"model.attention={impl}", "model.dropout=0.0", f"model.block_size={L}",  # noqa: E731
+                                       f"data.seq_len={L}"]).model
+    ref, cpu = (build(cfg(impl), {"vocab_size": V}, rngs=nnx.Rngs(0)) for impl in ("reference", "cpu"))
+    idx_BL = jax.random.randint(jax.random.key(3), (2, L), 0, V)
+    weights_BLV = jax.random.normal(jax.random.key(4), (2, L, V))
+
+    def loss(model):
+        graphdef, params = nnx.split(model)
+        return jax.jit(jax.value_and_grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(idx_BL) * weights_BLV)))(params)
+
+    for a, b in zip(jax.tree.leaves(loss(ref)), jax.tree.leaves(loss(cpu)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    options = dict(max_new_tokens=L + 7, temperature=0.0)  # fills the cache and slides
+    decode = lambda m: np.asarray(jax.jit(lambda p: generate(m, p, jax.random.key(0), **options))(idx_BL[:, :3]))  # noqa: E731
+    np.testing.assert_array_equal(decode(ref), decode(cpu))
+    from model.transformer import Block
+
+    block_cfg = compose(TINY).model
+    mask_BM = jnp.array([[1] * (L - 3) + [0] * 3, [1] * L])
+    x_BLD = jax.random.normal(jax.random.key(5), (2, L, block_cfg.d_model))
+    for causal in (False, True):  # the encoder's padding mask, with and without causality
+        outs = [Block(compose(TINY + [f"model.attention={impl}"]).model, causal=causal, rngs=nnx.Rngs(1))(
+            x_BLD, mask_BM=mask_BM)[0] for impl in ("reference", "cpu")]
+        np.testing.assert_allclose(np.asarray(outs[0])[:, :L - 3], np.asarray(outs[1])[:, :L - 3], atol=1e-5)
 
 
 def test_cached_greedy_decode_equals_uncached_up_to_block_size():
