@@ -57,9 +57,12 @@ def check(cfg) -> None:
         raise UserError("model.block_size and model.n_layers must be positive")
 
 
-def cpu_attention(cfg) -> bool:
-    """Whether attention runs in model/attention_cpu.py's layouts (decided when the model is built)."""
-    choice = cfg.get("attention", "auto")  # checkpoints from before the key: auto
+def cpu_attention(choice: str) -> bool:
+    """Whether attention runs in model/attention_cpu.py's layouts.
+
+    Asked when the model is traced or its cache made, never when it is built: building (e.g. under
+    eval_shape, to size a model) must not start JAX's backend before sample.py sizes its threads.
+    """
     return choice == "cpu" or (choice == "auto" and jax.default_backend() == "cpu")
 
 
@@ -92,7 +95,8 @@ class Attention(nnx.Module):
     def __init__(self, cfg, *, causal: bool, rngs: nnx.Rngs):
         D = cfg.d_model
         dense = dense_factory(cfg, rngs)
-        self.n_heads, self.causal, self.cpu = cfg.n_heads, causal, cpu_attention(cfg)
+        self.n_heads, self.causal = cfg.n_heads, causal
+        self.attention = cfg.get("attention", "auto")  # checkpoints from before the key: auto
         self.qkv = dense(D, 3 * D, kernel_init=nnx.initializers.normal(0.02))
         # GPT-2's scaled init of the projections into the residual stream.
         self.proj = dense(D, D, kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layers)))
@@ -104,7 +108,7 @@ class Attention(nnx.Module):
         H = self.n_heads
         q_BLHK, k_BLHK, v_BLHK = (t.reshape(B, L, H, D // H) for t in jnp.split(self.qkv(x_BLD), 3, axis=-1))
         k_attn, k_out = (None, None) if key is None else jax.random.split(key)
-        if self.cpu:  # the same math in XLA-CPU's fastest layouts (its cache is (B*H, M, K))
+        if cpu_attention(self.attention):  # the same math in XLA-CPU's fastest layouts (a (B*H, M, K) cache)
             y_BLHK, cache = attention_cpu.attention(q_BLHK, k_BLHK, v_BLHK, causal=self.causal, mask_BM=mask_BM,
                                                     cache=cache, pos=pos, drop=None if key is None else self.drop,
                                                     key=k_attn)
@@ -199,7 +203,8 @@ class Transformer(nnx.Module):
         # Plain hashable fields only: they become part of the static graph definition.
         self.n_layers, self.n_heads, self.d_model = cfg.n_layers, cfg.n_heads, cfg.d_model
         self.block_size, self.dtype = cfg.block_size, jnp.dtype(cfg.dtype)
-        self.scan_layers, self.remat, self.cpu = cfg.scan_layers, cfg.remat, cpu_attention(cfg)
+        self.scan_layers, self.remat = cfg.scan_layers, cfg.remat
+        self.attention = cfg.get("attention", "auto")
         std = nnx.initializers.normal(0.02)
         self.wte = nnx.Embed(vocab_size, cfg.d_model, embedding_init=std, rngs=rngs)
         self.wpe = nnx.Embed(cfg.block_size, cfg.d_model, embedding_init=std, rngs=rngs)
@@ -211,7 +216,7 @@ class Transformer(nnx.Module):
         """Zeroed keys and values: one (k_BMHK, v_BMHK) per layer ((k_XMK, v_XMK) for the CPU attention),
         stacked on a leading N axis under scan-over-layers."""
         M, H, K = length or self.block_size, self.n_heads, self.d_model // self.n_heads
-        layer = attention_cpu.init_cache(batch, M, H, K, self.dtype) if self.cpu else \
+        layer = attention_cpu.init_cache(batch, M, H, K, self.dtype) if cpu_attention(self.attention) else \
             (jnp.zeros((batch, M, H, K), self.dtype),) * 2
         if self.scan_layers:
             return tuple(jnp.broadcast_to(c, (self.n_layers, *c.shape)) for c in layer)

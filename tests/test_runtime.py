@@ -98,3 +98,20 @@ def test_compile_cache_is_used_by_a_second_process_and_gives_the_same_result(tmp
     bad = subprocess.run([sys.executable, "-c", code, str(blocked / "cache")], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 0 and "compiling without it" in bad.stderr and bad.stdout.split()[0] == runs[0][0]
+
+
+def test_sizing_a_model_from_its_config_does_not_start_jax():
+    """sample.py sizes the model before it sizes XLA-CPU's thread pool, which JAX reads when it starts."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, '.'); from core import config; config.register(); "
+            "from hydra import compose, initialize_config_dir; from core.state import model_bytes; "
+            "from core import runtime\n"
+            "with initialize_config_dir(config_dir=config.CONFIG_DIR, version_base='1.3'):\n"
+            "    cfg = compose(config_name='train', overrides=['+experiment=shakespeare_char_cpu'])\n"
+            "print(model_bytes(cfg, {'vocab_size': 65}), runtime._backend_started())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    size, started = proc.stdout.split()
+    assert int(size) > 1_000_000 and started == "False"
