@@ -324,3 +324,35 @@ def test_a_signal_during_a_save_loses_nothing(reference, tmp_path, sig, at):
     assert ref_tb.keys() == tb.keys() and "train_loss" in tb
     for tag in ref_tb:
         assert ref_tb[tag] == [p for p in tb[tag] if p[0] not in stop_step], tag
+
+
+def test_restore_errors_are_classified_by_what_failed_not_by_their_words(monkeypatch, trained_run, tmp_path,
+                                                                         text_file, capsys):
+    """A read failure whose message mentions shapes is still a damaged checkpoint (fall back), while
+    a checkpoint of other params is a mismatch (refused), whatever the library's wording."""
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    base = TINY + [f"data.path={text_file}", f"out_dir={out}", "eval_every=10", "ckpt_every=10"]
+    orig = checkpoint.ocp.CheckpointManager.restore
+
+    def flaky(self, step, *a, **k):
+        if step == 20 and "state" in k["args"].keys():
+            raise ValueError("Requested shape (2, 16) does not match the stored array")  # a damaged read
+        return orig(self, step, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.ocp.CheckpointManager, "restore", flaky)
+        assert loop.run(compose(base + ["steps=30"]))["step"] == 30
+    assert "checkpoint step 20" in capsys.readouterr().err  # warned, set aside, resumed from step 10
+    import model.transformer as transformer
+
+    mlp_init = transformer.MLP.__init__
+
+    def wider(self, cfg, *, rngs):  # the same config, other shapes behind it: another code version
+        mlp_init(self, cfg, rngs=rngs)
+        self.fc = transformer.dense_factory(cfg, rngs)(cfg.d_model, cfg.mlp_ratio * cfg.d_model + 1)
+
+    monkeypatch.setattr(transformer.MLP, "__init__", wider)
+    with pytest.raises(UserError, match=r"holds other params than this model \(blocks/mlp/fc/bias|"
+                                        r"holds other params than this model \(blocks/mlp/fc/kernel"):
+        loop.run(compose(base + ["steps=40"]))
