@@ -17,7 +17,8 @@ from core.state import load_run, state_spec
 from core import mesh as mesh_lib
 
 # d_model=64 makes the MLP and attention matrices big enough for the FSDP rule to shard them.
-BASE = ["+experiment=debug", "model.d_model=64", "steps=6", "log_every=1", "eval_every=100", "ckpt_every=100"]
+BASE = ["+experiment=debug", "model.d_model=64", "steps=6", "log_every=1", "eval_every=100", "ckpt_every=100",
+        "optim.decay_steps=8"]  # one schedule, whether a run stops at 6 steps or goes on to 8
 LAYOUTS = {
     "1 device": ["mesh.data=1"],
     "jit data=8": ["mesh.data=8"],
