@@ -117,7 +117,11 @@ def run(cfg) -> dict:
         own = cfg.resume and checkpoint.has_checkpoints(out_dir)
         # A run with checkpoints resumes them; a new one reads (and so checks) its source before writing.
         starting = cfg.init_from and not own
-        task = tasks.load(cfg, init_from.source_meta(cfg) if starting else None)
+        # The data reads what the source gave (tokenizer, labels): from the source when starting, from
+        # this run's own checkpoint when resuming a run that started from another.
+        inherited = init_from.source_meta(cfg) if starting else \
+            checkpoint.peek_meta(out_dir) if own and cfg.init_from else None
+        task = tasks.load(cfg, inherited)
         built = setup(cfg, task.dims, task.loss_fn)
         meta = {"config": OmegaConf.to_container(cfg, resolve=True), "task": task.name, "dims": task.dims,
                 **task.meta}

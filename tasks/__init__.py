@@ -1,9 +1,9 @@
 """Tasks: `task=NAME` is `configs/task/NAME.yaml` plus the module file `tasks/NAME.py`.
 
 A task is a loss plus metrics and the batches they read. Its file holds a `Config` dataclass
-(`name` plus its settings), `READS` (what it needs from a data source: "tokens", "classes" or
-"values"), `train_batch`/`eval_batch` (the source's rows turned into the fields its loss reads) and
-`loss(model, batch, key) -> (loss, metrics)`; `key` set means training. Metrics are means over the
+(`name` plus its settings), `READS` (what it needs from a data source: "tokens", "classes",
+"values" or "sentences"), `feed(...) -> Feed` (the source's rows turned into the fields its loss
+reads) and `loss(model, batch, key) -> (loss, metrics)`; `key` set means training. Metrics are means over the
 batch's real examples; an eval batch comes with its weight (real examples, or scored tokens), so
 the validation metrics are exact means over the split whatever its padding. An optional
 `finish(val, meta) -> val` turns those means into the logged metrics (e.g. errors in target units),

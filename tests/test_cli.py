@@ -31,7 +31,7 @@ def one_line_error(proc):
     (["experiment=debug"], "+experiment=NAME"),
     (["model=nope"], "unknown model 'nope'; available: cnn, "),
     (["data=nope"], "unknown data 'nope'; available: images, series, "),
-    (["task=nope"], "unknown task 'nope'; available: classify, lm, regress"),
+    (["task=nope"], "unknown task 'nope'; available: classify, lm, "),
     (["steps=abc"], "could not be converted to Integer (key 'steps')"),
 ])
 def test_bad_overrides_fail_at_compose_time(args, expected, tmp_path):

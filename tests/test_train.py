@@ -10,6 +10,7 @@ from conftest import ROOT, TINY, compose, run_cli
 from core import metrics
 from core.loop import run
 from core.checkpoint import peek_meta
+from core.config import module
 from core.state import load_run, model_bytes, run_dims
 from model import build
 
@@ -24,9 +25,11 @@ def test_every_experiment_composes_and_builds_its_model(name):
     check(cfg)
     dims = {"text": {"vocab_size": 65}, "series": {"in_features": 1, "out_features": 1},
             "tabular": {"in_features": 8, "out_features": 1},
+            "text_classify": {"vocab_size": 8000, "num_classes": 2},
             "images": {"num_classes": 10, "image_shape": [28, 28, 1] if "mnist" in name else [32, 32, 3]}}
     assert set(dims) >= {cfg.data.kind}, f"add the dims of data={cfg.data.kind} here"
-    model = nnx.eval_shape(lambda: build(cfg.model, dims[cfg.data.kind], rngs=nnx.Rngs(0)))
+    task_dims = getattr(module("task", cfg.task.name), "model_dims", lambda d: d)(dims[cfg.data.kind])  # mlm: no head
+    model = nnx.eval_shape(lambda: build(cfg.model, task_dims, rngs=nnx.Rngs(0)))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert n_params > 0 and cfg.name == name
     header = open(os.path.join(ROOT, "configs", "experiment", f"{name}.yaml")).read().splitlines()

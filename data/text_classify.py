@@ -1,0 +1,221 @@
+"""Labelled sentences from a TSV/CSV (e.g. GLUE SST-2), WordPiece-tokenised: for task=classify or task=mlm.
+
+Each row becomes [CLS] tokens [SEP], cut to data.seq_len and padded with [PAD]=0. Labels (ints or
+strings) map to the ids of the sorted distinct training labels; `meta["labels"]` keeps them as the
+file writes them. The tokenizer is trained on the training text only (data/wordpiece.py) and goes
+whole into `meta["tokenizer"]`, unless the run starts from another (`init_from`): then that run's
+tokenizer and labels are reused, so its embeddings and head keep meaning the same tokens and classes.
+
+Without data.val_path the validation split is a permutation keyed on data.split_seed. Training
+batches follow data/images.py: epoch e is a permutation keyed on (seed, e), each process gathers
+only its rows; validation batches are in file order, the last padded with rows of `mask` 0.
+TFDS (glue/sst2) is not wired in: the GLUE TSVs are the input (data.path=train.tsv data.val_path=dev.tsv).
+"""
+import csv
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from data import wordpiece
+from data.images import eval_batch_count, train_indices
+from errors import UserError
+
+PROVIDES = ("classes", "sentences")
+_SPLIT_STREAM = 4
+
+
+@dataclass
+class Config:
+    kind: str = "text_classify"
+    path: Optional[str] = None  # FILE.tsv / .csv (delimiter by extension; other names: sniffed)
+    val_path: Optional[str] = None  # None: a data.val_fraction of data.path, drawn with data.split_seed
+    text_column: str = "sentence"  # a header name, or with data.header=false a column index (0, 1, ...)
+    label_column: str = "label"
+    header: bool = True
+    seq_len: int = 128  # tokens per sentence with [CLS] and [SEP]; longer ones are cut
+    vocab_size: int = 8000  # WordPiece vocabulary, five special tokens included
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    eval_seed: int = 1234  # task=mlm: the validation masks are fixed by this, not by the run's seed
+    # task=mlm: training sentences per row (RoBERTa's packing): short sentences leave most of a row
+    # [PAD], which costs as much compute as text; validation rows stay one sentence each.
+    pack: int = 1
+
+
+@dataclass
+class Sentences:
+    x_train: np.ndarray  # N x L int32 token ids, [PAD]=0
+    y_train: np.ndarray  # N int32 label ids
+    x_val: np.ndarray
+    y_val: np.ndarray
+    labels: list  # labels[i] is label id i as the file writes it
+    tokenizer: str  # wordpiece JSON
+    vocab_size: int
+    summary: str
+    baseline: dict
+    unit, units_per_example = "sentences", 1
+
+    @property
+    def dims(self) -> dict:
+        return {"vocab_size": self.vocab_size, "num_classes": len(self.labels)}
+
+    @property
+    def meta(self) -> dict:
+        return {**self.dims, "labels": self.labels, "tokenizer": self.tokenizer}
+
+    def train_batch(self, seed: int, step: int, batch_size: int, rows: slice) -> dict:
+        """This process's rows of the global batch at `step`: {"x": B x L int32, "y": B int32}."""
+        idx_B = train_indices(len(self.x_train), seed, step, batch_size)[rows]
+        return {"x": self.x_train[idx_B], "y": self.y_train[idx_B]}
+
+    def eval_batch(self, i: int, batch_size: int, rows: slice) -> tuple[dict, int]:
+        """Validation batch i in order (the last padded with rows of mask 0), and its real row count."""
+        idx_B = i * batch_size + np.arange(batch_size)
+        mask_B = idx_B < len(self.x_val)
+        idx_B = np.where(mask_B, idx_B, 0)[rows]
+        return {"x": self.x_val[idx_B], "y": self.y_val[idx_B], "mask": mask_B[rows].astype(np.float32)}, \
+            int(mask_B.sum())
+
+    def eval_count(self, batch_size: int, max_batches: int) -> int:
+        return eval_batch_count(self, batch_size, max_batches)
+
+
+def _read(path: str, key: str, header: bool) -> tuple[list, list]:
+    """(column names, rows of cells) of a delimited file; names are "0", "1", ... without a header."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(path):
+        raise UserError(f"{key}={path} does not exist; pass a TSV/CSV file (e.g. GLUE's SST-2 train.tsv)")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise UserError(f"{key}={path} is not UTF-8 text; save it as UTF-8") from None
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".tsv", ".tab"):  # GLUE's TSVs do not quote: a " is part of the sentence
+        rows = list(csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
+    else:
+        try:
+            dialect = "excel" if ext == ".csv" else csv.Sniffer().sniff(text[:65536], delimiters=",\t;|")
+        except csv.Error:
+            dialect = "excel"
+        rows = list(csv.reader(text.splitlines(), dialect))
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if not rows or (header and len(rows) == 1):
+        raise UserError(f"{key}={path} holds no rows; give one sentence and its label per line")
+    names = [c.strip() for c in rows[0]] if header else [str(i) for i in range(len(rows[0]))]
+    return names, rows[1:] if header else rows
+
+
+def _column(names: list, name: str, key: str, path: str, header: bool) -> int:
+    if name not in names:
+        hint = "" if header else " (data.header=false: columns are numbered from 0)"
+        raise UserError(f"{path} has no column {key}={name!r}{hint}; its columns are {', '.join(names)}")
+    return names.index(name)
+
+
+def _table(path: str, key: str, cfg) -> tuple[list, list]:
+    """(texts, label cells as stripped strings) of one file."""
+    names, rows = _read(path, key, cfg.header)
+    t = _column(names, str(cfg.text_column), "data.text_column", path, cfg.header)
+    y = _column(names, str(cfg.label_column), "data.label_column", path, cfg.header)
+    first = 2 if cfg.header else 1
+    for n, r in enumerate(rows):
+        if len(r) <= max(t, y):
+            raise UserError(f"{path}: line {n + first} has {len(r)} fields, fewer than the columns read; "
+                            f"is the delimiter right?")
+        if not r[y].strip():
+            raise UserError(f"{path}: line {n + first} has no label in column {cfg.label_column}")
+    return [r[t] for r in rows], [r[y].strip() for r in rows]
+
+
+def _as_label(cell: str):
+    """A label as the file writes it: an int where the cell is a whole number, else the string."""
+    try:
+        return int(cell)
+    except ValueError:
+        pass
+    try:
+        value = float(cell)
+    except ValueError:
+        return cell
+    if value.is_integer():
+        return int(value)
+    raise UserError(f"label {cell!r} is a fraction, and classes are ints or names; is data.label_column "
+                    f"a score (use data=tabular task=regress) or the wrong column?")
+
+
+def _label_ids(cells: list, labels: list, where: str) -> np.ndarray:
+    index = {label: i for i, label in enumerate(labels)}
+    values = [_as_label(c) for c in cells]
+    unseen = sorted({repr(v) for v in values if v not in index and str(v) not in index})  # str: mixed kinds
+    if unseen:
+        raise UserError(f"{where} has labels {', '.join(unseen[:5])} that the training labels "
+                        f"({', '.join(map(repr, labels[:10]))}) lack; a classifier cannot predict them")
+    return np.array([index[v] if v in index else index[str(v)] for v in values], np.int32)
+
+
+def _sorted_labels(cells: list) -> list:
+    values = {_as_label(c) for c in cells}
+    if len({type(v) for v in values}) > 1:  # numbers and names mixed: keep them all as names
+        values = {str(v) for v in values}
+    return sorted(values)
+
+
+def _split(n: int, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, validation rows) in file order, keyed on (seed, n)."""
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"data.val_fraction={fraction} must be in (0, 1)")
+    if n < 2:
+        raise UserError(f"data.path holds {n} row; give more rows or a data.val_path")
+    n_val = min(max(int(round(n * fraction)), 1), n - 1)
+    order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def unigram_entropy(x_NL: np.ndarray) -> float:
+    """Entropy (nats) of the token frequencies, specials left out: the loss of guessing a masked
+    token from frequencies alone, the floor a masked LM has to beat."""
+    ids = x_NL[x_NL >= len(wordpiece.SPECIALS)]
+    p = np.bincount(ids)[len(wordpiece.SPECIALS):] / max(len(ids), 1)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def load(cfg, inherited: dict | None = None) -> Sentences:
+    """Read, split, tokenise and label the sentences the data config names."""
+    if not cfg.path:
+        raise UserError("data=text_classify needs data.path=TRAIN.tsv (and data.val_path=DEV.tsv, or a "
+                        "data.val_fraction of it held out)")
+    if cfg.pack < 1:
+        raise UserError(f"data.pack={cfg.pack} must be 1 (one sentence per row) or more")
+    if cfg.seq_len < 3:
+        raise UserError(f"data.seq_len={cfg.seq_len} leaves no room beside [CLS] and [SEP]; use 3 or more")
+    texts, cells = _table(cfg.path, "data.path", cfg)
+    if cfg.val_path:
+        val_texts, val_cells = _table(cfg.val_path, "data.val_path", cfg)
+    else:
+        tr, va = _split(len(texts), cfg.split_seed, cfg.val_fraction)
+        texts, cells, val_texts, val_cells = ([texts[i] for i in tr], [cells[i] for i in tr],
+                                              [texts[i] for i in va], [cells[i] for i in va])
+    inherited = inherited or {}
+    labels = inherited.get("labels") or _sorted_labels(cells)  # init_from: the source run's classes
+    y_train = _label_ids(cells, labels, "the training data" if not inherited.get("labels") else
+                         "the training data (with init_from's labels)")
+    y_val = _label_ids(val_cells, labels, "the validation data")
+    tokenizer = inherited.get("tokenizer") or wordpiece.train(texts, cfg.vocab_size)
+    x_train, cut = wordpiece.encode(tokenizer, texts, cfg.seq_len)
+    x_val, cut_val = wordpiece.encode(tokenizer, val_texts, cfg.seq_len)
+    if cut or cut_val:
+        print(f"note: {cut:,} of {len(texts):,} training and {cut_val:,} of {len(val_texts):,} validation "
+              f"sentences are longer than data.seq_len={cfg.seq_len} tokens and were cut", file=sys.stderr)
+    V = wordpiece.vocab_size(tokenizer)
+    majority = float(np.mean(y_val == np.bincount(y_train, minlength=len(labels)).argmax()))
+    real = (x_train != wordpiece.PAD).sum(axis=1)
+    summary = (f"{len(texts):,} training / {len(val_texts):,} validation sentences, {len(labels)} classes, "
+               f"WordPiece vocab {V}{' (from init_from)' if inherited.get('tokenizer') else ''}, "
+               f"{real.mean():.1f} tokens per sentence of {cfg.seq_len}")
+    return Sentences(x_train, y_train, x_val, y_val, labels, tokenizer, V, summary,
+                     {"baseline_accuracy": majority, "baseline_unigram_loss": unigram_entropy(x_train)})
