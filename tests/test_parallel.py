@@ -110,14 +110,17 @@ def two_processes(*args, harness=None):
 
 
 # Process 1 alone gets SIGTERM while it builds the batch of step 7 (a preemption notice to one host).
+# Every step waits 0.2 s, so the notice reaches the other host through the coordinator well before
+# the run's last step (a stop is agreed at a later step, as on a real pod).
 SIGTERM_PROCESS_1 = """
-import os, signal, sys
+import os, signal, sys, time
 sys.argv = sys.argv[1:]
 from data import text
 orig, me = text.train_windows, [a for a in sys.argv if a.startswith("distributed.process_id=")][0][-1]
 def train_windows(corpus, seed, step, *a, **k):
     if me == "1" and step == 7:
         os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
     return orig(corpus, seed, step, *a, **k)
 text.train_windows = train_windows
 exec(open("train.py").read())
