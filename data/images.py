@@ -8,7 +8,6 @@ own rows, so resume and a change of device or host count need nothing saved but 
 Images are kept in their stored dtype (uint8 for TFDS) and normalised per batch with the
 training split's per-channel mean and std, which the checkpoint's meta carries for reload scripts.
 """
-import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -16,11 +15,12 @@ from typing import Optional
 
 import numpy as np
 
-from data import download
+from data import download, examples
+from data.examples import train_indices
 from errors import UserError
 
 PROVIDES = ("classes",)
-_ORDER_STREAM, _AUGMENT_STREAM = 2, 3
+_AUGMENT_STREAM = 3
 _HINT = "pass data.path=FILE.npz (arrays x_train, y_train, x_test, y_test, or x, y) to use local images"
 
 
@@ -152,23 +152,6 @@ def normalise(x_BHWC: np.ndarray, mean_C, std_C) -> np.ndarray:
     return ((x_BHWC.astype(np.float32) - np.asarray(mean_C, np.float32)) / np.asarray(std_C, np.float32))
 
 
-@functools.lru_cache(maxsize=4)
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of the n training examples in `epoch`: a permutation keyed on (seed, epoch)."""
-    return np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(n)
-
-
-def train_indices(n: int, seed: int, step: int, batch_size: int) -> np.ndarray:
-    """Indices into the training split of the B examples of the global batch at `step`."""
-    stream_B = step * batch_size + np.arange(batch_size)
-    epochs_B, pos_B = np.divmod(stream_B, n)
-    idx_B = np.empty(batch_size, np.int64)
-    for epoch in np.unique(epochs_B):  # a batch may straddle an epoch boundary
-        here = epochs_B == epoch
-        idx_B[here] = epoch_order(n, seed, int(epoch))[pos_B[here]]
-    return idx_B
-
-
 def augment(x_BHWC: np.ndarray, seed: int, step: int, batch_size: int, rows: slice, padding: int) -> np.ndarray:
     """Random crop (zero padding) and horizontal flip of this process's rows, keyed on (seed, step)."""
     B, H, W, _ = x_BHWC.shape
@@ -193,15 +176,10 @@ def train_batch(images: Images, seed: int, step: int, batch_size: int, rows: sli
 
 def eval_batch(images: Images, i: int, batch_size: int, rows: slice) -> tuple[dict, int]:
     """Validation batch i in order (the last is padded, with mask 0), and its count of real examples."""
-    n = len(images.x_val)
-    idx_B = i * batch_size + np.arange(batch_size)
-    mask_B = idx_B < n
-    idx_B = np.where(mask_B, idx_B, 0)[rows]
-    batch = {"x": normalise(images.x_val[idx_B], images.mean_C, images.std_C), "y": images.y_val[idx_B],
-             "mask": mask_B[rows].astype(np.float32)}
-    return batch, int(mask_B.sum())
+    batch, n_real = examples.eval_batch(images, i, batch_size, rows)
+    return {**batch, "x": normalise(batch["x"], images.mean_C, images.std_C)}, n_real
 
 
 def eval_batch_count(images: Images, batch_size: int, max_batches: int) -> int:
     """Batches that cover the validation split, capped at eval_batches."""
-    return min(max_batches, -(-len(images.x_val) // batch_size))
+    return examples.eval_count(len(images.x_val), batch_size, max_batches)

@@ -20,7 +20,8 @@ from typing import Any, List, Optional
 
 import numpy as np
 
-from data.images import train_indices
+from data import examples
+from data.examples import delimiter
 from errors import UserError
 
 PROVIDES = ("values", "classes")
@@ -46,22 +47,10 @@ class Config:
     val_fraction: float = 0.2
 
 
-def _delimiter(name: str, sample: str) -> str:
-    ext = os.path.splitext(name)[1].lower()
-    if ext in (".tsv", ".tab"):
-        return "\t"
-    if ext == ".csv":
-        return ","
-    try:
-        return csv.Sniffer().sniff(sample, delimiters=",\t;|").delimiter
-    except csv.Error:
-        return ","
-
-
 def read_csv(stream, name: str) -> tuple[list, np.ndarray]:
     """(header, cells N x C as strings) of a delimited text stream whose first line names the columns."""
     text = stream.read()
-    rows = [r for r in csv.reader(io.StringIO(text), delimiter=_delimiter(name, text[:65536])) if any(c.strip() for c in r)]
+    rows = [r for r in csv.reader(io.StringIO(text), delimiter=delimiter(name, text[:65536])) if any(c.strip() for c in r)]
     if not rows:
         raise UserError(f"{name} is empty; give a table whose first line names the columns")
     header = [h.strip() for h in rows[0]]
@@ -263,22 +252,17 @@ class Rows:
         return {k: self.meta[k] for k in ("in_features", "out_features", "num_classes") if k in self.meta}
 
     def train_batch(self, seed: int, step: int, batch_size: int, rows: slice) -> dict:
-        idx = train_indices(len(self.x_train), seed, step, batch_size)[rows]
-        return {"x": self.x_train[idx], "y": self.y_train[idx]}
+        return examples.train_batch(self, seed, step, batch_size, rows)
 
     def eval_batch(self, i: int, batch_size: int, rows: slice) -> tuple[dict, int]:
-        """Validation batch i in row order (the last padded, with mask 0), and its count of real rows."""
-        idx_B = i * batch_size + np.arange(batch_size)
-        mask_B = idx_B < len(self.x_val)
-        idx_B = np.where(mask_B, idx_B, 0)[rows]
-        return {"x": self.x_val[idx_B], "y": self.y_val[idx_B], "mask": mask_B[rows].astype(np.float32)}, int(mask_B.sum())
+        return examples.eval_batch(self, i, batch_size, rows)
 
     def eval_count(self, batch_size: int, max_batches: int) -> int:
         # The first call that knows the batch size, made while the run is wired, before any compile.
         if len(self.x_train) < batch_size:
             raise UserError(f"the training split holds {len(self.x_train)} rows, fewer than batch_size={batch_size}; "
                             f"lower batch_size or give more rows")
-        count = -(-len(self.x_val) // batch_size)
+        count = examples.eval_count(len(self.x_val), batch_size, len(self.x_val))
         if count > max_batches:
             print(f"note: validation scores {max_batches * batch_size:,} of its {len(self.x_val):,} rows; "
                  f"eval_batches={count} scores them all", file=sys.stderr)

@@ -19,8 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from data import wordpiece
-from data.images import eval_batch_count, train_indices
+from data import examples, wordpiece
 from errors import UserError
 
 PROVIDES = ("classes", "sentences")
@@ -68,19 +67,13 @@ class Sentences:
 
     def train_batch(self, seed: int, step: int, batch_size: int, rows: slice) -> dict:
         """This process's rows of the global batch at `step`: {"x": B x L int32, "y": B int32}."""
-        idx_B = train_indices(len(self.x_train), seed, step, batch_size)[rows]
-        return {"x": self.x_train[idx_B], "y": self.y_train[idx_B]}
+        return examples.train_batch(self, seed, step, batch_size, rows)
 
     def eval_batch(self, i: int, batch_size: int, rows: slice) -> tuple[dict, int]:
-        """Validation batch i in order (the last padded with rows of mask 0), and its real row count."""
-        idx_B = i * batch_size + np.arange(batch_size)
-        mask_B = idx_B < len(self.x_val)
-        idx_B = np.where(mask_B, idx_B, 0)[rows]
-        return {"x": self.x_val[idx_B], "y": self.y_val[idx_B], "mask": mask_B[rows].astype(np.float32)}, \
-            int(mask_B.sum())
+        return examples.eval_batch(self, i, batch_size, rows)
 
     def eval_count(self, batch_size: int, max_batches: int) -> int:
-        return eval_batch_count(self, batch_size, max_batches)
+        return examples.eval_count(len(self.x_val), batch_size, max_batches)
 
 
 def _read(path: str, key: str, header: bool) -> tuple[list, list]:
@@ -97,11 +90,7 @@ def _read(path: str, key: str, header: bool) -> tuple[list, list]:
     if ext in (".tsv", ".tab"):  # GLUE's TSVs do not quote: a " is part of the sentence
         rows = list(csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
     else:
-        try:
-            dialect = "excel" if ext == ".csv" else csv.Sniffer().sniff(text[:65536], delimiters=",\t;|")
-        except csv.Error:
-            dialect = "excel"
-        rows = list(csv.reader(text.splitlines(), dialect))
+        rows = list(csv.reader(text.splitlines(), delimiter=examples.delimiter(path, text[:65536])))
     rows = [r for r in rows if any(c.strip() for c in r)]
     if not rows or (header and len(rows) == 1):
         raise UserError(f"{key}={path} holds no rows; give one sentence and its label per line")

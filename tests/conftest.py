@@ -6,7 +6,7 @@ import tempfile
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent XLA cache for the session: the many subprocess runs of the same tiny programs
+# One persistent XLA cache for the whole pytest run: the many subprocess runs of the same tiny programs
 # compile once (results are bitwise the same; it only saves time on 2 cores).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

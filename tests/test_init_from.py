@@ -11,7 +11,6 @@ from core.loop import run
 from core.state import load_run
 from errors import UserError
 from test_families import CNN_TINY, RNN_TINY, quadrant_images
-from test_robustness import SIGNAL_AT_STEP  # noqa: F401 - the drill's harness
 from test_robustness import train_with_signal_at
 
 

@@ -1,0 +1,68 @@
+"""A labelled split held as arrays (x_train, y_train, x_val, y_val): the batches every example source reads;
+and the delimiter of the tables (CSV/TSV) such splits are read from.
+
+The global batch at `step` takes examples step*B .. step*B+B-1 of an endless stream in which epoch
+e is a permutation of the training split keyed on (seed, e); validation runs in order, its last
+batch padded with rows of mask 0. Each process gathers only its own rows.
+"""
+import csv
+import functools
+import os
+
+import numpy as np
+
+_ORDER_STREAM = 2
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the n training examples in `epoch`: a permutation keyed on (seed, epoch)."""
+    return np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(n)
+
+
+def train_indices(n: int, seed: int, step: int, batch_size: int) -> np.ndarray:
+    """Indices into the training split of the B examples of the global batch at `step`."""
+    stream_B = step * batch_size + np.arange(batch_size)
+    epochs_B, pos_B = np.divmod(stream_B, n)
+    idx_B = np.empty(batch_size, np.int64)
+    for epoch in np.unique(epochs_B):  # a batch may straddle an epoch boundary
+        here = epochs_B == epoch
+        idx_B[here] = epoch_order(n, seed, int(epoch))[pos_B[here]]
+    return idx_B
+
+
+def val_indices(n: int, i: int, batch_size: int, rows: slice) -> tuple[np.ndarray, np.ndarray, int]:
+    """(this process's indices of validation batch i, their mask, the batch's count of real examples)."""
+    idx_B = i * batch_size + np.arange(batch_size)
+    mask_B = idx_B < n
+    return np.where(mask_B, idx_B, 0)[rows], mask_B[rows].astype(np.float32), int(mask_B.sum())
+
+
+def eval_count(n: int, batch_size: int, max_batches: int) -> int:
+    """Batches that cover n validation examples, capped at eval_batches."""
+    return min(max_batches, -(-n // batch_size))
+
+
+def train_batch(split, seed: int, step: int, batch_size: int, rows: slice) -> dict:
+    """{"x", "y"}: this process's rows of the global training batch at `step` of any array split."""
+    idx_B = train_indices(len(split.x_train), seed, step, batch_size)[rows]
+    return {"x": split.x_train[idx_B], "y": split.y_train[idx_B]}
+
+
+def eval_batch(split, i: int, batch_size: int, rows: slice) -> tuple[dict, int]:
+    """({"x", "y", "mask"}, real examples) of validation batch i of any array split."""
+    idx_B, mask_B, n_real = val_indices(len(split.x_val), i, batch_size, rows)
+    return {"x": split.x_val[idx_B], "y": split.y_val[idx_B], "mask": mask_B}, n_real
+
+
+def delimiter(name: str, sample: str) -> str:
+    """A table file's field delimiter: by its extension (.tsv, .csv), else sniffed from its first bytes."""
+    ext = os.path.splitext(name)[1].lower()
+    if ext in (".tsv", ".tab"):
+        return "\t"
+    if ext == ".csv":
+        return ","
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=",\t;|").delimiter
+    except csv.Error:
+        return ","
