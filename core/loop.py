@@ -18,7 +18,7 @@ import jax
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from core import checkpoint, config, distributed, init_from, metrics, task as tasks
+from core import checkpoint, config, distributed, init_from, mesh as mesh_lib, metrics, task as tasks
 from core.metrics import MetricsLog
 from core.preempt import StopRequests
 from core.runlock import RunLock
@@ -250,7 +250,7 @@ def _checkpoint(loop: Loop) -> None:
 def _train(loop: Loop) -> dict:
     cfg, runner, task = loop.cfg, loop.built.runner, loop.task
     n_params = sum(x.size for x in jax.tree.leaves(loop.built.spec.abstract["params"]))
-    dp = loop.built.mesh.devices.size
+    dp = mesh_lib.data_parallel_size(loop.built.mesh)
     log(f"{cfg.model.family} ({task.name}): {n_params / 1e6:.2f}M params; {task.summary}; mesh "
         f"{dict(loop.built.mesh.shape)}, global batch {cfg.batch_size} = {cfg.batch_size // dp} per device x {dp} "
         f"devices, out_dir {cfg.out_dir}")
