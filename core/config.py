@@ -109,11 +109,46 @@ class SampleConfig:
     compile_cache: Optional[str] = "auto"
 
 
+@dataclass
+class ServeConfig:
+    out_dir: Optional[str] = None
+    step: Optional[int] = None  # None: the latest checkpoint
+    host: str = "127.0.0.1"  # 0.0.0.0 to listen on every interface
+    port: int = 8000  # 0: any free port (the log line says which)
+    api_key: Optional[str] = None  # None: $JAXLAB_API_KEY if set, else no auth
+    slots: int = 16  # sequences decoded at once (the largest batch bucket)
+    chunk_tokens: int = 8  # decode steps per device call: sequences join and leave the batch between chunks
+    batch_wait_ms: float = 2.0  # from idle, how long to gather concurrent requests into the first batch
+    max_queue: int = 256  # requests waiting beyond this get 429
+    max_prompt_tokens: Optional[int] = None  # None: the model's context (1024 for recurrent models)
+    max_tokens: int = 4096  # the largest max_tokens a request may ask for
+    max_n: int = 16  # completions per request (prompts x n)
+    predict_rows: int = 256  # rows per predict request, and per batch
+    max_body_bytes: int = 1 << 20
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests
+    cpu_threads: Optional[int] = 0  # XLA-CPU threads: 0 is one per core (batches gain from them)
+    compile_cache: Optional[str] = "auto"
+
+
+@dataclass
+class ExportConfig:
+    out_dir: Optional[str] = None
+    step: Optional[int] = None  # None: the latest checkpoint
+    format: str = "stablehlo"  # stablehlo (jax.export) | savedmodel (TF, through jax2tf)
+    dest: Optional[str] = None  # the directory to write: complete or not there at all
+    batch: Optional[int] = None  # None: a symbolic batch dimension; N fixes it (for runtimes that want static shapes)
+    overwrite: bool = False  # replace dest if it holds an earlier export
+    # Lowered for each (jax.export keeps one lowering per platform; the caller's device picks).
+    platforms: List[str] = field(default_factory=lambda: ["cpu", "cuda", "tpu"])
+
+
 def register() -> None:
     """Put every schema in Hydra's ConfigStore; each YAML file lists its schema first in its defaults."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="serve_schema", node=ServeConfig)
     cs.store(group="optim", name="adamw_schema", node=OptimConfig)
     for group in PACKAGES:
         for name in choices(group):

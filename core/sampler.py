@@ -63,6 +63,27 @@ def pick(logits_BV, key, temperature: float, top_k: int, top_p: float, noise_BV=
     return jnp.argmax(logits_BV + noise_BV, axis=-1).astype(jnp.int32)
 
 
+def pick_row(logits_1V, key, temperature, top_k, top_p):
+    """`pick` for one row whose settings are traced values, not constants: a server batch mixes them.
+
+    The same token as `pick(logits_1V, key, temperature, top_k, top_p)` for the same key: the k-th
+    largest logit and the top-p cutoff are the same thresholds, taken from one sort.
+    """
+    logits_1V = logits_1V.astype(jnp.float32)
+    greedy = jnp.argmax(logits_1V, axis=-1).astype(jnp.int32)
+    scaled_1V = logits_1V / jnp.where(temperature > 0, temperature, 1.0)
+    sorted_1V = jnp.sort(scaled_1V, axis=-1)[:, ::-1]
+    kth_11 = jax.lax.dynamic_slice_in_dim(sorted_1V, jnp.clip(top_k - 1, 0, logits_1V.shape[-1] - 1), 1, axis=-1)
+    scaled_1V = jnp.where((top_k > 0) & (scaled_1V < kth_11), -jnp.inf, scaled_1V)
+    sorted_1V = jnp.where((top_k > 0) & (sorted_1V < kth_11), -jnp.inf, sorted_1V)
+    probs_1V = jax.nn.softmax(sorted_1V, axis=-1)
+    keep_1V = (jnp.cumsum(probs_1V, axis=-1) - probs_1V) < top_p
+    cutoff_11 = jnp.min(jnp.where(keep_1V, sorted_1V, jnp.inf), axis=-1, keepdims=True)
+    scaled_1V = jnp.where((top_p < 1.0) & (scaled_1V < cutoff_11), -jnp.inf, scaled_1V)
+    sampled = jnp.argmax(scaled_1V + gumbel(key, scaled_1V.shape), axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
 def decode_unroll(model, cache, batch: int, small_loop_bytes: int = XLA_SMALL_LOOP_DEFAULT) -> int:
     """Decode steps per loop iteration: 1 where XLA-CPU runs the loop as one function, else 4.
 
