@@ -2,7 +2,8 @@
 
 Table runs (data=tabular) read CSV/TSV rows with a header line, from path= or stdin, and preprocess
 them from the run's meta alone, as the training rows were; image classifiers read path=FILE.npy
-(N x H x W x C, or N x H x W). Each input row gives one JSON object on stdout: {"prediction": value}
+(N x H x W x C, or N x H x W); text classifiers read text="...", or one text per line of path= or
+stdin. Each input row gives one JSON object on stdout: {"prediction": value}
 in target units (a dict of them for several targets), or {"label": ..., "probs": {label: p}}.
 Logs go to stderr.
 """
@@ -18,7 +19,8 @@ import sys
 from core import cli
 from errors import UserError
 
-USAGE = "python predict.py out_dir=RUN [path=FILE.csv|FILE.npy] [step=N] (rows on stdin without path=)"
+USAGE = ("python predict.py out_dir=RUN [path=FILE.csv|FILE.npy|FILE.txt] [text=\"...\"] [step=N] "
+         "(rows or lines on stdin without path=)")
 CHUNK = 1024  # rows per forward call: one compiled shape, whatever the row count
 
 
@@ -32,8 +34,6 @@ def parse(argv: list[str]) -> dict:
         args[key] = value
     if not args.get("out_dir"):
         raise UserError(f"pass out_dir=RUN, the directory of a training run; usage: {USAGE}")
-    if "text" in args:
-        raise UserError("text= is kept for text classifiers, which no run trains yet; give table rows with path= or stdin")
     if "step" in args and not args["step"].isdigit():
         raise UserError(f"step={args['step']} must be a checkpoint's step number")
     return args
@@ -81,6 +81,19 @@ def image_inputs(meta: dict, path: str | None):
     return normalise(x, meta["mean"], meta["std"])
 
 
+def text_inputs(text: str | None, path: str | None) -> list[str]:
+    """The texts to classify: text=, else one per line of path= or stdin."""
+    if text is not None:
+        return [text]
+    if not path and sys.stdin.isatty():
+        raise UserError(f"pass text=\"...\", path=FILE (one text per line), or pipe lines into stdin; usage: {USAGE}")
+    lines = open(path, encoding="utf-8").read().splitlines() if path else sys.stdin.read().splitlines()
+    texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise UserError(f"{path or 'stdin'} holds no text to classify")
+    return texts
+
+
 def forward(run, x_N):
     """The model's outputs for every row of x_N, in chunks of one compiled shape."""
     import jax
@@ -98,21 +111,6 @@ def forward(run, x_N):
     return np.concatenate(outs)
 
 
-def results(meta: dict, task: str, out_N) -> list[dict]:
-    """One JSON-ready dict per row: a value in target units, or a label and its class probabilities."""
-    import numpy as np
-
-    if task == "regress":
-        y_NO = out_N * np.array(meta["target_std"]) + np.array(meta["target_mean"])
-        names = meta["target"]
-        return [{"prediction": float(y[0]) if len(names) == 1 else dict(zip(names, map(float, y)))} for y in y_NO]
-    labels = meta.get("labels") or list(range(meta["num_classes"]))
-    z = out_N - out_N.max(axis=-1, keepdims=True)
-    probs_NY = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
-    return [{"label": labels[int(p.argmax())], "probs": {str(k): float(v) for k, v in zip(labels, p)}}
-            for p in probs_NY]
-
-
 def main(argv: list[str]) -> None:
     try:
         args = parse(argv)
@@ -120,13 +118,21 @@ def main(argv: list[str]) -> None:
             raise UserError(f"path={args['path']} does not exist")
         runtime.compile_cache("auto")
         from core.state import load_run
+        from serving.predictor import kind_of, results, to_rows
 
         run = load_run(args["out_dir"], int(args["step"]) if "step" in args else None)
         meta, path = run.meta, args.get("path") and os.path.expanduser(args["path"])
-        if run.task not in ("regress", "classify") or not ("features" in meta or "image_shape" in meta):
+        kind = kind_of(run)
+        if kind is None:
             raise UserError(f"{args['out_dir']} holds a task={run.task} model on data={run.cfg.data.kind}; predict.py "
-                            f"serves regressors and classifiers of table rows or images (sample.py: language models)")
-        x = table_inputs(meta, path) if "features" in meta else image_inputs(meta, path)
+                            f"serves regressors and classifiers of table rows, images or texts (sample.py: language "
+                            f"models)")
+        if kind == "text":
+            x = to_rows(run, kind, text_inputs(args.get("text"), path))
+        elif "text" in args:
+            raise UserError(f"text= is for text classifiers; this run reads {kind}s: pass path=")
+        else:
+            x = table_inputs(meta, path) if kind == "table" else image_inputs(meta, path)
         print(f"predicting {len(x):,} rows with step {run.step} of {run.cfg.model.family} ({run.task}) in "
               f"{args['out_dir']}", file=sys.stderr)
         rows = results(meta, run.task, forward(run, x))
