@@ -69,29 +69,51 @@ async def next_event(queue: asyncio.Queue, request: Request):
                 raise asyncio.CancelledError("client disconnected") from None
 
 
+class Guard:
+    """Size and auth checks before any handler; status and latency counted for every request.
+
+    Plain ASGI: starlette's BaseHTTPMiddleware costs a task group and a stream per request.
+    """
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, path, service = time.perf_counter(), scope["path"], self.service
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"0").decode("latin-1")
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        if not length.isdigit():
+            refusal = error(400, "content-length must be a number of bytes")
+        elif int(length) > service.max_body:
+            refusal = error(413, f"the body is over {service.max_body:,} bytes")
+        elif service.api_key and path.startswith("/v1/") and not hmac.compare_digest(
+                headers.get(b"authorization", b""), f"Bearer {service.api_key}".encode()):
+            refusal = error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                            kind="authentication_error")
+        else:
+            refusal = None
+        try:
+            await (refusal or self.app)(scope, receive, send_status)
+        finally:
+            route = path if path in KNOWN_ROUTES else "other"
+            service.metrics.requests.labels(route, str(status[0])).inc()
+            service.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
 def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="jaxlab", docs_url=None, redoc_url=None, openapi_url=None)
     m = service.metrics
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """Size and auth checks before any handler; latency and status counted for every request."""
-        start, route = time.perf_counter(), request.url.path
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit():
-            response = error(400, "content-length must be a number of bytes")
-        elif int(length) > service.max_body:
-            response = error(413, f"the body is over {service.max_body:,} bytes")
-        elif service.api_key and route.startswith("/v1/") and not hmac.compare_digest(
-                request.headers.get("authorization", "").encode(), f"Bearer {service.api_key}".encode()):
-            response = error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                             kind="authentication_error")
-        else:
-            response = await call_next(request)
-        known = route if route in KNOWN_ROUTES else "other"
-        m.requests.labels(known, str(response.status_code)).inc()
-        m.latency.labels(known).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(Guard, service=service)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):  # unknown routes, wrong methods
@@ -151,7 +173,7 @@ def create_app(service: Service) -> FastAPI:
         seed = c.seed if c.seed is not None else int.from_bytes(os.urandom(4), "little") >> 2
         choices = [Choice(i * c.n + j, p, seed + j) for i, p in enumerate(prompts)
                    for j in range(c.n)]
-        job = Job(choices, c.max_tokens, c.temperature, c.top_k, c.top_p, c.stop,
+        job = Job(choices, c.max_tokens, c.temperature, c.top_k, c.top_p, c.stop, c.stream,
                   emit=lambda *event: loop.call_soon_threadsafe(events.put_nowait, event))
         service.scheduler.submit(job)
         m.prompt_tokens.inc(sum(map(len, prompts)))

@@ -1,9 +1,9 @@
-"""The compiled programs a language-model server runs: prefill into a slot, decode a chunk, slide, move.
+"""The compiled programs a language-model server runs: prefill into slots, decode a chunk, slide a slot.
 
 The server keeps S slots, each one sequence's KV cache (or recurrent carry) and next-token logits,
 stacked on a leading S axis. Every program is compiled ahead of time for fixed shapes (a prompt
 bucket, a batch bucket), so nothing compiles while serving. A decode chunk runs K steps over the
-first b slots (the scheduler keeps the live ones there), each slot at its own position and with its
+first b slots, each slot at its own position and with its
 own sampling settings: the model's batch-1 call is vmapped over the slots, so any model with
 `init_cache(batch)` and `model(idx_BL, cache=, pos=)` serves, as it samples (core/sampler.py).
 
@@ -30,6 +30,14 @@ def buckets(largest: int, smallest: int = 1) -> list[int]:
     return sorted(set(out + [largest]))
 
 
+def prefill_sizes(slots: int) -> list[int]:
+    """Prompts prefilled per call: 1, 4, 16, ... up to `slots` (fewer programs than every power of two)."""
+    out = [1]
+    while out[-1] < slots:
+        out.append(min(out[-1] * 4, slots))
+    return out
+
+
 def bucket_of(n: int, sizes: list[int]) -> int:
     """The smallest size >= n."""
     return next(s for s in sizes if s >= n)
@@ -38,11 +46,10 @@ def bucket_of(n: int, sizes: list[int]) -> int:
 @dataclass
 class Programs:
     """The server's compiled programs and the device state they update (donated, in place)."""
-    prefill: dict  # prompt bucket L -> compiled (params, rest, cache, logits_SV, prompt_1L, length, slot)
+    prefill: dict  # (k, prompt bucket L) -> compiled (params, rest, cache, logits_SV, prompts_kL, lengths_k, slots_k)
     slide: object  # compiled (params, rest, cache, tokens_1K, slot): re-prefill a full slot, logits kept
     decode: dict  # batch bucket b -> compiled (params, rest, cache, logits_SV, pos_b, count_b, key_bX,
     #               temperature_b, top_k_b, top_p_b) -> (cache, logits_SV, tokens_bK)
-    move: object  # compiled (cache, logits_SV, src, dst): slot src copied to dst
     key_data: object  # compiled (seed) -> the sampling key's data for that seed, as sample.py's
     block_size: int | None  # T: the context; None for a recurrent carry
     chunk: int  # K: decode steps per call
@@ -63,8 +70,9 @@ def build(model: nnx.Module, params, rest, *, slots: int, chunk: int, max_prompt
 
     state = (jax.tree.map(spec, params), jax.tree.map(spec, rest), jax.tree.map(spec, cache), spec(logits_SV))
     compiled = partial(_compile, graphdef=graphdef, T=T)
-    prefill = {L: compiled(_prefill, (*state, jax.ShapeDtypeStruct((1, L), jnp.int32), i32, i32), donate=(2, 3))
-               for L in buckets(max_prompt, min(16, max_prompt))}
+    prefill = {(k, L): compiled(_prefill, (*state, jax.ShapeDtypeStruct((k, L), jnp.int32),
+                                           *[jax.ShapeDtypeStruct((k,), jnp.int32)] * 2), donate=(2, 3))
+               for k in prefill_sizes(slots) for L in buckets(max_prompt, min(16, max_prompt))}
     slide = None if T is None else compiled(_slide, (*state[:3], jax.ShapeDtypeStruct((1, T // 2), jnp.int32), i32),
                                             donate=(2,))
     key_shape = jax.random.key_data(jax.random.key(0, impl=SAMPLING_PRNG)).shape
@@ -75,9 +83,8 @@ def build(model: nnx.Module, params, rest, *, slots: int, chunk: int, max_prompt
                                                               jax.ShapeDtypeStruct((b,), jnp.int32),
                                                               jax.ShapeDtypeStruct((b,), jnp.float32)]
         decode[b] = compiled(partial(_decode, steps=chunk), (*state, *rows), donate=(2, 3))
-    move = jax.jit(_move, donate_argnums=(0, 1)).lower(state[2], state[3], i32, i32).compile()
     key_data = jax.jit(lambda seed: jax.random.key_data(sampling_key(jax.random.key(seed)))).lower(i32).compile()
-    return Programs(prefill, slide, decode, move, key_data, T, chunk), cache, logits_SV
+    return Programs(prefill, slide, decode, key_data, T, chunk), cache, logits_SV
 
 
 def _compile(fn, shapes, *, graphdef, T, donate):
@@ -90,25 +97,32 @@ def _put(cache, logits_SV, one_cache, logits_V, slot):
     return cache, (None if logits_V is None else jax.lax.dynamic_update_index_in_dim(logits_SV, logits_V, slot, 0))
 
 
-def _prefill(params, rest, cache, logits_SV, prompt_1L, length, slot, *, graphdef, T):
-    """The prompt's cache into `slot` and the logits after its last real token (prompt_1L is right-padded)."""
-    model = nnx.merge(graphdef, params, rest)
+def _prefill_one(model, prompt_L, length, *, T, V):
+    """(the prompt's batch-1 cache, the logits after its last real token); prompt_L is right-padded."""
     if T is not None:  # causal: the padding after `length` changes nothing before it, and is overwritten
-        logits_1LV, one_cache = model(prompt_1L, cache=model.init_cache(1), pos=0)
-        logits_V = jax.lax.dynamic_index_in_dim(logits_1LV[0], length - 1, 0, keepdims=False)
-    else:  # a recurrent carry must not see the padding: one token at a time, the carry kept past `length`
-        def step(carry, xs):
-            one_cache, logits_V = carry
-            i, token = xs
-            logits_11V, stepped = model(token[None, None], cache=one_cache, pos=i)
-            live = i < length
-            one_cache = jax.tree.map(lambda new, old: jnp.where(live, new, old), stepped, one_cache)
-            return (one_cache, jnp.where(live, logits_11V[0, -1].astype(jnp.float32), logits_V)), None
+        logits_1LV, one_cache = model(prompt_L[None], cache=model.init_cache(1), pos=0)
+        return one_cache, jax.lax.dynamic_index_in_dim(logits_1LV[0], length - 1, 0, keepdims=False)
 
-        L = prompt_1L.shape[1]
-        (one_cache, logits_V), _ = jax.lax.scan(step, (model.init_cache(1), jnp.zeros(logits_SV.shape[1:])),
-                                                (jnp.arange(L), prompt_1L[0]))
-    return _put(cache, logits_SV, one_cache, logits_V.astype(jnp.float32), slot)
+    def step(carry, xs):  # a recurrent carry must not see the padding: token by token, kept past `length`
+        one_cache, logits_V = carry
+        i, token = xs
+        logits_11V, stepped = model(token[None, None], cache=one_cache, pos=i)
+        live = i < length
+        one_cache = jax.tree.map(lambda new, old: jnp.where(live, new, old), stepped, one_cache)
+        return (one_cache, jnp.where(live, logits_11V[0, -1].astype(jnp.float32), logits_V)), None
+
+    return jax.lax.scan(step, (model.init_cache(1), jnp.zeros(V)), (jnp.arange(len(prompt_L)), prompt_L))[0]
+
+
+def _prefill(params, rest, cache, logits_SV, prompts_kL, lengths_k, slots_k, *, graphdef, T):
+    """k prompts' caches into their slots and the logits after each one's last real token, in one call.
+
+    Rows beyond the real prompts carry slot index S (out of range): their writes are dropped.
+    """
+    model = nnx.merge(graphdef, params, rest)
+    caches, logits_kV = jax.vmap(partial(_prefill_one, model, T=T, V=logits_SV.shape[1]))(prompts_kL, lengths_k)
+    cache = jax.tree.map(lambda c, x: c.at[slots_k].set(x.astype(c.dtype), mode="drop"), cache, caches)
+    return cache, logits_SV.at[slots_k].set(logits_kV.astype(jnp.float32), mode="drop")
 
 
 def _slide(params, rest, cache, tokens_1K, slot, *, graphdef, T):
@@ -150,11 +164,6 @@ def _decode(params, rest, cache, logits_SV, pos_b, count_b, key_bX, temperature_
     (sub, logits_bV, _, _), tokens_Kb = jax.lax.scan(step, (sub, logits_SV[:b], pos_b, count_b), None, length=steps)
     cache = jax.tree.map(lambda c, s: jax.lax.dynamic_update_slice_in_dim(c, s, 0, 0), cache, sub)
     return cache, jax.lax.dynamic_update_slice_in_dim(logits_SV, logits_bV, 0, 0), tokens_Kb.T
-
-
-def _move(cache, logits_SV, src, dst):
-    take = partial(jax.lax.dynamic_index_in_dim, index=src, axis=0, keepdims=False)
-    return _put(cache, logits_SV, jax.tree.map(take, cache), take(logits_SV), dst)
 
 
 def valid_steps(programs: Programs, pos: int) -> int:

@@ -1,9 +1,9 @@
 """The language-model scheduler: one thread owns JAX and runs continuous batching over S slots.
 
 Requests arrive from the HTTP threads as `Job`s (one `Choice` per prompt x n). Between decode
-chunks the scheduler admits waiting choices into free slots (a batch-1 prefill each), slides full
-caches, and drops cancelled or finished choices, moving the last live slot into the hole so the live
-ones stay in slots 0..n-1. Each chunk then decodes K tokens for the smallest batch bucket b >= n.
+chunks the scheduler admits waiting choices into free slots (prefilled together), slides full
+caches, and drops cancelled or finished choices. Each chunk then decodes K tokens for slots 0..b-1,
+the smallest batch bucket that holds every busy slot (new choices take the lowest free one).
 So a sequence joins and leaves the batch at chunk boundaries (every K tokens), never waiting for the
 others; all shapes are compiled at start-up (serving/programs.py).
 """
@@ -23,7 +23,7 @@ class QueueFull(Exception):
     """More jobs wait than the server's max_queue: the client should retry later (HTTP 429)."""
 
 
-@dataclass(eq=False)  # identity, not field equality: a choice is found in the live list by itself
+@dataclass(eq=False)  # compared by identity: its fields hold numpy arrays
 class Choice:
     index: int  # the choice's index in the response (prompt index x n + j)
     prompt_P: np.ndarray
@@ -33,6 +33,7 @@ class Choice:
     text: str = ""
     sent: int = 0  # characters of text already emitted
     pos: int = 0  # the next cache position to write
+    slot: int = -1
     finish: str | None = None
 
 
@@ -44,6 +45,7 @@ class Job:
     top_k: int
     top_p: float
     stop: list
+    stream: bool  # emit text as it decodes; else once, when the choice finishes (fewer wake-ups)
     emit: Callable  # emit(kind, index, payload): "text" (delta), "done" ((finish_reason, tokens)), "error" (message)
     cancelled: bool = False
     admitted: int = 0  # choices already given a slot
@@ -57,7 +59,8 @@ class Scheduler:
         self.p, self.params, self.rest, self.cache, self.logits_SV = programs, params, rest, cache, logits_SV
         self.batch_sizes = prog.buckets(slots)
         self.decode_text, self.max_queue, self.wait_s, self.metrics = decode, max_queue, wait_s, metrics
-        self.live: list[Choice] = []  # slot i holds live[i]
+        self.slots: list[Choice | None] = [None] * slots  # what each slot decodes; None: free
+        self.busy = 0  # slots in use
         self.job_of: dict[int, Job] = {}  # id(choice) -> its job
         self.pending: deque[Job] = deque()
         self.cond = threading.Condition()
@@ -86,83 +89,98 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self.cond:
-                while not self.pending and not self.live and not self.stopping:
+                while not self.pending and not self.busy and not self.stopping:
                     self.cond.wait()
-                if self.stopping and not self.pending and not self.live:
+                if self.stopping and not self.pending and not self.busy:
                     return
-                gather = not self.live
+                gather = not self.busy
             if gather and self.wait_s > 0:
                 time.sleep(self.wait_s)  # from idle: let concurrent arrivals share the first chunk
             try:
                 self._admit()
-                if self.live:
+                if self.busy:
                     self._chunk()
             except Exception as e:  # noqa: BLE001 - one failed chunk fails its requests, not the server
                 print(f"error: scheduler: {type(e).__name__}: {e}", file=sys.stderr)
-                for c in list(self.live):
+                for c in [c for c in self.slots if c is not None]:
                     self.job_of[id(c)].emit("error", c.index, f"{type(e).__name__}: {e}")
                     self._free(c)
 
     def _admit(self) -> None:
-        """Waiting choices into free slots, oldest job first; cancelled jobs leave the queue."""
-        slots = self.batch_sizes[-1]
-        while len(self.live) < slots:
-            with self.cond:
+        """Waiting choices into free slots, oldest job first, prefilled a batch per prompt bucket."""
+        taken = []
+        with self.cond:
+            while self.busy + len(taken) < len(self.slots):
                 while self.pending and self.pending[0].cancelled:
                     self.pending.popleft()
                 if not self.pending:
                     break
                 job = self.pending[0]
-                choice = job.choices[job.admitted]
+                taken.append((job, job.choices[job.admitted]))
                 job.admitted += 1
                 if job.admitted == len(job.choices):
                     self.pending.popleft()
-                self.metrics.queue_depth.set(len(self.pending))
+            self.metrics.queue_depth.set(len(self.pending))
+        lengths = sorted({L for _, L in self.p.prefill})
+        ks = sorted({k for k, _ in self.p.prefill})
+        by_length = {}
+        for job, choice in taken:
             choice.key_X = prog.seed_key(self.p, choice.seed)
-            slot, P = len(self.live), len(choice.prompt_P)
-            L = prog.bucket_of(P, sorted(self.p.prefill))
-            prompt_1L = np.zeros((1, L), np.int32)
-            prompt_1L[0, :P] = choice.prompt_P
-            self.cache, self.logits_SV = self.p.prefill[L](self.params, self.rest, self.cache, self.logits_SV,
-                                                           prompt_1L, np.int32(P), np.int32(slot))
-            choice.pos = P
-            self.live.append(choice)
-            self.job_of[id(choice)] = job
+            by_length.setdefault(prog.bucket_of(len(choice.prompt_P), lengths), []).append((job, choice))
+        for L, group in by_length.items():
+            while group:
+                k = prog.bucket_of(min(len(group), ks[-1]), ks)
+                part, group = group[:k], group[k:]
+                prompts_kL = np.zeros((k, L), np.int32)
+                lengths_k = np.ones(k, np.int32)
+                slots_k = np.full(k, len(self.slots), np.int32)  # out of range: padding rows write nothing
+                for r, (job, choice) in enumerate(part):
+                    P, slot = len(choice.prompt_P), self.slots.index(None)  # the lowest free slot
+                    prompts_kL[r, :P], lengths_k[r], slots_k[r] = choice.prompt_P, P, slot
+                    choice.pos, choice.slot = P, slot
+                    self.slots[slot] = choice
+                    self.busy += 1
+                    self.job_of[id(choice)] = job
+                self.cache, self.logits_SV = self.p.prefill[k, L](self.params, self.rest, self.cache, self.logits_SV,
+                                                                  prompts_kL, lengths_k, slots_k)
 
     def _free(self, choice: Choice) -> None:
-        """Drop a choice's slot; the last live slot moves into it so the live ones stay first."""
-        i, last = self.live.index(choice), len(self.live) - 1
-        if i != last:
-            self.cache, self.logits_SV = self.p.move(self.cache, self.logits_SV, np.int32(last), np.int32(i))
-            self.live[i] = self.live[last]
-        self.live.pop()
+        self.slots[choice.slot] = None
+        self.busy -= 1
         self.job_of.pop(id(choice))
 
     def _chunk(self) -> None:
+        """K tokens for slots 0..b-1, b the smallest batch bucket past the highest busy slot.
+
+        Free slots below it decode garbage nobody reads: cheaper than moving caches to keep the busy
+        ones first, and new choices take the lowest free slot, so the batch shrinks as load falls.
+        """
         T = self.p.block_size
-        for slot, c in enumerate(self.live):
+        live = [c for c in self.slots if c is not None]
+        for c in live:
             if T is not None and c.pos >= T:  # a full cache: keep its last T/2 tokens, as sample.py does
                 fed = np.concatenate([c.prompt_P, np.asarray(c.tokens, np.int32)])[-(T // 2):]
                 self.cache = self.p.slide(self.params, self.rest, self.cache, fed[None].astype(np.int32),
-                                          np.int32(slot))
+                                          np.int32(c.slot))
                 c.pos = T // 2
-        n = len(self.live)
-        b = prog.bucket_of(n, self.batch_sizes)
-        jobs = [self.job_of[id(c)] for c in self.live]
-        pad = b - n
-        pos_b = np.array([c.pos for c in self.live] + [0] * pad, np.int32)
-        count_b = np.array([len(c.tokens) for c in self.live] + [0] * pad, np.int32)
-        key_bX = np.stack([c.key_X for c in self.live] + [np.zeros_like(self.live[0].key_X)] * pad)
-        temperature_b = np.array([j.temperature for j in jobs] + [0.0] * pad, np.float32)
-        top_k_b = np.array([j.top_k for j in jobs] + [0] * pad, np.int32)
-        top_p_b = np.array([j.top_p for j in jobs] + [1.0] * pad, np.float32)
+        b = prog.bucket_of(live[-1].slot + 1, self.batch_sizes)
+        rows = self.slots[:b]
+        jobs = [self.job_of[id(c)] if c is not None else None for c in rows]
+        pos_b = np.array([c.pos if c else 0 for c in rows], np.int32)
+        count_b = np.array([len(c.tokens) if c else 0 for c in rows], np.int32)
+        key_bX = np.stack([c.key_X if c else np.zeros_like(live[0].key_X) for c in rows])
+        temperature_b = np.array([j.temperature if j else 0.0 for j in jobs], np.float32)
+        top_k_b = np.array([j.top_k if j else 0 for j in jobs], np.int32)
+        top_p_b = np.array([j.top_p if j else 1.0 for j in jobs], np.float32)
         self.cache, self.logits_SV, tokens_bK = self.p.decode[b](self.params, self.rest, self.cache, self.logits_SV,
                                                                   pos_b, count_b, key_bX, temperature_b, top_k_b,
                                                                   top_p_b)
         tokens_bK = np.asarray(tokens_bK)
-        self.metrics.batch_size.observe(n)
+        self.metrics.batch_size.observe(len(live))
         now = time.perf_counter()
-        for c, job, tokens_K in zip(list(self.live), jobs, tokens_bK):
+        for c, job, tokens_K in zip(rows, jobs, tokens_bK):
+            if c is None:
+                continue
             if job.cancelled:
                 self._free(c)
                 continue
@@ -189,7 +207,7 @@ class Scheduler:
             c.finish = "length"
         hold = 0 if c.finish or not job.stop else max(map(len, job.stop)) - 1
         ready = max(c.sent, len(c.text) - hold)
-        if ready > c.sent:
+        if ready > c.sent and (job.stream or c.finish):
             job.emit("text", c.index, c.text[c.sent:ready])
             c.sent = ready
         if c.finish:

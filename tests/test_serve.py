@@ -249,7 +249,7 @@ def scheduled(model, prompts, n_tokens, samplings, *, slots=4, chunk=3):
     scheduler.start()
     out = []
     for sampling in samplings:
-        jobs = [Job([Choice(0, np.asarray(p, np.int32), seed)], n_tokens, stop=[],
+        jobs = [Job([Choice(0, np.asarray(p, np.int32), seed)], n_tokens, stop=[], stream=False,
                     emit=lambda kind, i, payload: done.release() if kind == "done" else None, **sampling)
                 for seed, p in enumerate(prompts)]
         for job in jobs:
