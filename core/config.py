@@ -118,7 +118,9 @@ class ServeConfig:
     api_key: Optional[str] = None  # None: $JAXLAB_API_KEY if set, else no auth
     slots: int = 16  # sequences decoded at once (the largest batch bucket)
     chunk_tokens: int = 8  # decode steps per device call: sequences join and leave the batch between chunks
-    batch_wait_ms: float = 2.0  # from idle, how long to gather concurrent requests into the first batch
+    # From idle, how long to gather concurrent requests into a first batch. 0: a language model admits
+    # arrivals at every chunk boundary anyway; a wait only adds latency (benchmarks/README.md).
+    batch_wait_ms: float = 0.0
     max_queue: int = 256  # requests waiting beyond this get 429
     max_prompt_tokens: Optional[int] = None  # None: the model's context (1024 for recurrent models)
     max_tokens: int = 4096  # the largest max_tokens a request may ask for

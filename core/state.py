@@ -103,6 +103,8 @@ def load_run(out_dir: str, step: int | None = None, mesh=None) -> Run:
     steps = sorted(mngr.all_steps())
     if not steps:
         raise UserError(f"{out_dir} holds no complete checkpoint; train first or wait for the first save")
+    if step is not None and step not in steps:
+        raise UserError(f"no checkpoint at step {step} in {out_dir}; available: {steps}")
     meta = checkpoint.read_meta(mngr, step if step is not None else steps[-1])
     cfg = OmegaConf.create(meta["config"])
     mesh = mesh or mesh_lib.make_mesh(OmegaConf.create({"data": -1, "fsdp": 1}))
