@@ -12,6 +12,8 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from core import prune
+from core.prune import PruneConfig
 from errors import UserError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -90,6 +92,7 @@ class TrainConfig:
     data: Any = None
     task: Any = None
     optim: OptimConfig = field(default_factory=OptimConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)  # gradual magnitude pruning: core/prune.py
 
 
 @dataclass
@@ -178,6 +181,7 @@ def check(cfg) -> None:
         raise UserError("parallel=pmap replicates the state: it needs mesh.fsdp=1 (use parallel=jit for FSDP)")
     if cfg.on_nan not in ("stop", "skip"):
         raise UserError(f"on_nan={cfg.on_nan} must be 'stop' or 'skip'")
+    prune.check(cfg)
     family, source, task = (_module(cfg, g) for g in ("model", "data", "task"))
     if task.READS not in source.PROVIDES:
         fits = [n for n in choices("task") if module("task", n).READS in source.PROVIDES]
@@ -212,7 +216,7 @@ def check(cfg) -> None:
 def check_keys(cfg) -> None:
     """Reject keys no schema declares (Hydra lets `+key=value` add them even to typed nodes)."""
     nodes = {"": (cfg, TrainConfig), "optim.": (cfg.optim, OptimConfig), "mesh.": (cfg.mesh, MeshConfig),
-             "distributed.": (cfg.distributed, DistributedConfig)}
+             "distributed.": (cfg.distributed, DistributedConfig), "prune.": (cfg.prune, PruneConfig)}
     for group in PACKAGES:
         nodes[f"{group}."] = (cfg[group], _module(cfg, group).Config)
     for prefix, (node, schema) in nodes.items():

@@ -204,6 +204,8 @@ def _evaluate(loop: Loop) -> dict:
             totals[k] = totals.get(k, 0.0) + first(v) * w
         weight += w
     val = loop.task.finish({f"val_{k}": v / weight for k, v in totals.items()}, loop.meta)
+    if loop.built.sparsity is not None:  # counted in the params themselves, not taken from the masks
+        val["sparsity"] = float(loop.built.sparsity(loop.built.runner.get(loop.state["params"])))
     loop.val_loss = val["val_loss"]
     loop.metrics_log.write(loop.step, {**val, "time_s": time.perf_counter() - loop.t_run})
     log(f"step {loop.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))

@@ -14,7 +14,7 @@ from flax import nnx
 from omegaconf import OmegaConf
 
 import model as models
-from core import checkpoint, mesh as mesh_lib
+from core import checkpoint, mesh as mesh_lib, prune
 from core.optim import make_optimizer, schedule
 from core.step import Runner, compile_steps, init_state
 from errors import UserError
@@ -34,7 +34,7 @@ def state_spec(cfg, dims: dict, mesh) -> StateSpec:
     """The state of `cfg`'s model; `dims` are the task's model arguments (e.g. {"vocab_size": 65})."""
     model_fn = partial(models.build, cfg.model, dims)
     tx = make_optimizer(cfg.optim, cfg.steps)
-    make_state = partial(init_state, model_fn, tx, cfg.seed)
+    make_state = partial(init_state, model_fn, tx, cfg.seed, list(cfg.prune.tensors) if prune.enabled(cfg) else None)
     abstract = jax.eval_shape(make_state)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0))))
     return StateSpec(make_state, abstract, mesh_lib.state_shardings(mesh, abstract), graphdef, tx,
@@ -47,6 +47,7 @@ class Setup:
     mesh: Any
     spec: StateSpec
     runner: Runner
+    sparsity: Callable | None = None  # canonical params -> fraction of zeros among the prunable (pruned runs)
 
     def fresh_state(self):
         """A newly initialised train state, born sharded by the mesh rules."""
@@ -58,9 +59,12 @@ def setup(cfg, dims: dict, loss_fn: Callable, mesh=None) -> Setup:
     mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_batch(cfg.batch_size, mesh, cfg.optim.grad_accum)
     spec = state_spec(cfg, dims, mesh)
+    pruner = prune.pruner(cfg, spec.abstract["params"])
     runner = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=loss_fn,
-                           lr_fn=spec.lr_fn, seed=cfg.seed, grad_accum=cfg.optim.grad_accum, parallel=cfg.parallel)
-    return Setup(mesh, spec, runner)
+                           lr_fn=spec.lr_fn, seed=cfg.seed, grad_accum=cfg.optim.grad_accum, parallel=cfg.parallel,
+                           pruner=pruner)
+    sparsity = None if pruner is None else jax.jit(partial(prune.sparsity_of, which=pruner.which))
+    return Setup(mesh, spec, runner, sparsity)
 
 
 def model_bytes(cfg, dims: dict) -> int:

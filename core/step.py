@@ -1,6 +1,7 @@
 """The pure train and eval steps, and the one place they are jitted (with the mesh's shardings).
 
-State is a plain pytree: {"step", "params", "opt_state", "rest", "nonfinite"}; params and rest (non-Param
+State is a plain pytree: {"step", "params", "opt_state", "rest", "nonfinite"} (and "masks" when
+pruning, core/prune.py); params and rest (non-Param
 model state such as batch-norm statistics) are pure dicts that `nnx.merge` turns back into
 the module inside the jitted function.
 """
@@ -14,16 +15,22 @@ import numpy as np
 import optax
 from flax import nnx
 
-from core import mesh as mesh_lib
+from core import mesh as mesh_lib, prune
 
 
-def init_state(model_fn, tx, seed: int) -> dict:
-    """A fresh train state; call under jax.jit (or eval_shape) so params are born sharded."""
+def init_state(model_fn, tx, seed: int, prune_tensors=None) -> dict:
+    """A fresh train state; call under jax.jit (or eval_shape) so params are born sharded.
+
+    prune_tensors: with pruning (core/prune.py), the state also holds its keep-masks, all ones.
+    """
     _, params, rest = nnx.split(model_fn(nnx.Rngs(params=seed)), nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
     zero = jnp.zeros((), jnp.int32)
-    return {"step": zero, "params": params, "opt_state": tx.init(params), "rest": rest,
-            "nonfinite": {"count": zero, "last_step": zero}}  # steps skipped for a NaN/Inf, and the last
+    state = {"step": zero, "params": params, "opt_state": tx.init(params), "rest": rest,
+             "nonfinite": {"count": zero, "last_step": zero}}  # steps skipped for a NaN/Inf, and the last
+    if prune_tensors:
+        state["masks"] = prune.initial_masks(params, prune.prunable(params, prune_tensors))
+    return state
 
 
 def _loss_and_grads(state, batch, key, *, graphdef, loss_fn, axis_name=None):
@@ -38,11 +45,15 @@ def _loss_and_grads(state, batch, key, *, graphdef, loss_fn, axis_name=None):
     return grads, metrics, rest
 
 
-def train_step(state, batch, *, graphdef, tx, loss_fn, lr_fn, seed: int, grad_accum: int = 1, axis_name=None):
+def train_step(state, batch, *, graphdef, tx, loss_fn, lr_fn, seed: int, grad_accum: int = 1, axis_name=None,
+               pruner=None):
     """One optimizer update from the global batch: (state, batch) -> (state, metrics). Pure.
 
     Under pmap (`axis_name` set) the same function runs per device on its rows of the batch.
+    pruner (core/prune.py): masks updated when due and applied before the update, and again after it.
     """
+    if pruner is not None:
+        state = pruner.before_update(state)
     key = jax.random.fold_in(jax.random.key(seed), state["step"])
     if axis_name is not None:  # dropout masks differ per device, as the rows they apply to do
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
@@ -71,11 +82,15 @@ def train_step(state, batch, *, graphdef, tx, loss_fn, lr_fn, seed: int, grad_ac
     ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
     bad = state["nonfinite"]
+    params = optax.apply_updates(state["params"], updates)
+    params = params if pruner is None else prune.apply(params, state["masks"])  # Adam revives no pruned weight
     new_state = {"step": state["step"] + 1,
-                 "params": keep(optax.apply_updates(state["params"], updates), state["params"]),
+                 "params": keep(params, state["params"]),
                  "opt_state": keep(opt_state, state["opt_state"]), "rest": keep(rest, state["rest"]),
                  "nonfinite": {"count": bad["count"] + (~ok).astype(jnp.int32),
                                "last_step": jnp.where(ok, bad["last_step"], state["step"] + 1)}}
+    if pruner is not None:
+        new_state["masks"] = state["masks"]
     metrics = {f"train_{k}": v for k, v in metrics.items()}
     metrics |= {"grad_norm": grad_norm, "lr": lr_fn(state["step"]), "nonfinite_steps": new_state["nonfinite"]["count"]}
     return new_state, metrics
@@ -115,10 +130,12 @@ def first(x) -> float:
     return float(np.ravel(x)[0])
 
 
-def compile_steps(mesh, state_sharding, *, graphdef, tx, loss_fn, lr_fn, seed, grad_accum, parallel="jit") -> Runner:
+def compile_steps(mesh, state_sharding, *, graphdef, tx, loss_fn, lr_fn, seed, grad_accum, parallel="jit",
+                  pruner=None) -> Runner:
     """Compile both steps once: jit with in/out shardings and the state donated, or pmap."""
     batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
-    step = partial(train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn, lr_fn=lr_fn, seed=seed, grad_accum=grad_accum)
+    step = partial(train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn, lr_fn=lr_fn, seed=seed, grad_accum=grad_accum,
+                   pruner=pruner)
     evaluate = partial(eval_step, graphdef=graphdef, loss_fn=loss_fn)
     if parallel == "jit":
         train = jax.jit(step, in_shardings=(state_sharding, batch_sh), out_shardings=(state_sharding, repl),
