@@ -18,6 +18,7 @@ import traceback
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 from core import cli, config
 from errors import UserError
@@ -38,12 +39,14 @@ def _record_failure(out_dir: str, message: str) -> None:
 def default_out_dir(cfg) -> str:
     """runs/<name>, then `,` and the overrides that name the run (as sweep job directories are named).
 
-    A run started from another one is named by the source's directory name too, so it never lands
-    in its own source's directory.
+    A run started from (or distilled from) another one is named by that run's directory name too, so
+    it never lands in its source's directory or its undistilled twin's.
     """
     named = [HydraConfig.get().job.override_dirname]
-    if cfg.init_from:
-        named.append(f"init_from={os.path.basename(os.path.normpath(cfg.init_from))}")
+    for key in ("init_from", "distill.teacher"):  # paths: named by the directory's name
+        path = OmegaConf.select(cfg, key)
+        if path:
+            named.append(f"{key}={os.path.basename(os.path.normpath(path))}")
     return os.path.join("runs", ",".join([cfg.name, *filter(None, named)]))
 
 

@@ -12,7 +12,8 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from core import prune
+from core import distill, prune
+from core.distill import DistillConfig
 from core.prune import PruneConfig
 from errors import UserError
 
@@ -93,6 +94,7 @@ class TrainConfig:
     task: Any = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)  # gradual magnitude pruning: core/prune.py
+    distill: DistillConfig = field(default_factory=DistillConfig)  # a teacher run's outputs: core/distill.py
 
 
 @dataclass
@@ -182,6 +184,7 @@ def check(cfg) -> None:
     if cfg.on_nan not in ("stop", "skip"):
         raise UserError(f"on_nan={cfg.on_nan} must be 'stop' or 'skip'")
     prune.check(cfg)
+    distill.check(cfg)
     family, source, task = (_module(cfg, g) for g in ("model", "data", "task"))
     if task.READS not in source.PROVIDES:
         fits = [n for n in choices("task") if module("task", n).READS in source.PROVIDES]
@@ -216,7 +219,8 @@ def check(cfg) -> None:
 def check_keys(cfg) -> None:
     """Reject keys no schema declares (Hydra lets `+key=value` add them even to typed nodes)."""
     nodes = {"": (cfg, TrainConfig), "optim.": (cfg.optim, OptimConfig), "mesh.": (cfg.mesh, MeshConfig),
-             "distributed.": (cfg.distributed, DistributedConfig), "prune.": (cfg.prune, PruneConfig)}
+             "distributed.": (cfg.distributed, DistributedConfig), "prune.": (cfg.prune, PruneConfig),
+             "distill.": (cfg.distill, DistillConfig)}
     for group in PACKAGES:
         nodes[f"{group}."] = (cfg[group], _module(cfg, group).Config)
     for prefix, (node, schema) in nodes.items():
@@ -238,7 +242,7 @@ RESUME_SAFE = {
 }
 # Keys that name nothing though they matter: the experiment is the name already; paths make poor names
 # (a run started from another is named by the source directory's name instead: train.py).
-UNNAMED_PATHS = ("experiment", "hparams_search", "name", "data.path", "data.val_path", "init_from")
+UNNAMED_PATHS = ("experiment", "hparams_search", "name", "data.path", "data.val_path", "init_from", "distill.teacher")
 
 
 def _expand(key: str) -> list[str]:

@@ -18,7 +18,7 @@ import jax
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from core import checkpoint, config, distributed, init_from, mesh as mesh_lib, metrics, task as tasks
+from core import checkpoint, config, distill, distributed, init_from, mesh as mesh_lib, metrics, task as tasks
 from core.metrics import MetricsLog
 from core.preempt import StopRequests
 from core.runlock import RunLock
@@ -120,11 +120,14 @@ def run(cfg) -> dict:
         # The data reads what the source gave (tokenizer, labels): from the source when starting, from
         # this run's own checkpoint when resuming a run that started from another.
         inherited = init_from.source_meta(cfg) if starting else \
-            checkpoint.peek_meta(out_dir) if own and cfg.init_from else None
+            checkpoint.peek_meta(out_dir) if own and cfg.init_from else \
+            distill.teacher_meta(cfg) if distill.enabled(cfg) else None  # a student reads the teacher's tokens
         task = tasks.load(cfg, inherited)
-        built = setup(cfg, task.dims, task.loss_fn)
         meta = {"config": OmegaConf.to_container(cfg, resolve=True), "task": task.name, "dims": task.dims,
                 **task.meta}
+        mesh = mesh_lib.make_mesh(cfg.mesh)
+        teacher = distill.load(cfg, mesh, config.module("task", cfg.task.name), meta, task.name, log)
+        built = setup(cfg, task.dims, task.loss_fn, mesh, teacher)
         loaded = init_from.load(cfg, built.spec, built.mesh, meta, log) if starting else None
         _prepare_out_dir(out_dir, fresh=not cfg.resume)
         distributed.check_shared_dir(out_dir)

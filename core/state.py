@@ -54,15 +54,18 @@ class Setup:
         return jax.jit(self.spec.make_state, out_shardings=self.spec.shardings)()
 
 
-def setup(cfg, dims: dict, loss_fn: Callable, mesh=None) -> Setup:
-    """Mesh -> state spec -> compiled steps for `cfg` (the loop, tests and benchmarks all start here)."""
+def setup(cfg, dims: dict, loss_fn: Callable, mesh=None, teacher=None) -> Setup:
+    """Mesh -> state spec -> compiled steps for `cfg` (the loop, tests and benchmarks all start here).
+
+    teacher: a core/distill.Teacher already on `mesh`, for distillation.
+    """
     mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_batch(cfg.batch_size, mesh, cfg.optim.grad_accum)
     spec = state_spec(cfg, dims, mesh)
     pruner = prune.pruner(cfg, spec.abstract["params"])
     runner = compile_steps(mesh, spec.shardings, graphdef=spec.graphdef, tx=spec.tx, loss_fn=loss_fn,
                            lr_fn=spec.lr_fn, seed=cfg.seed, grad_accum=cfg.optim.grad_accum, parallel=cfg.parallel,
-                           pruner=pruner)
+                           pruner=pruner, teacher=teacher)
     sparsity = None if pruner is None else jax.jit(partial(prune.sparsity_of, which=pruner.which))
     return Setup(mesh, spec, runner, sparsity)
 

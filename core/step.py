@@ -33,10 +33,10 @@ def init_state(model_fn, tx, seed: int, prune_tensors=None) -> dict:
     return state
 
 
-def _loss_and_grads(state, batch, key, *, graphdef, loss_fn, axis_name=None):
+def _loss_and_grads(state, batch, key, *, graphdef, loss_fn, axis_name=None, teacher=None):
     def loss_of(params, rest):
         model = nnx.merge(graphdef, params, rest)
-        loss, metrics = loss_fn(model, batch, key)
+        loss, metrics = loss_fn(model, batch, key) if teacher is None else loss_fn(model, batch, key, teacher)
         return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
 
     (loss, (metrics, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"], state["rest"])
@@ -45,19 +45,24 @@ def _loss_and_grads(state, batch, key, *, graphdef, loss_fn, axis_name=None):
     return grads, metrics, rest
 
 
-def train_step(state, batch, *, graphdef, tx, loss_fn, lr_fn, seed: int, grad_accum: int = 1, axis_name=None,
-               pruner=None):
+def train_step(state, batch, teacher_state=None, *, graphdef, tx, loss_fn, lr_fn, seed: int, grad_accum: int = 1,
+               axis_name=None, pruner=None, teacher_graphdef=None, teacher_loss=None):
     """One optimizer update from the global batch: (state, batch) -> (state, metrics). Pure.
 
     Under pmap (`axis_name` set) the same function runs per device on its rows of the batch.
     pruner (core/prune.py): masks updated when due and applied before the update, and again after it.
+    teacher_state (core/distill.py): a teacher's {"params", "rest"}; `teacher_loss` replaces `loss_fn`.
     """
+    teacher = None
+    if teacher_state is not None:
+        teacher = nnx.merge(teacher_graphdef, teacher_state["params"], teacher_state["rest"])
+        loss_fn = teacher_loss
     if pruner is not None:
         state = pruner.before_update(state)
     key = jax.random.fold_in(jax.random.key(seed), state["step"])
     if axis_name is not None:  # dropout masks differ per device, as the rows they apply to do
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    grads_of = partial(_loss_and_grads, graphdef=graphdef, loss_fn=loss_fn, axis_name=axis_name)
+    grads_of = partial(_loss_and_grads, graphdef=graphdef, loss_fn=loss_fn, axis_name=axis_name, teacher=teacher)
     if grad_accum == 1:
         grads, metrics, rest = grads_of(state, batch, key)
     else:
@@ -102,9 +107,9 @@ def eval_step(params, rest, batch, *, graphdef, loss_fn, axis_name=None):
     return metrics if axis_name is None else jax.lax.pmean(metrics, axis_name)
 
 
-def _many(state, batches, *, step):
+def _many(state, batches, teacher_state=None, *, step):
     """K train steps in one dispatch (a lax.scan over K stacked batches); the last step's metrics."""
-    state, metrics = jax.lax.scan(step, state, batches)
+    state, metrics = jax.lax.scan(lambda s, b: step(s, b, teacher_state), state, batches)
     return state, jax.tree.map(lambda m: m[-1], metrics)
 
 
@@ -131,20 +136,27 @@ def first(x) -> float:
 
 
 def compile_steps(mesh, state_sharding, *, graphdef, tx, loss_fn, lr_fn, seed, grad_accum, parallel="jit",
-                  pruner=None) -> Runner:
-    """Compile both steps once: jit with in/out shardings and the state donated, or pmap."""
+                  pruner=None, teacher=None) -> Runner:
+    """Compile both steps once: jit with in/out shardings and the state donated, or pmap.
+
+    teacher (core/distill.Teacher): its state is an argument of the train steps, passed by the Runner.
+    """
     batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
     step = partial(train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn, lr_fn=lr_fn, seed=seed, grad_accum=grad_accum,
-                   pruner=pruner)
+                   pruner=pruner, teacher_graphdef=teacher and teacher.graphdef, teacher_loss=teacher and teacher.loss)
+    t_state = None if teacher is None else teacher.state
+    t_sh = () if teacher is None else (jax.tree.map(lambda x: x.sharding, t_state),)
     evaluate = partial(eval_step, graphdef=graphdef, loss_fn=loss_fn)
     if parallel == "jit":
-        train = jax.jit(step, in_shardings=(state_sharding, batch_sh), out_shardings=(state_sharding, repl),
+        train = jax.jit(step, in_shardings=(state_sharding, batch_sh, *t_sh), out_shardings=(state_sharding, repl),
                         donate_argnums=0)
         ev = jax.jit(evaluate, in_shardings=(state_sharding["params"], state_sharding["rest"], batch_sh),
                      out_shardings=repl)
         stacked_sh = mesh_lib.stacked_batch_sharding(mesh)
-        train_many = jax.jit(partial(_many, step=step), in_shardings=(state_sharding, stacked_sh), out_shardings=(state_sharding, repl),
-                             donate_argnums=0)
+        train_many = jax.jit(partial(_many, step=step), in_shardings=(state_sharding, stacked_sh, *t_sh),
+                             out_shardings=(state_sharding, repl), donate_argnums=0)
+        if teacher is not None:  # the teacher's weights go in as an argument, never as constants
+            train, train_many = (partial(lambda f, s, b: f(s, b, t_state), f) for f in (train, train_many))
 
         def stack(rows: list) -> dict:
             return mesh_lib.global_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]}, stacked_sh)
@@ -159,6 +171,9 @@ def compile_steps(mesh, state_sharding, *, graphdef, tx, loss_fn, lr_fn, seed, g
     ev = jax.pmap(partial(evaluate, axis_name=axis), axis_name=axis)
     put = jax.jit(lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), t), out_shardings=batch_sh)
     get = jax.jit(lambda t: jax.tree.map(lambda x: x[0], t), out_shardings=repl)
+    if teacher is not None:  # one replica per device, like the student's state
+        t_replicas = put(t_state)
+        train, train_many = (partial(lambda f, s, b: f(s, b, t_replicas), f) for f in (train, train_many))
     n_local = n // jax.process_count()
 
     def batch(local_rows: dict) -> dict:

@@ -15,6 +15,12 @@ class Config:
     name: str = "classify"
 
 
+def outputs(model, batch, key):
+    """(logits_NY, labels_N, weights_N): what a distilled student matches (core/distill.py)."""
+    y_B = batch["y"]
+    return model(batch["x"], key=key).astype(jnp.float32), y_B, batch.get("mask", jnp.ones(y_B.shape))
+
+
 def loss(model, batch, key):
     logits_BY = model(batch["x"], key=key).astype(jnp.float32)
     loss = weighted_mean(optax.softmax_cross_entropy_with_integer_labels(logits_BY, batch["y"]), batch)

@@ -28,6 +28,12 @@ def feed(corpus, data_cfg, *, seed: int, batch_size: int, rows: slice, eval_batc
                 eval_batches, data_cfg.seq_len)
 
 
+def outputs(model, batch, key):
+    """(logits_NV, targets_N, weights_N) over every position: what a distilled student matches (core/distill.py)."""
+    logits_BLV = model(batch["x"], key=key).astype(jnp.float32)
+    return logits_BLV.reshape(-1, logits_BLV.shape[-1]), batch["y"].reshape(-1), jnp.ones(batch["y"].size)
+
+
 def loss(model, batch, key):
     logits_BLV = model(batch["x"], key=key)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32), batch["y"]).mean()

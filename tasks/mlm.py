@@ -89,14 +89,25 @@ def feed(source, data_cfg, *, seed: int, batch_size: int, rows: slice, eval_batc
     return Feed(train_batch, eval_batch, source.eval_count(batch_size, eval_batches), k)
 
 
-def loss(model, batch, key):
-    """Cross-entropy and accuracy over the masked positions only (the head runs on those alone)."""
+def _predicted(model, batch, key):
+    """(logits_BPV, targets_BP, weights_BP) at the masked positions only (the head runs on those alone)."""
     w_BL = batch["w"]
     P = max_predictions(w_BL.shape[1])
     # The P chosen positions of each row first (mask_batch chose at most P); the rest weigh 0.
     pos_BP = jnp.argsort(-w_BL, axis=1, stable=True)[:, :P]
     w_BP, y_BP = (jnp.take_along_axis(a, pos_BP, axis=1) for a in (w_BL, batch["y"]))
-    logits_BPV = model(batch["x"], key=key, positions_BP=pos_BP).astype(jnp.float32)
+    return model(batch["x"], key=key, positions_BP=pos_BP).astype(jnp.float32), y_BP, w_BP
+
+
+def outputs(model, batch, key):
+    """(logits_NV, targets_N, weights_N): what a distilled student matches (core/distill.py)."""
+    logits_BPV, y_BP, w_BP = _predicted(model, batch, key)
+    return logits_BPV.reshape(-1, logits_BPV.shape[-1]), y_BP.reshape(-1), w_BP.reshape(-1)
+
+
+def loss(model, batch, key):
+    """Cross-entropy and accuracy over the masked positions."""
+    logits_BPV, y_BP, w_BP = _predicted(model, batch, key)
     n = jnp.maximum(w_BP.sum(), 1.0)
     loss = (optax.softmax_cross_entropy_with_integer_labels(logits_BPV, y_BP) * w_BP).sum() / n
     accuracy = ((logits_BPV.argmax(-1) == y_BP) * w_BP).sum() / n

@@ -1,0 +1,114 @@
+"""Knowledge distillation: `distill.teacher=RUN` trains any student against a trained run's outputs.
+
+The training loss is alpha * KL(teacher_T || student_T) * T^2 + (1 - alpha) * the task's loss
+(Hinton et al. 2015; T^2 keeps the soft term's gradients on the hard term's scale), over the same
+positions the task scores (every next token, each example's label, the masked tokens). The
+teacher's outputs are computed inside the same jitted step: its weights are an argument of the
+step, laid out by the mesh rules like the student's, and never trained or checkpointed. Validation
+reports the task's own loss, so a distilled student compares with its undistilled twin.
+
+The student's data reads the teacher's vocabulary, tokenizer and labels (as `init_from` does), so
+both models see the same token ids and classes.
+"""
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from errors import UserError
+
+
+@dataclass
+class DistillConfig:
+    teacher: Optional[str] = None  # a trained run directory; None is off
+    teacher_step: Optional[int] = None  # None: the teacher's newest checkpoint
+    alpha: float = 0.5  # the soft (teacher) term's weight; 0 is the task loss alone
+    temperature: float = 2.0
+
+
+@dataclass
+class Teacher:
+    graphdef: Any
+    state: dict  # {"params", "rest"} on the student's mesh
+    loss: Callable  # (student, batch, key, teacher) -> (loss, metrics): the distillation loss
+
+
+def enabled(cfg) -> bool:
+    return bool(cfg.get("distill")) and bool(cfg.distill.teacher)
+
+
+def check(cfg) -> None:
+    d = cfg.distill
+    if not enabled(cfg):
+        return
+    if not 0.0 <= d.alpha <= 1.0:
+        raise UserError(f"distill.alpha={d.alpha} must be in [0, 1]")
+    if d.temperature <= 0:
+        raise UserError(f"distill.temperature={d.temperature} must be positive")
+
+
+def teacher_meta(cfg) -> dict:
+    """The teacher's checkpoint meta (its data's vocabulary, tokenizer and labels); UserError without one."""
+    import os
+
+    from core import checkpoint
+
+    src = os.path.abspath(os.path.expanduser(cfg.distill.teacher))
+    meta = checkpoint.peek_meta(src, cfg.distill.teacher_step) if os.path.isdir(checkpoint.ckpt_dir(src)) else None
+    if meta is None:
+        raise UserError(f"distill.teacher={src} holds no checkpoint"
+                        + (f" at step {cfg.distill.teacher_step}" if cfg.distill.teacher_step is not None else "")
+                        + "; pass the directory of a trained run")
+    return meta
+
+
+def check_match(cfg, teacher: dict, student: dict, task: str) -> None:
+    """The teacher must predict the student's targets: the same task and the same tokens or classes."""
+    if teacher.get("task", "lm") != task:
+        raise UserError(f"distill.teacher={cfg.distill.teacher} was trained for task={teacher.get('task', 'lm')}; "
+                        f"this run trains task={task}: distil from a run of the same task")
+    for key, what in (("vocab", "vocabulary"), ("tokenizer", "tokenizer"), ("labels", "labels"),
+                      ("num_classes", "class count")):
+        if key in teacher and key in student and teacher[key] != student[key]:
+            raise UserError(f"distill.teacher={cfg.distill.teacher} has another {what} than this run's data; "
+                            f"distil on the data the teacher was trained on (same text, tokenizer and labels)")
+    if teacher.get("dims", {}).get("vocab_size") != student.get("dims", {}).get("vocab_size"):
+        raise UserError(f"distill.teacher={cfg.distill.teacher} predicts {teacher['dims'].get('vocab_size')} tokens "
+                        f"and this model {student['dims'].get('vocab_size')}: they must share a vocabulary")
+
+
+def distill_loss(outputs: Callable, alpha: float, temperature: float) -> Callable:
+    """(student, batch, key, teacher) -> (loss, metrics) from a task's `outputs` (logits, targets, weights)."""
+    def loss(student, batch, key, teacher):
+        s_NV, y_N, w_N = outputs(student, batch, key)
+        t_NV = jax.lax.stop_gradient(outputs(teacher, batch, None)[0])
+        n = jnp.maximum(w_N.sum(), 1.0)
+        hard = (optax.softmax_cross_entropy_with_integer_labels(s_NV, y_N) * w_N).sum() / n
+        t_logp_NV = jax.nn.log_softmax(t_NV / temperature)
+        s_logp_NV = jax.nn.log_softmax(s_NV / temperature)
+        kl_N = (jnp.exp(t_logp_NV) * (t_logp_NV - s_logp_NV)).sum(-1)
+        soft = (kl_N * w_N).sum() / n
+        total = alpha * soft * temperature ** 2 + (1 - alpha) * hard
+        return total, {"loss": total, "task_loss": hard, "kl": soft,
+                       "accuracy": ((s_NV.argmax(-1) == y_N) * w_N).sum() / n}
+    return loss
+
+
+def load(cfg, mesh, task_module, student_meta: dict, task: str, log) -> Teacher | None:
+    """The run's Teacher, restored onto `mesh`; None without distillation."""
+    if not enabled(cfg):
+        return None
+    from core.state import load_run
+
+    check_match(cfg, teacher_meta(cfg), student_meta, task)
+    if not hasattr(task_module, "outputs"):
+        raise UserError(f"task={task} has no logits to distil (distillation covers lm, classify and mlm)")
+    run = load_run(cfg.distill.teacher, cfg.distill.teacher_step, mesh=mesh)
+    n = sum(x.size for x in jax.tree.leaves(run.state["params"]))
+    log(f"distilling from step {run.step} of {cfg.distill.teacher} ({run.cfg.model.family}, {n / 1e6:.2f}M params), "
+        f"alpha {cfg.distill.alpha}, temperature {cfg.distill.temperature}")
+    return Teacher(nnx.graphdef(run.model), {"params": run.state["params"], "rest": run.state["rest"]},
+                   distill_loss(task_module.outputs, cfg.distill.alpha, cfg.distill.temperature))

@@ -1,0 +1,89 @@
+"""Knowledge distillation: the loss's two ends, KL falling, the teacher untouched, mistakes."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import TINY, compose, make_text, run_cli
+from core import distill, metrics
+from core.loop import run
+from core.state import load_run
+from errors import UserError
+from model import build
+from tasks import classify, lm
+
+STUDENT = ["model.d_model=8", "model.n_heads=2", "model.n_layers=1"]
+
+
+def tiny_lm(seed, width):
+    cfg = compose(TINY + [f"model.d_model={width}"]).model
+    return build(cfg, {"vocab_size": 20}, rngs=nnx.Rngs(seed))
+
+
+def test_alpha_0_is_the_task_loss_and_alpha_1_the_scaled_kl():
+    student, teacher = tiny_lm(0, 8), tiny_lm(1, 16)
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.integers(0, 20, (4, 16)), jnp.int32),
+             "y": jnp.asarray(rng.integers(0, 20, (4, 16)), jnp.int32)}
+    task_loss = lm.loss(student, batch, None)[0]
+    loss0, m0 = distill.distill_loss(lm.outputs, 0.0, 2.0)(student, batch, None, teacher)
+    np.testing.assert_allclose(loss0, task_loss, rtol=1e-6)
+    loss1, m1 = distill.distill_loss(lm.outputs, 1.0, 2.0)(student, batch, None, teacher)
+    np.testing.assert_allclose(loss1, 4.0 * m1["kl"], rtol=1e-6)  # T^2 = 4
+    same = distill.distill_loss(lm.outputs, 1.0, 2.0)(student, batch, None, student)[1]["kl"]
+    assert float(same) == pytest.approx(0.0, abs=1e-6) and float(m1["kl"]) > 1e-4
+
+    logits = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+    picks = {"x": jnp.zeros((5, 2)), "y": jnp.array([0, 1, 2, 0, 1]), "mask": jnp.array([1.0, 1, 1, 0, 0])}
+    model = lambda x, key=None: logits  # noqa: E731 - a classifier whose logits are given
+    hard, _ = distill.distill_loss(classify.outputs, 0.0, 1.0)(model, picks, None, model)
+    np.testing.assert_allclose(hard, classify.loss(model, picks, None)[0], rtol=1e-6)  # padding rows weigh 0
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, text_file):
+    out = str(tmp_path_factory.mktemp("teacher") / "run")
+    run(compose(TINY + [f"data.path={text_file}", f"out_dir={out}", "steps=40", "eval_every=20", "ckpt_every=20"]))
+    return out
+
+
+def test_pure_distillation_lowers_the_kl_and_leaves_the_teacher_alone(teacher, tmp_path, text_file):
+    before = jax.tree.map(np.asarray, load_run(teacher).state["params"])
+    out = str(tmp_path / "student")
+    run(compose(TINY + STUDENT + [f"data.path={text_file}", f"out_dir={out}", "steps=30", "log_every=5",
+                                  f"distill.teacher={teacher}", "distill.alpha=1.0", "optim.lr=3e-3"]))
+    kl = [r["train_kl"] for r in metrics.read(os.path.join(out, "metrics.jsonl")) if "train_kl" in r]
+    assert len(kl) == 6 and kl[-1] < 0.7 * kl[0]
+    after = load_run(teacher).state["params"]
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(x, np.asarray(y))
+    student = load_run(out)  # a plain run: the teacher is not in its checkpoint
+    assert student.cfg.distill.teacher == teacher and "teacher" not in student.state
+    assert student.model.wte.embedding.shape == (32, 8)
+
+
+def test_distillation_runs_under_pmap_and_resumes(teacher, tmp_path, text_file):
+    out = str(tmp_path / "pmap")
+    base = TINY[:1] + STUDENT + [f"data.path={text_file}", f"out_dir={out}", f"distill.teacher={teacher}",
+                                 "parallel=pmap", "mesh.data=2", "steps_per_call=2", "optim.decay_steps=8"]
+    run(compose(base + ["steps=4", "ckpt_every=4"]))
+    assert run(compose(base + ["steps=8"]))["step"] == 8
+
+
+def test_a_teacher_of_another_vocabulary_task_or_without_checkpoints_is_a_one_line_error(teacher, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(make_text(seed=3).upper())  # other characters: another vocabulary
+    base = TINY + STUDENT + [f"out_dir={tmp_path / 's'}"]
+    with pytest.raises(UserError, match="vocabulary"):  # the student reads the teacher's vocab: unknown chars
+        run(compose(base + [f"data.path={other}", f"distill.teacher={teacher}"]))
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        run(compose(base + [f"data.path={other}", f"distill.teacher={tmp_path}"]))
+    series = ["model=rnn", "data=series", "task=regress", "model.d_hidden=8", "steps=2", "mesh.data=1",
+              f"out_dir={tmp_path / 'r'}", f"distill.teacher={teacher}"]
+    with pytest.raises(UserError, match="trained for task=lm; this run trains task=regress"):
+        run(compose(series))
+    out = run_cli("train.py", *base, f"data.path={other}", "distill.teacher=/nonexistent", "distill.alpha=2")
+    assert out.returncode == 2 and "distill.alpha=2.0 must be in [0, 1]" in out.stderr
