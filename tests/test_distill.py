@@ -87,3 +87,21 @@ def test_a_teacher_of_another_vocabulary_task_or_without_checkpoints_is_a_one_li
         run(compose(series))
     out = run_cli("train.py", *base, f"data.path={other}", "distill.teacher=/nonexistent", "distill.alpha=2")
     assert out.returncode == 2 and "distill.alpha=2.0 must be in [0, 1]" in out.stderr
+
+
+def test_a_cnn_student_distils_from_a_cnn_teacher_and_classes_must_match(tmp_path):
+    from test_families import CNN_TINY, quadrant_images
+
+    images = quadrant_images(tmp_path / "q.npz")
+    teacher = str(tmp_path / "teacher")
+    run(compose(CNN_TINY + [f"data.path={images}", f"out_dir={teacher}", "steps=10"]))
+    student = str(tmp_path / "student")
+    run(compose(CNN_TINY + [f"data.path={images}", f"out_dir={student}", "steps=10", "model.channels=[2,4]",
+                            f"distill.teacher={teacher}"]))
+    rows = metrics.read(os.path.join(student, "metrics.jsonl"))
+    assert all(k in rows[-2] for k in ("train_kl", "train_task_loss")) and "val_accuracy" in rows[-1]
+    fewer = tmp_path / "three.npz"
+    data = dict(np.load(images))
+    np.savez(fewer, x=data["x"], y=data["y"] % 3)  # three classes where the teacher knows four
+    with pytest.raises(UserError, match="class count|labels"):
+        run(compose(CNN_TINY + [f"data.path={fewer}", f"out_dir={tmp_path / 's3'}", f"distill.teacher={teacher}"]))
