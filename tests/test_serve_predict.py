@@ -80,6 +80,16 @@ def test_table_rows_over_http_equal_the_model_and_mistakes_are_400(table_run):
         assert server.stop() == 0
 
 
+def predicted(run, x_N, max_rows: int) -> list:
+    """The server's predictor thread's answer for rows x_N, in-process."""
+    predictor = Predictor(run, max_rows=max_rows, max_queue=4, wait_s=0, metrics=Metrics())
+    predictor.start()
+    try:
+        return predictor.submit(x_N).result(timeout=60)
+    finally:
+        predictor.stop()
+
+
 def png(image_HWC: np.ndarray) -> str:
     from PIL import Image
 
@@ -95,12 +105,7 @@ def test_images_as_lists_or_png_and_texts_predict_as_the_model_does(tmp_path_fac
     assert kind_of(cnn) == "image"
     as_lists, as_png = to_rows(cnn, "image", x.tolist()), to_rows(cnn, "image", [png(i) for i in x])
     np.testing.assert_array_equal(as_lists, as_png)
-    predictor = Predictor(cnn, max_rows=4, max_queue=4, wait_s=0, metrics=Metrics())
-    predictor.start()
-    try:
-        got = predictor.submit(as_lists).result(timeout=60)
-    finally:
-        predictor.stop()
+    got = predicted(cnn, as_lists, max_rows=4)
     logits = direct(cnn, as_lists)
     assert [g["label"] for g in got] == list(logits.argmax(-1))
     np.testing.assert_allclose([g["probs"]["0"] for g in got],
@@ -116,12 +121,7 @@ def test_images_as_lists_or_png_and_texts_predict_as_the_model_does(tmp_path_fac
                 "enc")
     assert kind_of(enc) == "text"
     ids = to_rows(enc, "text", ["a good movie", "the plot was awful"])
-    predictor = Predictor(enc, max_rows=2, max_queue=4, wait_s=0, metrics=Metrics())
-    predictor.start()
-    try:
-        got = predictor.submit(ids).result(timeout=60)
-    finally:
-        predictor.stop()
+    got = predicted(enc, ids, max_rows=2)
     assert [g["label"] for g in got] == [enc.meta["labels"][i] for i in direct(enc, ids).argmax(-1)]
     with pytest.raises(UserError, match="non-empty string"):
         to_rows(enc, "text", [3])
