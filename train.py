@@ -52,6 +52,7 @@ def default_out_dir(cfg) -> str:
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg) -> float | None:
+    from core.compress import refuse_training
     from core.loop import resolve_out_dir, run  # after Hydra parsed argv: `--help` and compose errors stay fast
     from core.runlock import RunLocked
 
@@ -60,6 +61,7 @@ def main(cfg) -> float | None:
         if cfg.out_dir is None:
             cfg.out_dir = default_out_dir(cfg)
         try:
+            refuse_training(resolve_out_dir(cfg))
             return run(cfg)["val_loss"]
         except UserError as e:
             cli.fail(e)

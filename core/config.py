@@ -149,6 +149,19 @@ class ExportConfig:
     platforms: List[str] = field(default_factory=lambda: ["cpu", "cuda", "tpu"])
 
 
+@dataclass
+class CompressConfig:
+    out_dir: Optional[str] = None  # the trained (float) run to compress
+    step: Optional[int] = None  # None: the latest checkpoint
+    method: str = "int8"  # int8: weight-only | int8_dynamic: int8 activations too, per-token scales
+    dest: Optional[str] = None  # the run directory to write: complete or not there at all
+    overwrite: bool = False  # replace dest if it holds an earlier compressed run
+    embeddings: bool = False  # quantize the token embedding too (a transformer's is its output head as well)
+    # XLA-CPU threads while measuring both models' speed: None picks as sample.py does for the float run.
+    cpu_threads: Optional[int] = None
+    compile_cache: Optional[str] = "auto"
+
+
 def register() -> None:
     """Put every schema in Hydra's ConfigStore; each YAML file lists its schema first in its defaults."""
     cs = ConfigStore.instance()
@@ -156,6 +169,7 @@ def register() -> None:
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="serve_schema", node=ServeConfig)
+    cs.store(name="compress_schema", node=CompressConfig)
     cs.store(group="optim", name="adamw_schema", node=OptimConfig)
     for group in PACKAGES:
         for name in choices(group):
@@ -201,6 +215,9 @@ def check(cfg) -> None:
         raise UserError(f"model.dtype={m.dtype} must be float32, bfloat16 or float16")
     if hasattr(family, "check"):
         family.check(m)
+    if m.get("quant", "none") != "none":
+        raise UserError(f"model.quant={m.quant} marks a run compress.py wrote, for inference only; train a float "
+                        f"run (model.quant=none) and compress it")
     if "seq_len" in cfg.data and cfg.data.seq_len <= 0:
         raise UserError(f"data.seq_len={cfg.data.seq_len} must be positive")
     if "seq_len" in cfg.data and "block_size" in m and cfg.data.seq_len > m.block_size:
@@ -265,9 +282,32 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+_UNSET = object()
+
+
+def _default(key: str, current: dict):
+    """The schema's default for a flattened key of `current`'s config (_UNSET if no schema says)."""
+    group, _, field_name = key.partition(".")
+    if group in PACKAGES and group in current and field_name and "." not in field_name:
+        try:
+            schema = module(group, current[group][NODES[group]]).Config
+        except (KeyError, ModuleNotFoundError, UserError):
+            return _UNSET
+        return next((f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                     for f in dataclasses.fields(schema) if f.name == field_name and
+                     (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)), _UNSET)
+    value = OmegaConf.select(OmegaConf.structured(TrainConfig), key, default=_UNSET)
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
 def diff(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(harmful, harmless) keys that differ between a checkpoint's config and the current one."""
+    """(harmful, harmless) keys that differ between a checkpoint's config and the current one.
+
+    A key the checkpoint's config lacks (it was saved before the key existed) is harmless while the
+    current value is the key's default, which is what the run had.
+    """
     a, b = flatten(saved), flatten(current)
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    harmless = [k for k in changed if any(k == h or k.startswith(h + ".") for h in RESUME_SAFE)]
+    harmless = [k for k in changed if any(k == h or k.startswith(h + ".") for h in RESUME_SAFE)
+                or (k not in a and _default(k, current) == b[k])]
     return [k for k in changed if k not in harmless], harmless

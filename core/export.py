@@ -311,14 +311,17 @@ def save(run: Run, out_dir: str, dest: str, fmt: str, batch: int | None = None,
     return progs
 
 
-def check_dest(dest: str, overwrite: bool) -> str:
-    """The absolute destination; UserError if it exists (and may not or must not be replaced)."""
+def check_dest(dest: str, overwrite: bool, marker: str = "signature.json", what: str = "export") -> str:
+    """The absolute destination; UserError if it exists (and may not or must not be replaced).
+
+    overwrite=true replaces only a directory holding `marker`, the file every `what` (an export) has.
+    """
     dest = os.path.abspath(os.path.expanduser(dest))
     if os.path.lexists(dest):
         if not overwrite:
             raise UserError(f"dest={dest} exists; pass overwrite=true to replace it, or another dest=")
-        if not os.path.isfile(os.path.join(dest, "signature.json")):
-            raise UserError(f"dest={dest} exists and holds no export (no signature.json); not replacing it, "
+        if not os.path.isfile(os.path.join(dest, marker)):
+            raise UserError(f"dest={dest} exists and holds no {what} (no {marker}); not replacing it, "
                             f"even with overwrite=true: remove it yourself or pick another dest=")
     probe = os.path.dirname(dest)  # the nearest existing ancestor: staging() makes the rest
     while not os.path.exists(probe):

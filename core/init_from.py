@@ -59,6 +59,9 @@ def load(cfg, spec, mesh, meta: dict, log) -> dict:
         if src_cfg.model.family != cfg.model.family:
             raise UserError(f"init_from={src} holds a model={src_cfg.model.family} run, and this run trains "
                             f"model={cfg.model.family}; start from a run of the same family")
+        if src_meta.get("compression"):  # int8 params would load as if they were the float ones
+            raise UserError(f"init_from={src} is a run compress.py quantized; start from its float source, "
+                            f"{src_meta['compression']['source']}")
         for key in ("vocab", "tokenizer", "labels"):
             if key in src_meta and key in meta and src_meta[key] != meta[key]:
                 raise UserError(f"init_from={src} was trained with another {key} than this run's data; its "

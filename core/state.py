@@ -10,6 +10,7 @@ from functools import partial
 from typing import Any, Callable
 
 import jax
+import optax
 from flax import nnx
 from omegaconf import OmegaConf
 
@@ -33,7 +34,8 @@ class StateSpec:
 def state_spec(cfg, dims: dict, mesh) -> StateSpec:
     """The state of `cfg`'s model; `dims` are the task's model arguments (e.g. {"vocab_size": 65})."""
     model_fn = partial(models.build, cfg.model, dims)
-    tx = make_optimizer(cfg.optim, cfg.steps)
+    # A compressed run (model.quant: compress.py) is never trained: its checkpoints hold no optimizer moments.
+    tx = optax.identity() if cfg.model.get("quant", "none") != "none" else make_optimizer(cfg.optim, cfg.steps)
     make_state = partial(init_state, model_fn, tx, cfg.seed, list(cfg.prune.tensors) if prune.enabled(cfg) else None)
     abstract = jax.eval_shape(make_state)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0))))

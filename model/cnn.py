@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from errors import UserError
+from model import quant
 
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
 TASKS = ("classify",)
@@ -33,10 +34,13 @@ class Config:
     dense: List[int] = field(default_factory=lambda: [64])  # hidden dense layers before the classifier
     dropout: float = 0.0  # before each dense layer
     dtype: str = "float32"
+    # Set by compress.py in the runs it writes: int8 dense layers and head (model/quant.py); convs stay float.
+    quant: str = "none"
 
 
 def check(cfg) -> None:
     """Values the schema's types cannot rule out."""
+    quant.check(cfg)
     if len(cfg.pool) != len(cfg.channels) or not cfg.channels:
         raise UserError(f"model.pool has {len(cfg.pool)} entries for {len(cfg.channels)} model.channels; "
                         f"give one true/false per conv layer")
@@ -75,8 +79,9 @@ class CNN(nnx.Module):
                                 f"use model.padding=SAME, fewer pools (model.pool) or fewer model.channels")
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
         widths = [H * W * C, *cfg.dense]
-        self.dense = nnx.List([nnx.Linear(a, b, dtype=self.dtype, rngs=rngs) for a, b in zip(widths, widths[1:])])
-        self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
+        linear = quant.linear(cfg)
+        self.dense = nnx.List([linear(a, b, dtype=self.dtype, rngs=rngs) for a, b in zip(widths, widths[1:])])
+        self.head = linear(widths[-1], num_classes, rngs=rngs)
         self.drop = nnx.Dropout(cfg.dropout)
 
     def _act(self, x):

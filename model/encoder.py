@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from errors import UserError
+from model import quant
 from model.matmul import DOT_GENERAL
 from model.transformer import dense_factory, run_blocks, stacked_blocks
 
@@ -42,10 +43,15 @@ class Config:
     scan_layers: bool = False
     remat: bool = False
     pooling: str = "cls"  # classifier input: cls (the [CLS] position) | mean (of the real tokens)
+    # Set by compress.py in the runs it writes, never for training: int8 dense layers (model/quant.py);
+    # quant_embeddings: the token embedding (tied to the masked-LM output) too.
+    quant: str = "none"
+    quant_embeddings: bool = False
 
 
 def check(cfg) -> None:
     """Values the schema's types cannot rule out."""
+    quant.check(cfg)
     if cfg.matmul_dtype not in DOT_GENERAL:
         raise UserError(f"model.matmul_dtype={cfg.matmul_dtype} must be float32 or bfloat16")
     if cfg.d_model % cfg.n_heads:
@@ -70,7 +76,7 @@ class MLMHead(nnx.Module):
         self.ln = _norm(cfg, rngs)
         self.bias = nnx.Param(jnp.zeros((vocab_size,), jnp.float32))
 
-    def __call__(self, x_BPD, wte: nnx.Embed):
+    def __call__(self, x_BPD, wte):
         B, P, D = x_BPD.shape
         h_BPD = self.ln(jax.nn.gelu(self.dense(x_BPD), approximate=True).astype(jnp.float32))
         # One 2-D matmul: XLA-CPU runs 2-D dots and their gradients faster than 3-D ones.
@@ -85,7 +91,7 @@ class Encoder(nnx.Module):
         self.n_layers, self.dtype = cfg.n_layers, jnp.dtype(cfg.dtype)
         self.scan_layers, self.remat, self.pooling = cfg.scan_layers, cfg.remat, cfg.pooling
         std = nnx.initializers.normal(0.02)
-        self.wte = nnx.Embed(vocab_size, cfg.d_model, embedding_init=std, rngs=rngs)
+        self.wte = quant.embed(cfg)(vocab_size, cfg.d_model, embedding_init=std, rngs=rngs)
         self.wpe = nnx.Embed(cfg.block_size, cfg.d_model, embedding_init=std, rngs=rngs)
         self.wse = nnx.Embed(cfg.type_vocab, cfg.d_model, embedding_init=std, rngs=rngs) if cfg.type_vocab else None
         self.drop = nnx.Dropout(cfg.dropout)
@@ -94,7 +100,7 @@ class Encoder(nnx.Module):
         if num_classes is None:
             self.mlm_head = MLMHead(cfg, vocab_size, rngs)
         else:
-            self.classifier = nnx.Linear(cfg.d_model, num_classes, kernel_init=std, rngs=rngs)
+            self.classifier = quant.linear(cfg)(cfg.d_model, num_classes, kernel_init=std, rngs=rngs)
 
     def encode(self, ids_BL, *, key=None, segments_BL=None):
         """(x_BLD: the final LN's output, real_BL: True where the token is not [PAD])."""

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from errors import UserError
+from model import quant
 
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
 NORMS = ("none", "layer", "batch")
@@ -32,10 +33,12 @@ class Config:
     norm: str = "none"  # none | layer | batch, before each hidden activation
     residual: bool = False  # x + block(x) where a block keeps the width
     dtype: str = "float32"
+    quant: str = "none"  # set by compress.py in the runs it writes: int8 dense layers (model/quant.py)
 
 
 def check(cfg) -> None:
     """Values the schema's types cannot rule out."""
+    quant.check(cfg)
     if cfg.activation not in ACTIVATIONS:
         raise UserError(f"model.activation={cfg.activation} must be one of {', '.join(ACTIVATIONS)}")
     if cfg.norm not in NORMS:
@@ -54,12 +57,13 @@ class MLP(nnx.Module):
         self.activation, self.residual = cfg.activation, cfg.residual
         self.dtype = jnp.dtype(cfg.dtype)
         widths = [F, *cfg.hidden]
-        self.layers = nnx.List([nnx.Linear(a, b, dtype=self.dtype, rngs=rngs) for a, b in zip(widths, widths[1:])])
+        linear = quant.linear(cfg)
+        self.layers = nnx.List([linear(a, b, dtype=self.dtype, rngs=rngs) for a, b in zip(widths, widths[1:])])
         norm = {"layer": lambda d: nnx.LayerNorm(d, dtype=self.dtype, rngs=rngs),
                 "batch": lambda d: nnx.BatchNorm(d, momentum=0.9, epsilon=1e-5, dtype=self.dtype, rngs=rngs)}
         self.norm_kind = cfg.norm
         self.norms = nnx.List([norm[cfg.norm](d) for d in cfg.hidden] if cfg.norm != "none" else [])
-        self.head = nnx.Linear(widths[-1], num_classes if num_classes is not None else out_features, rngs=rngs)
+        self.head = linear(widths[-1], num_classes if num_classes is not None else out_features, rngs=rngs)
         self.drop = nnx.Dropout(cfg.dropout)
 
     def __call__(self, x_BF, *, key=None):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from errors import UserError
-from model import attention_cpu
+from model import attention_cpu, quant
 from model.matmul import DOT_GENERAL
 
 TASKS = ("lm",)
@@ -43,12 +43,17 @@ class Config:
     # auto: model/attention_cpu.py's layouts on the CPU backend, this file's `attend` elsewhere; or
     # reference | cpu. The same math and params either way.
     attention: str = "auto"
+    # Set by compress.py in the runs it writes, never for training: int8 dense layers (model/quant.py),
+    # weight-only (int8) or with int8 activations (int8_dynamic); quant_embeddings: the token embedding too.
+    quant: str = "none"
+    quant_embeddings: bool = False
 
 
 def check(cfg) -> None:
     """Values the schema's types cannot rule out."""
     if cfg.attention not in ("auto", "reference", "cpu"):
         raise UserError(f"model.attention={cfg.attention} must be auto, reference or cpu")
+    quant.check(cfg)
     if cfg.matmul_dtype not in DOT_GENERAL:
         raise UserError(f"model.matmul_dtype={cfg.matmul_dtype} must be float32 or bfloat16")
     if cfg.d_model % cfg.n_heads:
@@ -67,8 +72,8 @@ def cpu_attention(choice: str) -> bool:
 
 
 def dense_factory(cfg, rngs):
-    """nnx.Linear with the config's bias, dtype and matmul precision."""
-    return partial(nnx.Linear, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), rngs=rngs,
+    """nnx.Linear with the config's bias, dtype and matmul precision; int8 in a compressed run (model/quant.py)."""
+    return partial(quant.linear(cfg), use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), rngs=rngs,
                    dot_general=DOT_GENERAL[cfg.get("matmul_dtype", "float32")])  # old checkpoints: float32
 
 
@@ -206,7 +211,7 @@ class Transformer(nnx.Module):
         self.scan_layers, self.remat = cfg.scan_layers, cfg.remat
         self.attention = cfg.get("attention", "auto")
         std = nnx.initializers.normal(0.02)
-        self.wte = nnx.Embed(vocab_size, cfg.d_model, embedding_init=std, rngs=rngs)
+        self.wte = quant.embed(cfg)(vocab_size, cfg.d_model, embedding_init=std, rngs=rngs)
         self.wpe = nnx.Embed(cfg.block_size, cfg.d_model, embedding_init=std, rngs=rngs)
         self.drop = nnx.Dropout(cfg.dropout)
         self.blocks = stacked_blocks(cfg, causal=True, rngs=rngs)

@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from omegaconf import OmegaConf
 
 from conftest import ROOT, TINY, compose, run_cli
 from core import metrics
@@ -159,3 +160,15 @@ def test_several_steps_per_call_follow_the_same_curve_and_land_events_on_their_s
                 assert b[k] == pytest.approx(a[k], rel=1e-4), (a["step"], k)
     assert many["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
     assert checkpoint.manager(str(tmp_path / "many"), read_only=True).all_steps() == [10, 20]
+
+
+def test_a_run_saved_before_a_key_existed_resumes_while_the_key_keeps_its_default():
+    from core import config
+
+    current = OmegaConf.to_container(compose(TINY), resolve=True)
+    saved = {k: v for k, v in current.items() if k not in ("prune", "distill")}  # an older checkpoint's config
+    saved["model"] = {k: v for k, v in current["model"].items() if k != "quant"}
+    harmful, harmless = config.diff(saved, current)
+    assert harmful == [] and {"prune.sparsity", "distill.alpha", "model.quant"} <= set(harmless)
+    pruning = OmegaConf.to_container(compose(TINY + ["prune.sparsity=0.5"]), resolve=True)
+    assert config.diff(saved, pruning)[0] == ["prune.sparsity"]  # not what the old run did: refused
