@@ -22,7 +22,6 @@ from core import checkpoint, config, runtime, task as tasks
 from core.export import check_dest, publish, staging
 from core.sampler import compile_generate, cpu_threads_for
 from core.state import Setup, load_run, model_bytes, run_dims, setup
-from core.step import first
 from errors import UserError
 from model import quant
 
@@ -57,15 +56,8 @@ def quantized_config(cfg, method: str, embeddings: bool, source: str, dest: str)
 
 
 def evaluate(built: Setup, task, state, meta: dict) -> dict:
-    """The validation metrics the loop logs (core/loop.py `_evaluate`): each batch's means weighted by its weight."""
-    totals, weight, feed, runner = {}, 0.0, task.feed, built.runner
-    placed = runner.put(state)
-    for i in range(feed.eval_count):
-        rows, w = feed.eval_batch(i)
-        for k, v in jax.device_get(runner.evaluate(placed, runner.batch(rows))).items():
-            totals[k] = totals.get(k, 0.0) + first(v) * w
-        weight += w
-    return task.finish({f"val_{k}": v / weight for k, v in totals.items()}, meta)
+    """The validation metrics the loop logs, for a state in the canonical layout."""
+    return tasks.validate(task, built.runner, built.runner.put(state), meta)
 
 
 def best_times(calls: list) -> list[float]:

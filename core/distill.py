@@ -10,6 +10,7 @@ reports the task's own loss, so a distilled student compares with its undistille
 The student's data reads the teacher's vocabulary, tokenizer and labels (as `init_from` does), so
 both models see the same token ids and classes.
 """
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from core import checkpoint
 from errors import UserError
 
 
@@ -52,10 +54,6 @@ def check(cfg) -> None:
 
 def teacher_meta(cfg) -> dict:
     """The teacher's checkpoint meta (its data's vocabulary, tokenizer and labels); UserError without one."""
-    import os
-
-    from core import checkpoint
-
     src = os.path.abspath(os.path.expanduser(cfg.distill.teacher))
     meta = checkpoint.peek_meta(src, cfg.distill.teacher_step) if os.path.isdir(checkpoint.ckpt_dir(src)) else None
     if meta is None:

@@ -199,14 +199,8 @@ def _batches_at(loop: Loop, step: int):
 
 
 def _evaluate(loop: Loop) -> dict:
-    """Validation metrics: each batch's means weighted by its weight (real examples or scored tokens)."""
-    totals, weight, feed = {}, 0.0, loop.task.feed
-    for i in range(feed.eval_count):
-        rows, w = feed.eval_batch(i)
-        for k, v in jax.device_get(loop.built.runner.evaluate(loop.state, loop.built.runner.batch(rows))).items():
-            totals[k] = totals.get(k, 0.0) + first(v) * w
-        weight += w
-    val = loop.task.finish({f"val_{k}": v / weight for k, v in totals.items()}, loop.meta)
+    """Validation metrics, logged (core/task.py `validate`)."""
+    val = tasks.validate(loop.task, loop.built.runner, loop.state, loop.meta)
     if loop.built.sparsity is not None:  # counted in the params themselves, not taken from the masks
         val["sparsity"] = float(loop.built.sparsity(loop.built.runner.get(loop.state["params"])))
     loop.val_loss = val["val_loss"]

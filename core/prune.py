@@ -136,13 +136,17 @@ class Pruner:
     scope: str
 
     def before_update(self, state):
-        """The state with its masks updated if this step is due, and its params masked."""
+        """The state with new masks, and its params masked by them, if this step is due; else as it is
+        (every update already left the params masked)."""
         t = state["step"]
         due = (t >= self.start) & (t <= self.end) & (((t - self.start) % self.every == 0) | (t == self.end))
-        masks = jax.lax.cond(due, lambda: masks_at(state["params"], self.which,
-                                                   schedule(t, self.start, self.end, self.sparsity), self.scope),
-                             lambda: state["masks"])
-        return {**state, "masks": masks, "params": apply(state["params"], masks)}
+
+        def update():
+            masks = masks_at(state["params"], self.which, schedule(t, self.start, self.end, self.sparsity), self.scope)
+            return masks, apply(state["params"], masks)
+
+        masks, params = jax.lax.cond(due, update, lambda: (state["masks"], state["params"]))
+        return {**state, "masks": masks, "params": params}
 
 
 def pruner(cfg, params) -> Pruner | None:

@@ -6,9 +6,12 @@ made sure the task can read what the source provides. The loop sees only this `T
 from dataclasses import dataclass
 from typing import Callable
 
+import jax
+
 import tasks
 from core import mesh as mesh_lib
 from core.config import choices, module
+from core.step import first
 from errors import UserError
 
 
@@ -23,6 +26,18 @@ class Task:
     summary: str  # one line for the log
     finish: Callable = lambda val, meta: val  # validation means -> the logged metrics (e.g. in target units)
     baseline: dict = None  # a reference model's validation metrics, logged once at the start (baseline_*)
+
+
+def validate(task: Task, runner, state, meta: dict) -> dict:
+    """The logged validation metrics: each batch's means weighted by its weight (real examples or scored
+    tokens), then the task's `finish` with the run's `meta`. `state` is in the runner's layout."""
+    totals, weight, feed = {}, 0.0, task.feed
+    for i in range(feed.eval_count):
+        rows, w = feed.eval_batch(i)
+        for k, v in jax.device_get(runner.evaluate(state, runner.batch(rows))).items():
+            totals[k] = totals.get(k, 0.0) + first(v) * w
+        weight += w
+    return task.finish({f"val_{k}": v / weight for k, v in totals.items()}, meta)
 
 
 def load(cfg, inherited: dict | None = None) -> Task:

@@ -64,7 +64,7 @@ def text_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, text_file):
-    """One tiny LM run, trained once per session, for the tests that only read or start from a run."""
+    """One tiny LM run, trained once per pytest invocation, for the tests that only read or start from a run."""
     from core.loop import run
 
     out = str(tmp_path_factory.mktemp("trained") / "run")
