@@ -73,13 +73,15 @@ def main(cfg) -> None:
 
         from core.sampler import compile_generate
         from core.state import load_run
-        from data.text import decode, encode
 
         run = load_run(cfg.out_dir, cfg.step)
         if run.task != "lm":
             raise UserError(f"{cfg.out_dir} holds a {run.cfg.model.family} model trained for task={run.task}, "
                             f"which does not generate text; sample from a language-model run (task=lm)")
-        prompt_P = encode(cfg.prompt, run.vocab)
+        codec = run.codec
+        prompt_P = codec.encode(cfg.prompt)
+        if len(prompt_P) == 0:
+            raise UserError(f"prompt={cfg.prompt!r} encodes to no tokens; pass some text")
         n = max(runtime.cpu_thread_count(), jax.local_device_count())  # XLA: at least a thread per device
         threads = f" (XLA-CPU on {n} thread{'s' * (n > 1)})" if jax.default_backend() == "cpu" else ""
         print(f"sampling from step {run.step} of {cfg.out_dir}{threads}", file=sys.stderr)
@@ -89,7 +91,7 @@ def main(cfg) -> None:
         prompt_BP = np.broadcast_to(prompt_P, (cfg.num_samples, len(prompt_P)))
         tokens_BN = jax.device_get(generate(run.state["params"], run.state["rest"], prompt_BP,
                                             jax.random.key(cfg.seed)))
-        samples = [cfg.prompt + decode(row, run.vocab) for row in tokens_BN]
+        samples = [cfg.prompt + codec.decode(row) for row in tokens_BN]
         sys.stdout.write("\n---\n".join(samples) + "\n")
     except UserError as e:
         cli.fail(e)

@@ -55,15 +55,15 @@ def bind(host: str, port: int) -> socket.socket:
 
 def language_model(cfg, run, service, metrics) -> None:
     """Compile the LM programs and start the scheduler (the warm-up thread's work)."""
-    from data.text import decode, encode
     from serving import programs
     from serving.scheduler import Scheduler
 
     progs, cache, logits_SV = programs.build(run.model, run.state["params"], run.state["rest"], slots=cfg.slots,
                                              chunk=cfg.chunk_tokens, max_prompt=service.limits.max_prompt_tokens)
-    service.encode = lambda text: encode(text, run.vocab)
+    codec = run.codec
+    service.encode = codec.encode
     service.scheduler = Scheduler(progs, run.state["params"], run.state["rest"], cache, logits_SV, slots=cfg.slots,
-                                  decode=lambda ids: decode(ids, run.vocab), max_queue=cfg.max_queue,
+                                  decode=codec.decode, max_queue=cfg.max_queue,
                                   wait_s=cfg.batch_wait_ms / 1000, metrics=metrics)
     service.scheduler.start()
 

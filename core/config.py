@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from core import distill, prune
 from core.distill import DistillConfig
 from core.prune import PruneConfig
+from data import shards
 from errors import UserError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -170,6 +171,7 @@ def register() -> None:
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="serve_schema", node=ServeConfig)
     cs.store(name="compress_schema", node=CompressConfig)
+    cs.store(name="prepare_schema", node=shards.Config)
     cs.store(group="optim", name="adamw_schema", node=OptimConfig)
     for group in PACKAGES:
         for name in choices(group):
@@ -259,7 +261,8 @@ RESUME_SAFE = {
 }
 # Keys that name nothing though they matter: the experiment is the name already; paths make poor names
 # (a run started from another is named by the source directory's name instead: train.py).
-UNNAMED_PATHS = ("experiment", "hparams_search", "name", "data.path", "data.val_path", "init_from", "distill.teacher")
+UNNAMED_PATHS = ("experiment", "hparams_search", "name", "data.path", "data.val_path", "data.dir", "init_from",
+                 "distill.teacher")
 
 
 def _expand(key: str) -> list[str]:

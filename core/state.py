@@ -100,6 +100,13 @@ class Run:
         """The characters of the token ids (text runs); images use meta["mean"], meta["std"] instead."""
         return self.meta.get("vocab", "")
 
+    @property
+    def codec(self):
+        """text <-> token ids of an LM run, characters or subwords (data/tokenizer.py)."""
+        from data.tokenizer import codec
+
+        return codec(self.meta)
+
 
 def load_run(out_dir: str, step: int | None = None, mesh=None) -> Run:
     """Reload a run directory (latest checkpoint, or `step`) onto `mesh` (default: all local devices)."""

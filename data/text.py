@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from data import download
+from data import download, tokenizer as tokenizers
 from errors import UserError
 
 PROVIDES = ("tokens",)
@@ -31,6 +31,10 @@ class Config:
     download_timeout: float = 60.0
     seq_len: int = 64  # tokens per training window
     val_fraction: float = 0.1  # for local files: the last fraction of the text is validation
+    # char: one token per character | bpe: a byte-level BPE of vocab_size tokens trained on the training
+    # text (data/tokenizer.py) | a tokenizer.json (or a directory with GPT-2's vocab.json + merges.txt)
+    tokenizer: str = "char"
+    vocab_size: int = 1024  # bpe only
     eval_seed: int = 1234  # validation windows are fixed by this, not by the run's seed
 
 
@@ -38,11 +42,13 @@ class Config:
 class Corpus:
     train_T: np.ndarray  # int32 token ids
     val_T: np.ndarray
-    vocab: str  # vocab[i] is the character of token i
+    vocab: str  # vocab[i] is the character of token i ("" with a subword tokenizer)
+    tokens_per_byte: float = 1.0  # of the validation text (UTF-8): turns nats per token into bits per byte
+    tokenizer: str = ""  # a subword tokenizer's JSON (data/tokenizer.py)
 
     @property
     def vocab_size(self) -> int:
-        return len(self.vocab)
+        return tokenizers.load(self.tokenizer).get_vocab_size() if self.tokenizer else len(self.vocab)
 
     @property
     def dims(self) -> dict:
@@ -50,7 +56,8 @@ class Corpus:
 
     @property
     def meta(self) -> dict:
-        return {"vocab": self.vocab}
+        codec = {"tokenizer": self.tokenizer} if self.tokenizer else {"vocab": self.vocab}
+        return {**codec, "val_tokens_per_byte": self.tokens_per_byte}
 
     @property
     def summary(self) -> str:
@@ -114,6 +121,8 @@ def load(cfg, inherited: dict | None = None) -> Corpus:
         train_text, val_text = text[:cut], text[cut:]
     else:
         train_text, val_text = _tfds_texts(cfg)
+    if cfg.tokenizer != "char" or (inherited and inherited.get("tokenizer")):
+        return _subword(cfg, train_text, val_text, inherited)
     vocab = "".join(sorted(set(train_text)))
     if inherited and "vocab" in inherited:  # a run started from another (init_from) keeps its tokens
         extra = sorted(set(vocab) - set(inherited["vocab"]))
@@ -126,7 +135,25 @@ def load(cfg, inherited: dict | None = None) -> Corpus:
         print(f"warning: dropping {sum(val_text.count(c) for c in unseen)} validation characters "
               f"not in the training vocabulary", file=sys.stderr)
         val_text = "".join(c for c in val_text if c not in unseen)
-    return Corpus(encode(train_text, vocab), encode(val_text, vocab), vocab)
+    return Corpus(encode(train_text, vocab), encode(val_text, vocab), vocab,
+                  len(val_text) / max(len(val_text.encode("utf-8")), 1))
+
+
+def _subword(cfg, train_text: str, val_text: str, inherited: dict | None) -> Corpus:
+    """The corpus under a subword tokenizer: the init_from run's, a file's, or a BPE fitted to train_text."""
+    from data.shards import pieces
+
+    if inherited and inherited.get("tokenizer"):  # a run started from another keeps its tokens
+        tok = inherited["tokenizer"]
+    elif inherited and inherited.get("vocab"):
+        raise UserError("the init_from run is character-level; drop data.tokenizer (or set data.tokenizer=char)")
+    elif cfg.tokenizer == "bpe":
+        tok = tokenizers.train_bpe(pieces(iter([train_text])), cfg.vocab_size)
+    else:
+        tok = tokenizers.from_files(cfg.tokenizer)
+    codec = tokenizers.Codec(tokenizer=tok)
+    train_T, val_T = (np.concatenate(codec.encode_batch(list(pieces(iter([t]))))) for t in (train_text, val_text))
+    return Corpus(train_T, val_T, "", len(val_T) / max(len(val_text.encode("utf-8")), 1), tok)
 
 
 def check_fits(corpus: Corpus, length: int) -> None:
@@ -145,7 +172,7 @@ def window_starts(n_tokens: int, length: int, batch_size: int, seed: int, stream
 
 def _windows(tokens_T, seed, stream, step, batch_size, length, rows) -> np.ndarray:
     starts_B = window_starts(len(tokens_T), length, batch_size, seed, stream, step)[rows]
-    return tokens_T[starts_B[:, None] + np.arange(length)]
+    return tokens_T[starts_B[:, None] + np.arange(length)].astype(np.int32)  # a memmap may hold uint16
 
 
 def train_windows(corpus: Corpus, seed: int, step: int, batch_size: int, length: int, rows: slice) -> np.ndarray:

@@ -10,18 +10,11 @@ Special tokens come first, with fixed ids: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK
 """
 import numpy as np
 
+from data.tokenizer import lib as _lib, load
 from errors import UserError
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
-
-
-def _lib():
-    try:
-        import tokenizers
-    except ImportError:
-        raise UserError("data=text_classify needs the `tokenizers` package: pip install tokenizers==0.23.3") from None
-    return tokenizers
 
 
 def train(texts: list[str], vocab_size: int) -> str:
@@ -54,11 +47,6 @@ def _tokenizer(vocab: dict):
     tok.post_processor = tk.processors.BertProcessing(("[SEP]", SEP), ("[CLS]", CLS))
     tok.add_special_tokens(list(SPECIALS))
     return tok
-
-
-def load(json_str: str):
-    """The tokenizer of a JSON string (a run's meta["tokenizer"])."""
-    return _lib().Tokenizer.from_str(json_str)
 
 
 def vocab_size(json_str: str) -> int:

@@ -1,4 +1,5 @@
 """Next-token language modelling: cross-entropy of every position's prediction of the token after it."""
+import math
 from dataclasses import dataclass
 
 import jax.numpy as jnp
@@ -26,6 +27,15 @@ def feed(corpus, data_cfg, *, seed: int, batch_size: int, rows: slice, eval_batc
     return Feed(lambda step: _split(text.train_windows(corpus, seed, step, batch_size, L1, rows)),
                 lambda i: (_split(text.eval_windows(corpus, data_cfg.eval_seed, i, batch_size, L1, rows)), batch_size),
                 eval_batches, data_cfg.seq_len)
+
+
+def finish(val: dict, meta: dict) -> dict:
+    """Adds val_bpb: nats per token x tokens per UTF-8 byte of the validation text / ln 2, one scale
+    for every tokenizer (characters, BPE, an imported model's)."""
+    ratio = meta.get("val_tokens_per_byte")
+    if ratio:
+        val["val_bpb"] = val["val_loss"] * ratio / math.log(2)
+    return val
 
 
 def outputs(model, batch, key):
