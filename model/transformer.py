@@ -21,6 +21,7 @@ from model import attention_cpu, quant
 from model.matmul import DOT_GENERAL
 
 TASKS = ("lm",)
+ACTIVATIONS = {"gelu_tanh": partial(jax.nn.gelu, approximate=True), "gelu": partial(jax.nn.gelu, approximate=False)}
 
 
 @dataclass
@@ -34,6 +35,8 @@ class Config:
     block_size: int = 256  # positions the model has; training windows are data.seq_len <= block_size
     dropout: float = 0.0
     bias: bool = False
+    # gelu_tanh: GPT-2's `gelu_new` (tanh approximation); gelu: exact (nanoGPT's nn.GELU), for imported runs.
+    activation: str = "gelu_tanh"
     dtype: str = "float32"  # compute dtype; params stay float32
     # bfloat16: dense matmuls (forward and both gradients) on bf16 operands, float32 accumulation
     # (model/matmul.py); everything else stays float32. float32: exact.
@@ -51,6 +54,8 @@ class Config:
 
 def check(cfg) -> None:
     """Values the schema's types cannot rule out."""
+    if cfg.activation not in ACTIVATIONS:
+        raise UserError(f"model.activation={cfg.activation} must be gelu_tanh or gelu")
     if cfg.attention not in ("auto", "reference", "cpu"):
         raise UserError(f"model.attention={cfg.attention} must be auto, reference or cpu")
     quant.check(cfg)
@@ -138,11 +143,12 @@ class MLP(nnx.Module):
         self.fc = dense(D, F, kernel_init=nnx.initializers.normal(0.02))
         self.proj = dense(F, D, kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layers)))
         self.drop = nnx.Dropout(cfg.dropout)
+        self.activation = cfg.get("activation", "gelu_tanh")  # configs from before the key (and the encoder's)
 
     def __call__(self, x_BLD, key=None):
         # On (B*L, D) rows: XLA-CPU fuses the GELU and its gradient with 2-D dots, not 3-D ones.
         x_TD = x_BLD.reshape(-1, x_BLD.shape[-1])
-        y_BLD = self.proj(jax.nn.gelu(self.fc(x_TD), approximate=True)).reshape(x_BLD.shape)
+        y_BLD = self.proj(ACTIVATIONS[self.activation](self.fc(x_TD))).reshape(x_BLD.shape)
         return y_BLD if key is None else self.drop(y_BLD, rngs=key)
 
 
