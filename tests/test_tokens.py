@@ -228,3 +228,17 @@ def test_char_text_bpb_is_loss_over_ln2_and_bpe_text_runs_keep_their_tokenizer(t
     run(compose(TINY + [f"data.path={text_file}", f"init_from={bpe}", f"out_dir={tuned}", "steps=12",
                         "eval_every=12"]))
     assert checkpoint.peek_meta(tuned)["tokenizer"] == tok
+
+
+def test_the_gpt2_124m_recipe_has_gpt2_small_shape_and_asks_for_its_data():
+    import jax
+    from flax import nnx
+
+    import model as models
+
+    cfg = compose(["+experiment=owt_gpt2_124m", "data.dir=unused"])
+    shapes = nnx.eval_shape(lambda: models.build(cfg.model, {"vocab_size": 50257}, rngs=nnx.Rngs(0)))
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(shapes, nnx.Param)))
+    assert 123.5e6 < n < 124.5e6, n  # GPT-2 small without biases: 124.4M with them
+    assert (cfg.data.seq_len, cfg.model.block_size, cfg.batch_size * cfg.data.seq_len) == (1024, 1024, 491_520)
+    assert "needs data.dir=DIR" in one_line_error(run_cli("train.py", "+experiment=owt_gpt2_124m", "steps=1"))
