@@ -1,8 +1,10 @@
 """A prepared token dataset (`prepare.py`), read through memmaps: `data=tokens data.dir=DIR`.
 
-The splits stay on disk: a batch's windows are gathered from the memmap (data/text.py's window
-functions, pure in (seed, step)), so each process reads only the pages under its own rows and memory
-stays flat whatever the corpus size. The tokenizer comes from the dataset and goes into the run's
+The splits stay on disk: a batch's windows are gathered from a memmap (data/text.py's window
+functions, pure in (seed, step)), so each process reads only the pages under its own rows. Each
+batch maps the file afresh (as nanoGPT does): pages a long-lived map has touched stay counted in the
+process's memory, and the kernel maps whole page-cache folios around each window, so one map kept
+for a run grew to the whole file (4 GB of a 4.2 GB file within seconds, benchmarks/tokens.py). The tokenizer comes from the dataset and goes into the run's
 meta; a run started from another (init_from) must read a dataset of the same tokenizer.
 """
 from dataclasses import dataclass
@@ -26,12 +28,21 @@ class Config:
 
 @dataclass
 class Corpus:
-    train_T: np.ndarray  # memmapped token ids (uint16 or uint32)
-    val_T: np.ndarray
+    paths: tuple  # (train.bin, val.bin)
+    dtype: np.dtype  # uint16 or uint32
     codec_meta: dict  # {"vocab": characters} or {"tokenizer": JSON}
     vocab_size: int
     tokens_per_byte: float  # of the validation text: turns nats per token into bits per byte
     source: str
+
+    @property
+    def train_T(self) -> np.ndarray:
+        """The training split's token ids, mapped anew on each access (unmapped when dropped)."""
+        return np.memmap(self.paths[0], dtype=self.dtype, mode="r")
+
+    @property
+    def val_T(self) -> np.ndarray:
+        return np.memmap(self.paths[1], dtype=self.dtype, mode="r")
 
     @property
     def dims(self) -> dict:
@@ -59,4 +70,5 @@ def load(cfg, inherited: dict | None = None) -> Corpus:
     # A source run may have more embedding rows than its tokenizer has tokens (nanoGPT pads GPT-2's
     # 50,257 to 50,304): the model keeps its shape, the extra ids never occur in the data.
     vocab_size = max(meta["vocab_size"], (inherited or {}).get("dims", {}).get("vocab_size", 0))
-    return Corpus(train_T, val_T, codec_meta, vocab_size, meta["val_tokens"] / meta["val_bytes"], cfg.dir)
+    return Corpus((train_T.filename, val_T.filename), train_T.dtype, codec_meta, vocab_size,
+                  meta["val_tokens"] / meta["val_bytes"], cfg.dir)
