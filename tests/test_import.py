@@ -130,6 +130,17 @@ def test_an_imported_run_trains_on_and_starts_others(runs, tmp_path, capsys, tex
     assert "loaded 16 of 16 param tensors" in capsys.readouterr().err
 
 
+def test_a_gpt2_import_starts_a_run_on_data_prepared_with_its_tokenizer(runs, tmp_path, capsys, text_file):
+    from core.loop import run
+
+    out = run_cli("prepare.py", f"input={text_file}", f"tokenizer={HF}", f"dest={tmp_path / 'ds'}")
+    assert out.returncode == 0, out.stderr
+    model = json.load(open(runs / "hf" / importer.REPORT))["model_overrides"]
+    started = run(compose(TINY + model[1:] + [f"init_from={runs / 'hf'}", "data=tokens", f"data.dir={tmp_path / 'ds'}",
+                                              f"out_dir={tmp_path / 'started'}", "steps=2", "eval_every=2"]))
+    assert started["step"] == 2 and "loaded 16 of 16 param tensors" in capsys.readouterr().err
+
+
 def test_a_padded_vocab_keeps_the_checkpoints_rows(tmp_path, monkeypatch):
     """nanoGPT pads GPT-2's vocab (50,257 -> 50,304): the model keeps every row, the tokenizer its size."""
     ckpt = tensorfile.read_torch(CKPT)
