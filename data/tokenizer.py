@@ -131,9 +131,11 @@ class Codec:
         return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
+        """Text of token ids. Ids past the tokenizer's end (a model's padded vocabulary: nanoGPT rounds
+        GPT-2's 50,257 up to 50,304) are dropped, as `tokenizers` itself drops them."""
         if self._tok is not None:
             return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
-        return "".join(self.vocab[int(i)] for i in ids)
+        return "".join(self.vocab[i] for i in map(int, ids) if i < len(self.vocab))
 
 
 def codec(meta: dict) -> Codec:

@@ -242,3 +242,12 @@ def test_the_gpt2_124m_recipe_has_gpt2_small_shape_and_asks_for_its_data():
     assert 123.5e6 < n < 124.5e6, n  # GPT-2 small without biases: 124.4M with them
     assert (cfg.data.seq_len, cfg.model.block_size, cfg.batch_size * cfg.data.seq_len) == (1024, 1024, 491_520)
     assert "needs data.dir=DIR" in one_line_error(run_cli("train.py", "+experiment=owt_gpt2_124m", "steps=1"))
+
+
+def test_ids_past_the_tokenizer_decode_to_nothing():
+    from data import tokenizer
+
+    bpe = tokenizer.codec({"tokenizer": tokenizer.train_bpe([make_text(2_000)], 300)})
+    char = tokenizer.codec({"vocab": "ab"})
+    assert bpe.decode([*bpe.encode("the king"), 50_300]) == "the king"  # a padded vocabulary's spare rows
+    assert char.decode([0, 1, 2, 0]) == "aba"
