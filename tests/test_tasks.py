@@ -37,7 +37,8 @@ def test_a_task_trains_logs_evaluates_and_checkpoints(case, tmp_path, text_file)
         assert r[rate] > 0 and r["nonfinite_steps"] == 0
     for r in evals:
         bpb = {"val_bpb"} if task == "lm" else set()  # bits per byte: LM runs only (tasks/lm.py)
-        assert set(r) == {"step", "val_loss", "time_s"} | {f"val_{k}" for k in own} | bpb, r
+        f1 = {"val_f1"} if task == "classify" else set()  # macro F1: more than two classes (4 quadrants)
+        assert set(r) == {"step", "val_loss", "time_s"} | {f"val_{k}" for k in own} | bpb | f1, r
     assert checkpoint.manager(str(out), read_only=True).all_steps() == [3, 6]
     reloaded = load_run(str(out))
     assert reloaded.task == task and reloaded.step == 6 and reloaded.cfg.task.name == task
