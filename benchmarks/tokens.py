@@ -1,10 +1,12 @@
-"""Token datasets: `python benchmarks/tokens.py [--prepare] [--memory] [--big-gb 4.2]`.
+"""Token datasets: `python benchmarks/tokens.py [--prepare] [--memory] [--big-gb 4.2] [--gpt2]`.
 
 --prepare: prepare.py's byte-level BPE on a 33 MB corpus (tiny Shakespeare 30 times, each copy's lines
   in another seeded order), timing the tokenizer's training and the encoding apart; MB/s of UTF-8 text.
 --memory: the CPU recipe's training (`+experiment=shakespeare_char_cpu data=tokens`) on a token file of
   --big-gb GB and on one of 20 MB (random ids of its 65-character vocabulary: speed and memory do not
   depend on them), each in its own process: peak resident memory and the median tokens/s after warm-up.
+--gpt2: a few steps of +experiment=owt_gpt2_124m (GPT-2 small, 1024-token windows, vocabulary 50,257) at
+  batch 4 without gradient accumulation: the recipe is meant for accelerators, this only times it.
 Speed is reported here, never asserted in tests. Files go under --dir (default: a temporary directory).
 """
 import argparse
@@ -56,14 +58,14 @@ def prepare_speed(workdir: str) -> dict:
             "cores": os.cpu_count()}
 
 
-def random_dataset(path: str, n_tokens: int) -> None:
-    """A prepare.py-format dataset of random character ids (tiny Shakespeare's vocabulary), written in blocks."""
+def random_dataset(path: str, n_tokens: int, vocab: str = "") -> None:
+    """A prepare.py-format dataset of random ids of `vocab` (default: tiny Shakespeare's characters)."""
     import numpy as np
 
     from data import shards
 
     os.makedirs(path, exist_ok=True)
-    vocab = "".join(sorted(set(open(os.path.join(ROOT, "data", "tinyshakespeare.txt")).read())))
+    vocab = vocab or "".join(sorted(set(open(os.path.join(ROOT, "data", "tinyshakespeare.txt")).read())))
     rng, n_val = np.random.default_rng(0), 200_000
     for split, n in (("train", n_tokens), ("val", n_val)):
         with open(os.path.join(path, f"{split}.bin"), "wb") as f:
@@ -75,11 +77,12 @@ def random_dataset(path: str, n_tokens: int) -> None:
         json.dump(meta, f)
 
 
-def train_footprint(data_dir: str, out_dir: str, steps: int) -> dict:
+def train_footprint(data_dir: str, out_dir: str, steps: int, experiment: str = "shakespeare_char_cpu",
+                    extra: tuple = ()) -> dict:
     """Peak RSS (MB) and median tokens/s of a train.py run on `data_dir`, measured on its own process."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "+experiment=shakespeare_char_cpu", "data=tokens",
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"+experiment={experiment}", "data=tokens",
            f"data.dir={data_dir}", f"out_dir={out_dir}", f"steps={steps}", f"eval_every={steps}", "eval_batches=2",
-           f"ckpt_every={steps}", "progress=false"]
+           f"ckpt_every={steps}", "progress=false", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -87,7 +90,7 @@ def train_footprint(data_dir: str, out_dir: str, steps: int) -> dict:
         raise SystemExit(f"train.py failed: {err[-2000:]}")
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > steps // 5]
-    return {"peak_rss_MB": usage.ru_maxrss / 1024, "tokens_per_s": statistics.median(rates)}
+    return {"peak_rss_MB": usage.ru_maxrss / 1024, "tokens_per_s": statistics.median(rates), "rows": rows}
 
 
 def main() -> None:
@@ -96,9 +99,10 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--big-gb", type=float, default=4.2)
     parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--gpt2", action="store_true")
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
-    if not (args.prepare or args.memory):
+    if not (args.prepare or args.memory or args.gpt2):
         args.prepare = args.memory = True
     workdir = args.dir or tempfile.mkdtemp(prefix="tokens_bench_")
     results = {}
@@ -116,9 +120,24 @@ def main() -> None:
                 random_dataset(path, n)
             rows[name] = train_footprint(path, os.path.join(workdir, f"run_{name}"), args.steps)
             rows[name]["file_GB"] = n * 2 / 1e9
+            del rows[name]["rows"]
             print(f"train on a {n * 2 / 1e9:.2f} GB token file: peak RSS {rows[name]['peak_rss_MB']:.0f} MB, "
                   f"{rows[name]['tokens_per_s']:,.0f} tokens/s (median after warm-up, {args.steps} steps)")
         results["memory"] = rows
+    if args.gpt2:
+        path = os.path.join(workdir, "tokens_gpt2")
+        if not os.path.isfile(os.path.join(path, "meta.json")):  # 50,257 distinct characters stand in for GPT-2's BPE
+            random_dataset(path, 2_000_000, "".join(chr(c) for c in range(0x4E00, 0x4E00 + 50_257)))
+        steps = 4
+        r = train_footprint(path, os.path.join(workdir, "run_gpt2"), steps, "owt_gpt2_124m",
+                            ("batch_size=4", "optim.grad_accum=1", "log_every=1", "steps_per_call=1"))
+        times = [b["time_s"] - a["time_s"] for a, b in zip(r["rows"], r["rows"][1:])
+                 if "train_loss" in a and "train_loss" in b]
+        results["gpt2"] = {"s_per_step": min(times), "tokens_per_s": 4 * 1024 / min(times),
+                           "peak_rss_MB": r["peak_rss_MB"], "first_step_s": r["rows"][0]["time_s"]}
+        print(f"owt_gpt2_124m on this CPU, batch 4 x 1024: {min(times):.1f} s/step (best of {len(times)}), "
+              f"{4 * 1024 / min(times):,.0f} tokens/s, peak RSS {r['peak_rss_MB']:,.0f} MB; first step (compile) "
+              f"at {r['rows'][0]['time_s']:.0f} s")
     print(json.dumps(results, indent=1))
 
 

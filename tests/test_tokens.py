@@ -142,6 +142,7 @@ def test_a_prepare_killed_midway_then_rerun_writes_what_an_uninterrupted_one_doe
     ("tokenizer does not parse", "does not parse as a tokenizers JSON file"),
     ("vocab does not fit dtype", "more than uint16 holds; pass dtype=uint32"),
     ("no dest", "pass dest=DIR"),
+    ("unknown TFDS dataset", "TFDS has no dataset 'no_such_text_set'"),
 ])
 def test_bad_input_is_a_one_line_error_and_writes_nothing(case, expected, tmp_path):
     src, args = tmp_path / "in.txt", []
@@ -160,7 +161,8 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(case, expected, tmp_pa
                        + "".join(chr(c) for c in range(0x20000, 0x20000 + 50_000)))
         args = ["tokenizer=char", "dtype=uint16"]
     dest = [] if case == "no dest" else [f"dest={tmp_path / 'out'}"]
-    assert expected in one_line_error(prepare(f"input={src}", *args, *dest))
+    source = ["tfds_name=no_such_text_set"] if case == "unknown TFDS dataset" else [f"input={src}"]
+    assert expected in one_line_error(prepare(*source, *args, *dest))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
 
 
