@@ -8,8 +8,11 @@ import sys
 import numpy as np
 import pytest
 
+import httpx
+
 from conftest import ROOT, TINY, compose, make_text, run_cli
 from test_cli import one_line_error
+from test_serve import Server
 
 UNICODE = "Ünïcödé — naïve café, 日本語のテキスト; emoji 🙂.\n"
 
@@ -203,9 +206,17 @@ def test_train_on_tokens_logs_bpb_samples_text_and_refuses_another_tokenizer_on_
     row = [r for r in metrics.read(os.path.join(out, "metrics.jsonl")) if "val_loss" in r][-1]
     meta = json.loads((bpe_dataset / "meta.json").read_text())
     assert row["val_bpb"] == pytest.approx(row["val_loss"] * meta["val_tokens"] / meta["val_bytes"] / math.log(2))
-    proc = run_cli("sample.py", f"out_dir={out}", "num_samples=1", "max_new_tokens=12", 'prompt="Ünï"')
+    proc = run_cli("sample.py", f"out_dir={out}", "num_samples=1", "max_new_tokens=12", 'prompt="Ünï"',
+                   "temperature=0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("Ünï") and len(proc.stdout) > 5
+    server = Server(f"out_dir={out}", "slots=2", "chunk_tokens=4")
+    try:  # the server encodes and decodes with the run's BPE too: the same greedy text as sample.py
+        reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Ünï", "max_tokens": 12, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        assert "Ünï" + reply.json()["choices"][0]["text"] + "\n" == proc.stdout
+    finally:
+        assert server.stop() == 0
     # The dataset prepared again in place with another tokenizer: the run must not resume on it.
     assert prepare(f"input={corpus_dir}", "tokenizer=char", f"dest={data}", "overwrite=true").returncode == 0
     proc = run_cli("train.py", *TINY, "data=tokens", f"data.dir={data}", f"out_dir={out}", "steps=20")
