@@ -31,7 +31,10 @@ def prepare(cfg, hint: str):
     partial_files = lambda: set(glob.glob(os.path.join(root, builder.name, "**", "incomplete.*"), recursive=True)  # noqa: E731
                                  + glob.glob(os.path.join(root, "downloads", "**", "*.tmp.*"), recursive=True))
     before = partial_files()
-    new_dirs = [d for d in (os.path.join(root, builder.name), os.path.join(root, "downloads", builder.name))
+    # A dataset with configs (glue/sst2) gets <name>/.config/metadata.json and downloads/extracted as
+    # soon as its download starts: directories this attempt creates go whole when it fails.
+    new_dirs = [d for d in (os.path.join(root, builder.name), os.path.join(root, "downloads"),
+                            os.path.join(root, "downloads", builder.name), os.path.join(root, "downloads", "extracted"))
                 if not os.path.exists(d)]
 
     if not builder.is_prepared():
@@ -53,8 +56,7 @@ def prepare(cfg, hint: str):
             for path in partial_files() - before:
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
             for d in new_dirs:
-                if os.path.isdir(d) and not os.listdir(d):
-                    os.rmdir(d)
+                shutil.rmtree(d, ignore_errors=True)
         if timed_out:
             raise UserError(f"TFDS dataset {cfg.tfds_name!r} did not download within "
                             f"{cfg.download_timeout:.0f}s (offline?); {hint}")

@@ -9,7 +9,10 @@ tokenizer and labels are reused, so its embeddings and head keep meaning the sam
 Without data.val_path the validation split is a permutation keyed on data.split_seed. Training
 batches follow data/images.py: epoch e is a permutation keyed on (seed, e), each process gathers
 only its rows; validation batches are in file order, the last padded with rows of `mask` 0.
-TFDS (glue/sst2) is not wired in: the GLUE TSVs are the input (data.path=train.tsv data.val_path=dev.tsv).
+With data.tfds_name (e.g. glue/sst2) the sentences and labels are the TFDS dataset's
+data.text_column and data.label_column features, its train and validation splits (a
+data.val_fraction of train where it has no validation split), downloaded through data/download.py
+within data.download_timeout.
 """
 import csv
 import os
@@ -19,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from data import examples, wordpiece
+from data import download, examples, wordpiece
 from errors import UserError
 
 PROVIDES = ("classes", "sentences")
@@ -30,8 +33,11 @@ _SPLIT_STREAM = 4
 class Config:
     kind: str = "text_classify"
     path: Optional[str] = None  # FILE.tsv / .csv (delimiter by extension; other names: sniffed)
+    tfds_name: Optional[str] = None  # instead of path: a TFDS dataset, e.g. glue/sst2 (downloads; needs internet)
+    tfds_data_dir: Optional[str] = None
+    download_timeout: float = 60.0
     val_path: Optional[str] = None  # None: a data.val_fraction of data.path, drawn with data.split_seed
-    text_column: str = "sentence"  # a header name, or with data.header=false a column index (0, 1, ...)
+    text_column: str = "sentence"  # a header name (TFDS: a feature), or with data.header=false a column index
     label_column: str = "label"
     header: bool = True
     seq_len: int = 128  # tokens per sentence with [CLS] and [SEP]; longer ones are cut
@@ -173,19 +179,55 @@ def unigram_entropy(x_NL: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def _tfds_tables(cfg) -> tuple[list, list, list | None, list | None]:
+    """(texts, label cells) of a TFDS dataset's train split, and of its validation split (None: it has none)."""
+    hint = "pass data.path=TRAIN.tsv data.val_path=DEV.tsv (e.g. GLUE's SST-2 TSVs) instead"
+    builder = download.prepare(cfg, hint=hint)
+    features, splits = builder.info.features, builder.info.splits
+    for key in ("text_column", "label_column"):
+        if str(cfg[key]) not in features:
+            raise UserError(f"TFDS dataset {cfg.tfds_name!r} has no feature data.{key}={cfg[key]!r}; its features "
+                            f"are {', '.join(features)}")
+    if "train" not in splits:
+        raise UserError(f"TFDS dataset {cfg.tfds_name!r} has no train split (it has {', '.join(splits)}); {hint}")
+    out = []
+    for split in ("train", "validation"):
+        if split not in splits:
+            out += [None, None]
+            continue
+        rows = builder.as_data_source(split=split)
+        examples_ = [rows[i] for i in range(len(rows))]
+        out += [[_as_str(e[str(cfg.text_column)]) for e in examples_],
+                [_as_str(e[str(cfg.label_column)]).strip() for e in examples_]]
+    return tuple(out)
+
+
+def _as_str(x) -> str:
+    """A TFDS feature value as text: bytes decoded, numbers (class ids) as digits."""
+    if isinstance(x, bytes):
+        return x.decode("utf-8")
+    return str(x.item() if hasattr(x, "item") else x)
+
+
 def load(cfg, inherited: dict | None = None) -> Sentences:
     """Read, split, tokenise and label the sentences the data config names."""
-    if not cfg.path:
+    if cfg.path and cfg.tfds_name:
+        raise UserError(f"data.path and data.tfds_name={cfg.tfds_name} are both set; pass one of them")
+    if not cfg.path and not cfg.tfds_name:
         raise UserError("data=text_classify needs data.path=TRAIN.tsv (and data.val_path=DEV.tsv, or a "
-                        "data.val_fraction of it held out)")
+                        "data.val_fraction of it held out), or data.tfds_name=glue/sst2")
+    if cfg.tfds_name and cfg.val_path:
+        raise UserError("data.val_path is for data.path; with data.tfds_name the dataset's validation split is used")
     if cfg.pack < 1:
         raise UserError(f"data.pack={cfg.pack} must be 1 (one sentence per row) or more")
     if cfg.seq_len < 3:
         raise UserError(f"data.seq_len={cfg.seq_len} leaves no room beside [CLS] and [SEP]; use 3 or more")
-    texts, cells = _table(cfg.path, "data.path", cfg)
-    if cfg.val_path:
-        val_texts, val_cells = _table(cfg.val_path, "data.val_path", cfg)
+    if cfg.tfds_name:
+        texts, cells, val_texts, val_cells = _tfds_tables(cfg)
     else:
+        texts, cells = _table(cfg.path, "data.path", cfg)
+        val_texts, val_cells = _table(cfg.val_path, "data.val_path", cfg) if cfg.val_path else (None, None)
+    if val_texts is None:
         tr, va = _split(len(texts), cfg.split_seed, cfg.val_fraction)
         texts, cells, val_texts, val_cells = ([texts[i] for i in tr], [cells[i] for i in tr],
                                               [texts[i] for i in va], [cells[i] for i in va])

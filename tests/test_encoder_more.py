@@ -53,3 +53,65 @@ def test_two_classes_log_no_f1(tmp_path):
     val = {"val_loss": 1.0, "val_tp_0": 0.2, "val_pred_0": 0.3, "val_true_0": 0.4, "val_tp_1": 0.0,
            "val_pred_1": 0.0, "val_true_1": 0.0, "val_tp_2": 0.1, "val_pred_2": 0.7, "val_true_2": 0.6}
     assert classify.finish(val, {}) == {"val_loss": 1.0, "val_f1": pytest.approx((0.4 / 0.7 + 0.2 / 1.3) / 2)}
+
+
+class FakeBuilder:
+    """What data/text_classify.py reads of a prepared TFDS builder: features, splits, data sources."""
+
+    def __init__(self, splits):
+        self.splits = splits
+        self.info = type("Info", (), {"features": {"idx": None, "sentence": None, "label": None},
+                                      "splits": {k: None for k in splits}})()
+
+    def as_data_source(self, split):
+        return self.splits[split]
+
+
+def test_tfds_glue_sst2_gives_the_splits_sentences_and_labels(monkeypatch):
+    import data.download
+    train = [{"idx": np.int32(i), "sentence": f"{w} movie {w}".encode(), "label": np.int64(i % 2)}
+             for i, w in enumerate(FILLER * 3)]
+    dev = [{"idx": np.int32(0), "sentence": b"a very good film", "label": np.int64(1)},
+           {"idx": np.int32(1), "sentence": b"bad plot", "label": np.int64(0)}]
+    seen = {}
+
+    def prepare(cfg, hint):
+        seen["name"], seen["dir"] = cfg.tfds_name, cfg.tfds_data_dir
+        return FakeBuilder({"train": train, "validation": dev, "test": dev})
+
+    monkeypatch.setattr(data.download, "prepare", prepare)
+    cfg = compose(ENC_TINY + ["task=classify", "data.tfds_name=glue/sst2", "data.tfds_data_dir=/somewhere"]).data
+    src = text_classify.load(cfg)
+    assert seen == {"name": "glue/sst2", "dir": "/somewhere"} and src.labels == [0, 1]
+    assert src.y_train.tolist() == [i % 2 for i in range(len(train))] and src.y_val.tolist() == [1, 0]
+    from data import wordpiece
+    expected, _ = wordpiece.encode(src.tokenizer, [e["sentence"].decode() for e in train], cfg.seq_len)
+    np.testing.assert_array_equal(src.x_train, expected)
+    assert wordpiece.decode(src.tokenizer, src.x_val[0]) == "a very film"  # "good" is not in the training text: [UNK], dropped
+    with pytest.raises(Exception, match=r"has no feature data.text_column='text'; its features are idx, sentence, label"):
+        text_classify.load(compose(ENC_TINY + ["task=classify", "data.tfds_name=glue/sst2", "data.text_column=text"]).data)
+
+
+def test_tfds_offline_fails_fast_in_one_line_and_writes_nothing(monkeypatch, tmp_path):
+    import time
+    import tensorflow_datasets as tfds
+    from errors import UserError
+
+    def fail(self, **kwargs):
+        raise ConnectionError("Failed to resolve 'storage.googleapis.com'\nmore detail")
+
+    def hang(self, **kwargs):  # what the real download of glue/sst2 has written when it finds no network
+        for d in ("glue/sst2", "glue/.config", "downloads/extracted"):
+            os.makedirs(tmp_path / "tfds" / d, exist_ok=True)
+        (tmp_path / "tfds" / "glue/.config/metadata.json").write_text("{}")
+        time.sleep(60)
+
+    for fn, message, timeout in ((fail, r"could not be prepared \(Failed to resolve", 30), (hang, "did not download within 1s", 1)):
+        monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fn)
+        data_dir, out = tmp_path / "tfds", tmp_path / "run"
+        t0 = time.perf_counter()
+        with pytest.raises(UserError, match=message + ".*data.path=TRAIN.tsv data.val_path=DEV.tsv") as e:
+            run(compose(ENC_TINY + ["task=classify", "data.tfds_name=glue/sst2", f"data.tfds_data_dir={data_dir}",
+                                    f"data.download_timeout={timeout}", f"out_dir={out}"]))
+        assert time.perf_counter() - t0 < 15 and "\n" not in str(e.value)
+        assert not out.exists() and not (data_dir.exists() and os.listdir(data_dir))
