@@ -23,6 +23,7 @@ XLA_DEFAULT = 1024  # XLA's own threshold when the option is absent
 THREAD_VARS = ("PJRT_NPROC", "NPROC")  # XLA's CPU client reads the first one set (xla/pjrt/utils.cc)
 TUNABLE = "glibc.malloc.hugetlb"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxlab", "xla")
+MIN_COMPILE_VAR = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"  # yours wins over the 0 set below
 
 
 def configure() -> None:
@@ -73,15 +74,20 @@ def compile_cache(setting: str | None, environ=os.environ) -> str | None:
     """Turn on JAX's persistent compilation cache: "auto" (DEFAULT_CACHE), a directory, or off/None.
 
     Returns the directory in use, or None. JAX keys each entry on the program, the backend, the
-    jax/jaxlib versions and the compile options, so a hit is the same executable. An unwritable
-    directory is a warning, and compiling goes on without the cache.
+    jax/jaxlib versions and the compile options, so a hit is the same executable. Every program is
+    kept, however fast it compiled. An unwritable directory is a warning, and compiling goes on
+    without the cache; so is an unreadable entry (JAX warns and compiles it).
     """
     import jax
 
+    if setting in (None, "", "off", "none", False) and not environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    if not environ.get(MIN_COMPILE_VAR):
+        # JAX's default keeps only programs that took a second to compile: here that would leave out
+        # the eval step and the train state's init (0.4-0.8 s each on the CPU config) and the sampler.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     if environ.get("JAX_COMPILATION_CACHE_DIR"):
         return environ["JAX_COMPILATION_CACHE_DIR"]  # JAX reads it itself
-    if setting in (None, "", "off", "none", False):
-        return None
     path = os.path.expanduser(DEFAULT_CACHE if setting == "auto" else str(setting))
     try:
         os.makedirs(path, exist_ok=True)
