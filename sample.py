@@ -1,7 +1,8 @@
 """Sample from a language-model run (transformer or RNN): `python sample.py out_dir=runs/NAME [...]`.
 
-The same jitted scan sampler drives both: the transformer's KV cache and the RNN's recurrent
-carry are each the model's `cache`; the prompt is consumed first, then one token per scan step.
+The same sampler (core/sampler.py) drives both: the transformer's KV cache and the RNN's recurrent
+carry are each the model's `cache`; the prompt is consumed first, then one token per step of a jitted
+loop whose length is data, so 1 and 5,000 new tokens compile the same program.
 
 Only the samples go to stdout, separated by lines `---`; logs go to stderr.
 """
@@ -86,8 +87,7 @@ def main(cfg) -> None:
         threads = f" (XLA-CPU on {n} thread{'s' * (n > 1)})" if jax.default_backend() == "cpu" else ""
         print(f"sampling from step {run.step} of {cfg.out_dir}{threads}", file=sys.stderr)
         generate = compile_generate(nnx.graphdef(run.model), max_new_tokens=cfg.max_new_tokens,
-                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                    small_loop_bytes=runtime.small_loop_bytes())
+                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         prompt_BP = np.broadcast_to(prompt_P, (cfg.num_samples, len(prompt_P)))
         tokens_BN = jax.device_get(generate(run.state["params"], run.state["rest"], prompt_BP,
                                             jax.random.key(cfg.seed)))

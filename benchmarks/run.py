@@ -217,12 +217,11 @@ def generate_call(spec, state, batch: int, new_tokens: int, cached: bool = True)
 
     Returns call(key) -> tokens_BN, run to completion. Sampler globals (core/sampler.py) are read here.
     """
-    gen = compile_generate(spec.graphdef, cached=cached, max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                           small_loop_bytes=runtime.small_loop_bytes())
+    gen = compile_generate(spec.graphdef, cached=cached, max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0)
     prompt = jnp.zeros((batch, 1), jnp.int32)
 
     def call(key=jax.random.key(1)):
-        return gen(state["params"], state["rest"], prompt, key).block_until_ready()
+        return jax.block_until_ready(gen(state["params"], state["rest"], prompt, key))
 
     call(jax.random.key(0))
     return call

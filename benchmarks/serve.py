@@ -3,7 +3,7 @@
 Starts the server on 127.0.0.1 (a free port) on a run of the CPU Shakespeare config (a 1-step one
 made in a temp dir unless out_dir= names one: speed does not depend on the weights) and measures:
 - latency of one 64-token completion at concurrency 1 (median of 20), against the same generation
-  in-process with the scan sampler (`sample.py`'s code, batch 1, best of 20);
+  in-process with `sample.py`'s sampler (the same code, batch 1, best of 20);
 - tokens/s with 1 and with 16 concurrent clients (each asking 64 tokens, back to back, for 10 s), and
   the server's decode chunk alone at batch 1 and 16 (no HTTP, no scheduler): what batching can pay here;
 - a soak: `requests` completions from `clients` concurrent clients with mixed prompt lengths,
@@ -58,13 +58,11 @@ def in_process(out_dir: str, new: int = 64, repeats: int = 20) -> float:
     import numpy as np
     from flax import nnx
 
-    from core import runtime
     from core.sampler import compile_generate
     from core.state import load_run
 
     run = load_run(out_dir)
-    generate = compile_generate(nnx.graphdef(run.model), max_new_tokens=new, temperature=0.0,
-                                small_loop_bytes=runtime.small_loop_bytes())
+    generate = compile_generate(nnx.graphdef(run.model), max_new_tokens=new, temperature=0.0)
     prompt = np.zeros((1, 1), np.int32)
     args = (run.state["params"], run.state["rest"], prompt, jax.random.key(0))
     jax.block_until_ready(generate(*args))

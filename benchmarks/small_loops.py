@@ -4,12 +4,11 @@
 (core/runtime.py: cpu_threads, which sample.py applies to small models); `--batch 16` for batch 16.
 
 core/runtime.py raises `xla_cpu_small_while_loop_byte_threshold` from XLA's 1024 bytes to 16 MiB, so
-the CPU config's batch-1 decode loop compiles into one function (and the sampler then decodes one
-token per loop iteration instead of four). XLA reads the option once per process, so each round runs
-two child processes back to back, off then on. Each child compiles the sampler (500 new tokens after a
-1-token prompt, temperature 1), then times calls for `--seconds`, and reports its compile time, its
-best and median call, and the CPU time the hypervisor stole meanwhile (/proc/stat), which is what
-makes this host's figures drift.
+the CPU config's batch-1 decode loop compiles into one function instead of running kernel by kernel.
+XLA reads the option once per process, so each round runs two child processes back to back, off then
+on. Each child compiles the sampler (500 new tokens after a 1-token prompt, temperature 1), then times
+calls for `--seconds`, and reports its compile time, its best and median call, and the CPU time the
+hypervisor stole meanwhile (/proc/stat), which is what makes this host's figures drift.
 """
 import argparse
 import json

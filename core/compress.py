@@ -81,7 +81,7 @@ def speeds(builds: list[Setup], states: list, task) -> tuple[str, list[float], s
         calls = []
         for built, state in zip(builds, states):
             generate = compile_generate(built.spec.graphdef, max_new_tokens=SAMPLE_TOKENS, temperature=0.8,
-                                        top_k=0, top_p=1.0, small_loop_bytes=runtime.small_loop_bytes())
+                                        top_k=0, top_p=1.0)
             calls.append(lambda g=generate, s=state: g(s["params"], s["rest"], prompt_BP, key))
         times = best_times(calls)
         return "tokens", [SAMPLE_TOKENS / t for t in times], \

@@ -1,4 +1,4 @@
-"""Autoregressive sampling: prefill the prompt, then one jitted `lax.scan` over decode steps.
+"""Autoregressive sampling: prefill the prompt, then decode in a jitted loop whose length is data.
 
 Any model with `init_cache(batch)` and `model(idx_BL, cache=, pos=) -> (logits_BLV, cache)`
 samples here: the transformer's cache is its keys and values, the RNN's its recurrent carry.
@@ -8,6 +8,7 @@ tokens can be generated with every token seeing at least T/2 of context.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # The per-token draws run on a threefry4x32 key derived from the caller's key: XLA-CPU lowers the
@@ -15,14 +16,19 @@ from flax import nnx
 # (`python benchmarks/sampler_prng.py` measures both).
 SAMPLING_PRNG = "threefry4x32"
 
-# A decode segment's Gumbel noise is drawn before its loop when it is at most this many floats (16 MiB),
+# A decode call's Gumbel noise is drawn before its loop when it is at most this many floats (16 MiB),
 # off the per-token path; else one step at a time. The tokens are the same either way.
 NOISE_AHEAD = 1 << 22
+NOISE_BLOCK = 64  # draws per vectorised call when drawing ahead: a short call draws at most this many unused
+
+# compile_generate decodes up to this many tokens per call: one compiled program for any max_new_tokens.
+# A call costs ~0.2 ms before its first token (the CPU config's weights sliced and cast), so
+# sample.py's 500 tokens take one call.
+CHUNK = 512
 
 # sample.py runs XLA-CPU on one thread for a model of at most this many bytes of weights (small
 # kernels gain nothing from a second thread), and on one per core above it (core/runtime.py).
 ONE_THREAD_MAX_BYTES = 1 << 24
-XLA_SMALL_LOOP_DEFAULT = 1024  # XLA-CPU's own small-while-loop threshold (core/runtime.py raises it)
 
 
 def cpu_threads_for(param_bytes: int) -> int:
@@ -84,80 +90,101 @@ def pick_row(logits_1V, key, temperature, top_k, top_p):
     return jnp.where(temperature > 0, sampled, greedy)
 
 
-def decode_unroll(model, cache, batch: int, small_loop_bytes: int = XLA_SMALL_LOOP_DEFAULT) -> int:
-    """Decode steps per loop iteration: 1 where XLA-CPU runs the loop as one function, else 4.
+def start(model, prompt_BP, key, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """(the decode state after the prompt, its first new token_B or None). Jit the caller.
 
-    A batch-1 decode step has no multi-row matmul, so when its weights and cache are well under
-    `small_loop_bytes` (XLA_FLAGS' threshold, core/runtime.py) XLA-CPU compiles the whole loop into one
-    function: unrolling gains nothing there and makes the compile several times longer. A loop run
-    kernel by kernel (bigger models, batch > 1, other backends) saves per-iteration overhead with 4
-    steps per iteration.
-    """
-    step_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((nnx.state(model), cache)))
-    one_function = jax.default_backend() == "cpu" and batch == 1 and 2 * step_bytes < small_loop_bytes
-    return 1 if one_function else 4
-
-
-def generate(model, prompt_BP, key, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, small_loop_bytes: int = XLA_SMALL_LOOP_DEFAULT):
-    """New tokens_BN after the prompt, with the KV cache (or recurrent carry). Jit the caller.
-
-    A finite context is decoded in segments with static lengths, so no step inside a scan ever
-    branches: the first segment fills the context after the prompt, and each later one re-prefills
-    the last T/2 tokens into a fresh cache and decodes T - T/2 more (an outer scan over segments).
+    A one-token prompt is not prefilled: `decode` feeds it (the decode step at the same shapes is
+    the same computation), so for sample.py's default prompt this only makes the zeroed state. A
+    longer one is prefilled in one call and the first token picked from its last logits.
     """
     B, P = prompt_BP.shape
-    key = sampling_key(key)
     T = getattr(model, "block_size", None)
     if T is not None and P > T:
         prompt_BP, P = prompt_BP[:, -T:], T
-    logits_BPV, cache = model(prompt_BP, cache=model.init_cache(B), pos=0)
-    init_cache = model.init_cache
-    unroll = decode_unroll(model, cache, B, small_loop_bytes)
+    prompt_BP = prompt_BP.astype(jnp.int32)
+    state = {"i": jnp.int32(0), "pos": jnp.int32(0), "next_B": prompt_BP[:, 0], "cache": model.init_cache(B)}
+    if T is not None:  # the tokens at the cache's positions: a slide prefills their last half again
+        state["window_BT"] = jnp.zeros((B, T), jnp.int32).at[:, :P].set(prompt_BP)
+    if P == 1:
+        return state, None
+    logits_BPV, cache = model(prompt_BP, cache=state["cache"], pos=0)
+    token_B = pick(logits_BPV[:, -1], jax.random.fold_in(sampling_key(key), 0), temperature, top_k, top_p)
+    return state | {"cache": cache, "i": jnp.int32(1), "pos": jnp.int32(P), "next_B": token_B}, token_B
+
+
+def decode(model, state, key, n, *, chunk: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """(state, tokens_BC): the next `n` <= C = `chunk` new tokens (n may be traced); columns n.. unused.
+
+    One decode step, compiled once, in a while loop whose trip count is data: the program is the
+    same for any number of tokens. A step feeds the last token at `pos` and picks the next one from
+    its logits with the key fold_in(key, i) for the i-th new token. A full cache slides between two
+    runs of that loop. The draws' noise is drawn before the loops, as many blocks as `n` needs, when
+    C draws fit NOISE_AHEAD (the same numbers as drawing in the loop).
+    """
+    T = getattr(model, "block_size", None)
+    init_cache, keep = model.init_cache, None if T is None else T // 2
     model = model.decoder() if hasattr(model, "decoder") else model  # weights sliced once, not per step
+    key, i0, (B,) = sampling_key(key), state["i"], state["next_B"].shape
+    noise_CBV = None
+    if temperature != 0:
+        V = jax.eval_shape(lambda s: model(s["next_B"][:, None], cache=s["cache"], pos=s["pos"])[0], state).shape[-1]
+        if chunk * B * V <= NOISE_AHEAD:  # in blocks of R, as many as n needs: a short call draws little
+            R = min(chunk, NOISE_BLOCK)
 
-    def decode(cache, pos, logits_BV, first: int, n: int):
-        """n tokens numbered first.. (for their keys), the first written at `pos`."""
-        i_N = first + jnp.arange(n)
-        ahead = temperature != 0 and n * logits_BV.size <= NOISE_AHEAD
-        # The segment's draws in one vectorised call before the loop: the same numbers, off the per-token path.
-        noise_NBV = jax.vmap(lambda i: gumbel(jax.random.fold_in(key, i), logits_BV.shape))(i_N) if ahead else None
+            def draw(b, noise_CBV):
+                noise_RBV = jax.vmap(lambda i: gumbel(jax.random.fold_in(key, i), (B, V)))(i0 + b * R + jnp.arange(R))
+                return jax.lax.dynamic_update_slice(noise_CBV, noise_RBV, (b * R, 0, 0))
 
-        def step(carry, xs):
-            (cache, pos, logits_BV), (i, noise_BV) = carry, xs
-            token_B = pick(logits_BV, jax.random.fold_in(key, i), temperature, top_k, top_p, noise_BV)
-            logits_B1V, cache = model(token_B[:, None], cache=cache, pos=pos)
-            return (cache, pos + 1, logits_B1V[:, -1]), token_B
+            noise_CBV = jax.lax.fori_loop(0, (n + R - 1) // R, draw, jnp.zeros((-(-chunk // R) * R, B, V), jnp.float32))
 
-        (_, _, logits_BV), tokens_NB = jax.lax.scan(step, (cache, pos, logits_BV), (i_N, noise_NBV),
-                                                    unroll=min(unroll, max(n, 1)))
-        return logits_BV, tokens_NB.T
+    def step(carry):
+        state, tokens_BC = carry
+        pos, i, next_B = state["pos"], state["i"], state["next_B"]
+        logits_B1V, cache = model(next_B[:, None], cache=state["cache"], pos=pos)
+        noise_BV = None if noise_CBV is None else noise_CBV[i - i0]
+        token_B = pick(logits_B1V[:, -1], jax.random.fold_in(key, i), temperature, top_k, top_p, noise_BV)
+        new = {"cache": cache, "pos": pos + 1, "i": i + 1, "next_B": token_B}
+        if T is not None:
+            new["window_BT"] = jax.lax.dynamic_update_slice(state["window_BT"], next_B[:, None], (0, pos))
+        return state | new, jax.lax.dynamic_update_slice(tokens_BC, token_B[:, None], (0, i - i0))
 
-    if T is None:  # a recurrent carry: no context limit
-        return decode(cache, jnp.int32(P), logits_BPV[:, -1], 0, max_new_tokens)[1]
-    n0 = min(max_new_tokens, T - P)
-    logits_BV, tokens_BN = decode(cache, jnp.int32(P), logits_BPV[:, -1], 0, n0)
-    rest = max_new_tokens - n0
-    if rest == 0:
-        return tokens_BN
-    keep = T // 2
-    per_segment = T - keep
-    last_BK = jnp.concatenate([prompt_BP, tokens_BN], axis=1)[:, -keep:]
-
-    def segment(carry, s):
-        last_BK, logits_BV = carry
+    def slide(state):
+        """The last T/2 tokens prefilled again at 0..T/2-1; the logits from before it were already picked from."""
+        last_BK = state["window_BT"][:, T - keep:]
         _, cache = model(last_BK, cache=init_cache(B), pos=0)
-        logits_BV, new_BS = decode(cache, jnp.int32(keep), logits_BV, n0 + s * per_segment, per_segment)
-        return (new_BS[:, -keep:], logits_BV), new_BS
+        window_BT = state["window_BT"].at[:, :keep].set(last_BK)
+        return state | {"cache": cache, "pos": jnp.int32(keep), "window_BT": window_BT}
 
-    n_segments = -(-rest // per_segment)
-    _, segments_SBN = jax.lax.scan(segment, (last_BK, logits_BV), jnp.arange(n_segments))
-    tail_BN = segments_SBN.transpose(1, 0, 2).reshape(B, -1)[:, :rest]
-    return jnp.concatenate([tokens_BN, tail_BN], axis=1)
+    def more(carry):
+        return carry[0]["i"] - i0 < n
+
+    def window(carry):
+        """Steps until `n` tokens or a full cache: no multi-row matmul, so XLA-CPU may run it as one function."""
+        return jax.lax.while_loop(lambda c: more(c) & (c[0]["pos"] < T), step, carry)
+
+    carry = (state, jnp.zeros((B, chunk), jnp.int32))
+    if T is None:
+        return jax.lax.while_loop(more, step, carry)
+    # The rest of this window, then (slide, window) while tokens remain. The window loop compiles twice,
+    # but no lax.cond decides the slide: one cost ~5% of batch-1 tokens/s (benchmarks/README.md).
+    return jax.lax.while_loop(more, lambda c: window((slide(c[0]), c[1])), window(carry))
+
+
+def generate(model, prompt_BP, key, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0):
+    """New tokens_BN after the prompt, with the KV cache (or recurrent carry). Jit the caller.
+
+    `start`, then `decode` of the rest in one call: the same tokens as `compile_generate`'s run.
+    """
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    state, first_B = start(model, prompt_BP, key, **options)
+    n = max_new_tokens - (first_B is not None)
+    tokens_BN = decode(model, state, key, n, chunk=n, **options)[1] if n else jnp.zeros((len(prompt_BP), 0), jnp.int32)
+    return tokens_BN if first_B is None else jnp.concatenate([first_B[:, None], tokens_BN], axis=1)
 
 
 def generate_uncached(model, prompt_BP, key, *, max_new_tokens: int, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0, small_loop_bytes: int = 0):
+                      top_k: int = 0, top_p: float = 1.0):
     """nanoGPT's decode: run the model over the last T tokens for every new one (no cache).
 
     The reference the cached sampler is tested and benchmarked against.
@@ -181,11 +208,48 @@ def generate_uncached(model, prompt_BP, key, *, max_new_tokens: int, temperature
 
 
 def compile_generate(graphdef, *, cached: bool = True, **options):
-    """jit(params, rest, prompt_BP, key) -> tokens_BN for a fixed set of sampling options."""
-    fn = generate if cached else generate_uncached
+    """run(params, rest, prompt_BP, key) -> tokens_BN (numpy) for a fixed set of sampling options.
 
-    @jax.jit
+    Cached: `start`, then `decode` called for up to CHUNK tokens at a time with its state donated, so
+    any `max_new_tokens` runs the same two programs: compiled once per process, loaded from the
+    persistent compilation cache by the next. Uncached: one jitted program.
+    """
+    if not cached:
+        @jax.jit
+        def run_uncached(params, rest, prompt_BP, key):
+            return generate_uncached(nnx.merge(graphdef, params, rest), prompt_BP, key, **options)
+
+        return run_uncached
+    n_total = options.pop("max_new_tokens")
+    programs = {}
+
+    def start_program(params, rest, prompt_BP, key):
+        return start(nnx.merge(graphdef, params, rest), prompt_BP, key, **options)
+
+    def decode_program(params, rest, state, key, n):
+        return decode(nnx.merge(graphdef, params, rest), state, key, n, chunk=CHUNK, **options)
+
+    def jitted(params):
+        """start and decode, with their state replicated on the params' devices whether it comes from
+        `start` or from `decode` itself, so `decode` compiles once."""
+        sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        if sharding not in programs:
+            programs[sharding] = (jax.jit(start_program, out_shardings=sharding),
+                                  jax.jit(decode_program, out_shardings=sharding, donate_argnums=2))
+        return programs[sharding]
+
     def run(params, rest, prompt_BP, key):
-        return fn(nnx.merge(graphdef, params, rest), prompt_BP, key, **options)
+        start_jit, decode_jit = jitted(params)
+        state, first_B = start_jit(params, rest, prompt_BP, key)
+        parts = [] if first_B is None else [(first_B[:, None], 1)]
+        done = len(parts)
+        while done < n_total:  # dispatched without waiting: the host knows every call's length
+            n = min(CHUNK, n_total - done)
+            state, tokens_BC = decode_jit(params, rest, state, key, np.int32(n))
+            parts.append((tokens_BC, n))
+            done += n
+        return np.concatenate([np.asarray(t)[:, :n] for t, n in parts], axis=1)  # on the host: no program per n
 
     return run

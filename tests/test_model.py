@@ -126,6 +126,21 @@ def test_decode_past_block_size_slides_as_documented():
     np.testing.assert_array_equal(cached, np.array(seq[len(prompt):]))
 
 
+@pytest.mark.parametrize("prompt_len", [1, 3])
+def test_sample_py_sampler_in_chunks_equals_one_traced_generate(monkeypatch, prompt_len):
+    """compile_generate (sample.py's) runs `start` and `decode` apart, CHUNK tokens per call from a state
+    carried between calls: token for token what one jitted `generate` gives."""
+    monkeypatch.setattr(sampler, "CHUNK", 7)  # several calls, each ending mid-window and across slides
+    model = tiny_model()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    prompt_BP = jax.random.randint(jax.random.key(2), (2, prompt_len), 0, V)
+    for n in (1, 7, 2 * model.block_size + 5):
+        options = dict(max_new_tokens=n, temperature=0.9, top_k=5, top_p=0.95)
+        whole = np.asarray(jax.jit(lambda p: generate(model, p, jax.random.key(4), **options))(prompt_BP))
+        chunked = sampler.compile_generate(graphdef, **options)(params, rest, np.asarray(prompt_BP), jax.random.key(4))
+        np.testing.assert_array_equal(chunked, whole)
+
+
 def test_scan_layers_matches_unrolled_and_shares_checkpoint_layout():
     unrolled, scanned = tiny_model(scan_layers=False), tiny_model(scan_layers=True, remat=True)
     s1, s2 = nnx.to_pure_dict(nnx.state(unrolled)), nnx.to_pure_dict(nnx.state(scanned))

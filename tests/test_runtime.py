@@ -3,11 +3,12 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from conftest import ROOT
-from core import runtime
-from core.sampler import compile_generate, decode_unroll
+from core import runtime, sampler
+from core.sampler import compile_generate
 from test_model import V, tiny_model
 
 
@@ -59,19 +60,49 @@ def test_every_entry_point_configures_the_process_before_jax_starts_and_library_
                 assert "runtime.configure(" not in source and "os.environ[" not in source, f"{folder}/{name}"
 
 
-def test_batch_1_decode_loop_compiles_to_one_function_and_is_not_unrolled():
+def test_batch_1_decode_loop_compiles_to_one_function():
     """The speed path the CPU sampler relies on: if a JAX upgrade drops the option, this fails."""
     model = tiny_model()
     assert runtime.small_loop_bytes() == runtime.SMALL_LOOP_BYTES  # conftest applied it, as train.py does
-    threshold = runtime.small_loop_bytes()
-    assert decode_unroll(model, model.init_cache(1), 1, threshold) == 1
-    assert decode_unroll(model, model.init_cache(2), 2, threshold) == 4  # multi-row matmuls: kernel by kernel
-    assert decode_unroll(model, model.init_cache(1), 1) == 4  # XLA's default threshold: no hoisting
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    gen = compile_generate(graphdef, max_new_tokens=model.block_size + 3, temperature=1.0, small_loop_bytes=threshold)
-    text = gen.lower(params, rest, jnp.zeros((1, 2), jnp.int32), jax.random.key(0)).compile().as_text()
-    assert 'xla_cpu_small_call="true"' in text
-    assert int(gen(params, rest, jnp.zeros((1, 2), jnp.int32), jax.random.key(0)).max()) < V
+
+    def one_function_loops(batch):  # while loops XLA-CPU runs as one function, in the decode program
+        prompt_BP, key = jnp.zeros((batch, 2), jnp.int32), jax.random.key(0)
+        state, _ = jax.jit(lambda p, r: sampler.start(nnx.merge(graphdef, p, r), prompt_BP, key))(params, rest)
+        decode = jax.jit(lambda p, r, s, n: sampler.decode(nnx.merge(graphdef, p, r), s, key, n, chunk=8))
+        return decode.lower(params, rest, state, 8).compile().as_text().count('xla_cpu_small_call="true"')
+
+    # both window loops (the rest of the first window, the windows after a slide); batch 2 has 2-row
+    # matmuls, run kernel by kernel
+    assert one_function_loops(1) == one_function_loops(2) + 2
+    gen = compile_generate(graphdef, max_new_tokens=model.block_size + 3, temperature=1.0)
+    assert int(gen(params, rest, np.zeros((1, 2), np.int32), jax.random.key(0)).max()) < V
+
+
+def test_sampling_compiles_the_same_programs_for_any_number_of_new_tokens():
+    """One decode program driven by a loop whose length is data: 1, 40 or 5,000 tokens (slides
+    included) compile (or load) the same two programs, so the persistent cache serves every length."""
+    model = tiny_model()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    prompt_BP, key = np.zeros((2, 1), np.int32), jax.random.key(0)
+    programs = []
+
+    def listen(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":  # a compile, or a load from the cache
+            programs.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        per_length = {}
+        for n in (1, 40, 5000):
+            programs.clear()
+            tokens_BN = compile_generate(graphdef, max_new_tokens=n, temperature=1.0)(params, rest, prompt_BP, key)
+            assert tokens_BN.shape == (2, n)
+            per_length[n] = list(programs)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert per_length[1] == per_length[40] == per_length[5000] == ["jit(start_program)", "jit(decode_program)"], \
+        per_length
 
 
 def test_compile_cache_is_used_by_a_second_process_and_gives_the_same_result(tmp_path):
