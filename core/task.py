@@ -54,6 +54,7 @@ def load(cfg, inherited: dict | None = None) -> Task:
         hint = f", or data.target_kind={task.READS}" if "target_kind" in cfg.data else ""
         raise UserError(f"data={cfg.data.kind} gives {provides} here, and task={cfg.task.name} reads {task.READS}; "
                         f"use task={' or task='.join(fits)}{hint}")
+    source = getattr(task, "prepare", lambda source, task_cfg: source)(source, cfg.task)  # its settings: task.nsp
     feed = task.feed(source, cfg.data, seed=cfg.seed, batch_size=cfg.batch_size,
                      rows=mesh_lib.process_rows(cfg.batch_size), eval_batches=cfg.eval_batches)
     unit = "tokens" if task.READS == "tokens" else getattr(source, "unit", "examples")

@@ -40,6 +40,10 @@ class Config:
     text_column: str = "sentence"  # a header name (TFDS: a feature), or with data.header=false a column index
     label_column: str = "label"
     header: bool = True
+    # table: a TSV/CSV of sentences and labels | lines: each non-empty line of a text file is one
+    # sentence, in order and unlabelled (task=mlm; task.nsp pairs consecutive lines); without
+    # data.val_path its last data.val_fraction of lines is validation, kept in order.
+    format: str = "table"
     seq_len: int = 128  # tokens per sentence with [CLS] and [SEP]; longer ones are cut
     vocab_size: int = 8000  # WordPiece vocabulary, five special tokens included
     val_fraction: float = 0.1
@@ -61,6 +65,7 @@ class Sentences:
     vocab_size: int
     summary: str
     baseline: dict
+    provides: Optional[str] = None  # "sentences" for unlabelled lines: core/task.py then refuses task=classify
     unit, units_per_example = "sentences", 1
 
     @property
@@ -209,6 +214,49 @@ def _as_str(x) -> str:
     return str(x.item() if hasattr(x, "item") else x)
 
 
+def _lines(path: str, key: str) -> list:
+    """The non-empty lines of a UTF-8 text file, stripped."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(path):
+        raise UserError(f"{key}={path} does not exist; pass a text file with one sentence per line")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except UnicodeDecodeError:
+        raise UserError(f"{key}={path} is not UTF-8 text; save it as UTF-8") from None
+    lines = [line for line in lines if line]
+    if len(lines) < 2:
+        raise UserError(f"{key}={path} holds {len(lines)} non-empty lines; data.format=lines needs a sentence per line")
+    return lines
+
+
+def _load_lines(cfg, inherited: dict) -> Sentences:
+    """data.format=lines: unlabelled sentences in file order (validation: the tail, or data.val_path)."""
+    if cfg.tfds_name:
+        raise UserError("data.format=lines reads data.path, a text file; data.tfds_name is for tables of labels")
+    texts = _lines(cfg.path, "data.path")
+    if cfg.val_path:
+        val_texts = _lines(cfg.val_path, "data.val_path")
+    else:
+        if not 0.0 < cfg.val_fraction < 1.0:
+            raise UserError(f"data.val_fraction={cfg.val_fraction} must be in (0, 1)")
+        cut = min(max(int(round(len(texts) * (1 - cfg.val_fraction))), 1), len(texts) - 1)
+        texts, val_texts = texts[:cut], texts[cut:]
+    tokenizer = inherited.get("tokenizer") or wordpiece.train(texts, cfg.vocab_size)
+    x_train, cut = wordpiece.encode(tokenizer, texts, cfg.seq_len)
+    x_val, cut_val = wordpiece.encode(tokenizer, val_texts, cfg.seq_len)
+    if cut or cut_val:
+        print(f"note: {cut + cut_val:,} lines are longer than data.seq_len={cfg.seq_len} tokens and were cut",
+              file=sys.stderr)
+    V = wordpiece.vocab_size(tokenizer)
+    summary = (f"{len(texts):,} training / {len(val_texts):,} validation lines, WordPiece vocab {V}"
+               f"{' (from init_from)' if inherited.get('tokenizer') else ''}, "
+               f"{(x_train != wordpiece.PAD).sum(axis=1).mean():.1f} tokens per line of {cfg.seq_len}")
+    zeros = lambda x: np.zeros(len(x), np.int32)  # noqa: E731 - no labels: the arrays' shape only
+    return Sentences(x_train, zeros(x_train), x_val, zeros(x_val), [], tokenizer, V, summary,
+                     {"baseline_unigram_loss": unigram_entropy(x_train)}, provides="sentences")
+
+
 def load(cfg, inherited: dict | None = None) -> Sentences:
     """Read, split, tokenise and label the sentences the data config names."""
     if cfg.path and cfg.tfds_name:
@@ -222,6 +270,10 @@ def load(cfg, inherited: dict | None = None) -> Sentences:
         raise UserError(f"data.pack={cfg.pack} must be 1 (one sentence per row) or more")
     if cfg.seq_len < 3:
         raise UserError(f"data.seq_len={cfg.seq_len} leaves no room beside [CLS] and [SEP]; use 3 or more")
+    if cfg.format not in ("table", "lines"):
+        raise UserError(f"data.format={cfg.format} must be table (sentences and labels) or lines (one sentence a line)")
+    if cfg.format == "lines":
+        return _load_lines(cfg, inherited or {})
     if cfg.tfds_name:
         texts, cells, val_texts, val_cells = _tfds_tables(cfg)
     else:

@@ -6,7 +6,8 @@ Token + learned position (+ optional segment) embeddings, N pre-LN blocks of mod
 with `causal=False` and a key padding mask, a final LayerNorm: the body. [PAD] is token id 0
 (data/wordpiece.py): positions holding it are never attended to, so padding changes no real
 position's output. Built without `num_classes` the model has the masked-LM head (dense, GELU,
-LayerNorm, output tied to the token embedding plus a bias) under `mlm_head/`; with `num_classes`,
+LayerNorm, output tied to the token embedding plus a bias) under `mlm_head/` (and with `nsp`, BERT's
+next-sentence head on the [CLS] output under `nsp_head/`); with `num_classes`,
 a classifier (pooled [CLS] or mean of the real tokens, dropout, dense) under `classifier/`. The body
 has the same param paths in both, so `init_from=PRETRAINING_RUN` loads it and leaves the head fresh.
 """
@@ -83,10 +84,22 @@ class MLMHead(nnx.Module):
         return wte.attend(h_BPD.reshape(B * P, D)).reshape(B, P, -1) + self.bias[...]
 
 
+class NSPHead(nnx.Module):
+    """Next-sentence prediction from the [CLS] output: BERT's pooler (dense D -> D, tanh), then dense -> 2."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        std = nnx.initializers.normal(0.02)
+        self.pooler = dense_factory(cfg, rngs)(cfg.d_model, cfg.d_model, kernel_init=std)
+        self.out = dense_factory(cfg, rngs)(cfg.d_model, 2, kernel_init=std)
+
+    def __call__(self, x_BD):
+        return self.out(jnp.tanh(self.pooler(x_BD))).astype(jnp.float32)
+
+
 class Encoder(nnx.Module):
     """The body (embeddings, N bidirectional blocks, final LN) and one head: masked LM or classifier."""
 
-    def __init__(self, cfg, *, vocab_size: int, num_classes: int | None = None, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, vocab_size: int, num_classes: int | None = None, nsp: bool = False, rngs: nnx.Rngs):
         # Plain hashable fields only: they become part of the static graph definition.
         self.n_layers, self.dtype = cfg.n_layers, jnp.dtype(cfg.dtype)
         self.scan_layers, self.remat, self.pooling = cfg.scan_layers, cfg.remat, cfg.pooling
@@ -99,6 +112,11 @@ class Encoder(nnx.Module):
         self.ln_f = _norm(cfg, rngs)
         if num_classes is None:
             self.mlm_head = MLMHead(cfg, vocab_size, rngs)
+            if nsp:  # task.nsp: sentence pairs [CLS] A [SEP] B [SEP], told apart by segment embeddings
+                if cfg.type_vocab < 2:
+                    raise UserError(f"task.nsp=true feeds sentence pairs, and model.type_vocab={cfg.type_vocab} "
+                                    f"gives them no segment embeddings; set model.type_vocab=2")
+                self.nsp_head = NSPHead(cfg, rngs)
         else:
             self.classifier = quant.linear(cfg)(cfg.d_model, num_classes, kernel_init=std, rngs=rngs)
 
@@ -135,6 +153,12 @@ class Encoder(nnx.Module):
             x_BD = (x_BLD * w_BL[..., None]).sum(1) / jnp.maximum(w_BL.sum(1, keepdims=True), 1.0)
         x_BD = x_BD if k_head is None else self.drop(x_BD, rngs=k_head)
         return self.classifier(x_BD).astype(jnp.float32)
+
+    def pretrain(self, ids_BL, segments_BL, positions_BP, *, key=None):
+        """(masked-LM logits_BPV at positions_BP, next-sentence logits_B2): one pass of the body for both."""
+        x_BLD, _ = self.encode(ids_BL, key=key, segments_BL=segments_BL)
+        x_BPD = jnp.take_along_axis(x_BLD, positions_BP[..., None], axis=1)
+        return self.mlm_head(x_BPD, self.wte), self.nsp_head(x_BLD[:, 0])
 
 
 Model = Encoder

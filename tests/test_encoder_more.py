@@ -115,3 +115,64 @@ def test_tfds_offline_fails_fast_in_one_line_and_writes_nothing(monkeypatch, tmp
                                     f"data.download_timeout={timeout}", f"out_dir={out}"]))
         assert time.perf_counter() - t0 < 15 and "\n" not in str(e.value)
         assert not out.exists() and not (data_dir.exists() and os.listdir(data_dir))
+
+
+def test_next_sentence_pairs_are_berts_and_a_pure_function_of_the_rng():
+    from data import wordpiece
+    from tasks import mlm
+    N, L = 50, 12
+    x_NL = np.zeros((N, L), np.int32)
+    for i in range(N):  # sentence i: [CLS] 100+i repeated (i % 7 + 1) times [SEP]
+        n = i % 7 + 1
+        x_NL[i, :n + 2] = [wordpiece.CLS] + [100 + i] * n + [wordpiece.SEP]
+    first = np.arange(N - 1).repeat(8)
+    p = mlm.pairs(x_NL, first, np.random.default_rng([0, 7, 3]), L)
+    again = mlm.pairs(x_NL, first, np.random.default_rng([0, 7, 3]), L)
+    assert all((p[k] == again[k]).all() for k in p)
+    assert abs(p["is_next"].mean() - 0.5) < 0.06
+    for r, a in enumerate(first):
+        ids, seg = p["ids"][r], p["segments"][r]
+        real = ids[ids != wordpiece.PAD]
+        seps = np.flatnonzero(real == wordpiece.SEP)
+        assert real[0] == wordpiece.CLS and len(seps) == 2 and seps[1] == len(real) - 1 and len(real) <= L
+        assert (seg[:seps[0] + 1] == 0).all() and (seg[seps[0] + 1:len(real)] == 1).all() and not seg[len(real):].any()
+        a_tokens, b_tokens = real[1:seps[0]], real[seps[0] + 1:-1]
+        assert set(a_tokens) == {100 + a} and len(b_tokens) >= 1
+        b = b_tokens[0] - 100
+        assert (b == a + 1) == bool(p["is_next"][r])
+        na, nb = len(a_tokens), len(b_tokens)
+        if na + nb < a % 7 + 1 + b % 7 + 1:  # cut to fit, always from the longer side (BERT's truncate_seq_pair)
+            assert len(real) == L and (na == a % 7 + 1 or na >= nb - 1) and (nb == b % 7 + 1 or nb >= na)
+
+
+def write_lines(path, n, seed):
+    rng = random.Random(seed)
+    path.write_text("\n\n".join(" ".join(rng.choice(FILLER) for _ in range(rng.randint(2, 8))) for _ in range(n)))
+    return str(path)
+
+
+def test_nsp_on_lines_trains_logs_pair_metrics_and_resumes_exactly(tmp_path):
+    import jax
+    from errors import UserError
+    lines = write_lines(tmp_path / "lines.txt", 300, 0)
+    b = ENC_TINY + ["task=mlm", "task.nsp=true", "model.type_vocab=2", "data.format=lines", f"data.path={lines}",
+                    "optim.decay_steps=20"]
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    run(compose(b + [f"out_dir={whole}"]))
+    run(compose(b + [f"out_dir={parts}", "steps=10"]))
+    run(compose(b + [f"out_dir={parts}"]))
+    for x, y in zip(jax.tree.leaves(load_run(whole).state), jax.tree.leaves(load_run(parts).state), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    rows = metrics.read(os.path.join(whole, "metrics.jsonl"))
+    val = [r for r in rows if "val_loss" in r][-1]
+    assert {"val_mlm_loss", "val_nsp_loss", "val_nsp_accuracy", "val_accuracy"} <= set(val)
+    assert not any(k.startswith(("val_nsp_rows", "val_nsp_correct")) for k in val)
+    assert val["val_loss"] == pytest.approx(val["val_mlm_loss"] + val["val_nsp_loss"])
+    assert 0 <= val["val_nsp_accuracy"] <= 1 and any("train_nsp_accuracy" in r for r in rows)
+    assert "nsp_head" in load_run(whole).state["params"]
+    lines_cfg = [o for o in b if o not in ("task=mlm", "task.nsp=true")]
+    for extra, message in ((["task=mlm", "task.nsp=true", "model.type_vocab=0"], "set model.type_vocab=2"),
+                           (["task=classify"], "gives sentences here, and task=classify reads classes; use task=mlm")):
+        with pytest.raises(UserError, match=message) as e:
+            run(compose(lines_cfg + extra + [f"out_dir={tmp_path}/bad"]))
+        assert "\n" not in str(e.value) and not (tmp_path / "bad").exists()
