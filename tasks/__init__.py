@@ -7,7 +7,9 @@ reads) and `loss(model, batch, key) -> (loss, metrics)`; `key` set means trainin
 batch's real examples; an eval batch comes with its weight (real examples, or scored tokens), so
 the validation metrics are exact means over the split whatever its padding. An optional
 `finish(val, meta) -> val` turns those means into the logged metrics (e.g. errors in target units),
-and an optional `model_dims(dims) -> dims` picks the source's dims the model is built with.
+an optional `model_dims(dims) -> dims` picks the source's dims the model is built with, and an
+optional `prepare(source, task_cfg) -> source` hands the task's own settings to the source before
+its feed is built (e.g. `task.nsp` pairs sentences).
 """
 from typing import Callable, NamedTuple
 
