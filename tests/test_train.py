@@ -26,7 +26,7 @@ def test_every_experiment_composes_and_builds_its_model(name):
     check(cfg)
     dims = {"text": {"vocab_size": 65}, "series": {"in_features": 1, "out_features": 1},
             "tabular": {"in_features": 8, "out_features": 1},
-            "text_classify": {"vocab_size": 8000, "num_classes": 2},
+            "text_classify": {"vocab_size": 8000, "num_classes": 2}, "tokens": {"vocab_size": 50257},
             "images": {"num_classes": 10, "image_shape": [28, 28, 1] if "mnist" in name else [32, 32, 3]}}
     assert set(dims) >= {cfg.data.kind}, f"add the dims of data={cfg.data.kind} here"
     task_dims = getattr(module("task", cfg.task.name), "model_dims", lambda d: d)(dims[cfg.data.kind])  # mlm: no head
