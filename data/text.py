@@ -160,7 +160,7 @@ def check_fits(corpus: Corpus, length: int) -> None:
     """Both splits must hold at least one window of `length` tokens."""
     for name, tokens in (("training", corpus.train_T), ("validation", corpus.val_T)):
         if len(tokens) < length:
-            raise UserError(f"the {name} text has {len(tokens)} characters, fewer than a window of {length}; "
+            raise UserError(f"the {name} text has {len(tokens)} tokens, fewer than a window of {length}; "
                             f"use more text or a smaller data.seq_len")
 
 

@@ -10,7 +10,7 @@ recurrent matmul sits inside the scan. The gate equations and init are PyTorch's
 variant), so numbers can be compared with `torch.nn.LSTM`/`GRU`.
 
 The recurrent carry plays the role of the transformer's KV cache: `model(x, cache=carry)` returns
-(outputs, carry), so the scan sampler in core/sampler.py drives both families.
+(outputs, carry), so the sampler in core/sampler.py drives both families.
 """
 from dataclasses import dataclass
 
