@@ -9,9 +9,7 @@ before and after, and speed before and after on this machine (batch-1 sampling f
 forward pass over a validation batch for the others), measured in turns so that drift hits both alike.
 """
 import dataclasses
-import json
 import os
-import shutil
 import time
 
 import jax
@@ -19,7 +17,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from core import checkpoint, config, runtime, task as tasks
-from core.export import check_dest, publish, staging
+from core.export import check_dest, write_run
 from core.sampler import compile_generate, cpu_threads_for
 from core.state import Setup, load_run, model_bytes, run_dims, setup
 from errors import UserError
@@ -155,20 +153,4 @@ def run(cfg) -> dict:
 
 def write(dest: str, qcfg, state, meta: dict, report: dict, step: int) -> None:
     """The run directory (checkpoints/STEP, config.yaml, compression.json), staged beside dest, renamed onto it."""
-    tmp = staging(dest)
-    try:
-        mngr = checkpoint.manager(tmp, keep=1)
-        try:
-            checkpoint.save(mngr, step, state, meta)
-        finally:
-            checkpoint.close(mngr)
-        OmegaConf.save(qcfg, os.path.join(tmp, "config.yaml"), resolve=True)
-        with open(os.path.join(tmp, REPORT), "w") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
-        publish(tmp, dest)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise UserError(f"could not write dest={dest} ({e.strerror or e}); nothing was written there") from None
-        raise
+    write_run(dest, qcfg, state, meta, step, REPORT, report)

@@ -354,3 +354,29 @@ def publish(tmp: str, dest: str) -> None:
         shutil.rmtree(old)
     else:
         os.rename(tmp, dest)
+
+
+def write_run(dest: str, cfg, state, meta: dict, step: int, report_name: str, report: dict, key: str = "dest") -> None:
+    """A new run directory (checkpoints/STEP, config.yaml and a JSON report) that `load_run` reads, staged
+    beside `dest` and renamed onto it only when complete (compress.py and import_checkpoint.py write one)."""
+    from omegaconf import OmegaConf
+
+    from core import checkpoint
+
+    tmp = staging(dest)
+    try:
+        mngr = checkpoint.manager(tmp, keep=1)
+        try:
+            checkpoint.save(mngr, step, state, meta)
+        finally:
+            checkpoint.close(mngr)
+        OmegaConf.save(cfg, os.path.join(tmp, "config.yaml"), resolve=True)
+        with open(os.path.join(tmp, report_name), "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+        publish(tmp, dest)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise UserError(f"could not write {key}={dest} ({e.strerror or e}); nothing was written there") from None
+        raise

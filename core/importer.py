@@ -16,7 +16,6 @@ and renamed onto it once complete, as compress.py does; import.json records wher
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from typing import Optional
 
@@ -293,8 +292,8 @@ def write(out_dir: str, cfg, src: Source, meta_tok: dict, report: dict) -> None:
     import jax
     from omegaconf import OmegaConf
 
-    from core import checkpoint, mesh as mesh_lib
-    from core.export import publish, staging
+    from core import mesh as mesh_lib
+    from core.export import write_run
     from core.state import state_spec
 
     dims = {"vocab_size": src.arch["vocab_size"]}
@@ -306,21 +305,4 @@ def write(out_dir: str, cfg, src: Source, meta_tok: dict, report: dict) -> None:
         raise AssertionError("the imported state does not have the model's structure")
     state = jax.device_put(state, spec.shardings)
     meta = {"config": OmegaConf.to_container(cfg, resolve=True), "task": "lm", "dims": dims, **meta_tok}
-    tmp = staging(out_dir)
-    try:
-        mngr = checkpoint.manager(tmp, keep=1)
-        try:
-            checkpoint.save(mngr, src.step, state, meta)
-        finally:
-            checkpoint.close(mngr)
-        OmegaConf.save(cfg, os.path.join(tmp, "config.yaml"), resolve=True)
-        with open(os.path.join(tmp, REPORT), "w") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
-        publish(tmp, out_dir)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise UserError(f"could not write out_dir={out_dir} ({e.strerror or e}); nothing was written "
-                            f"there") from None
-        raise
+    write_run(out_dir, cfg, state, meta, src.step, REPORT, report, key="out_dir")
