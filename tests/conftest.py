@@ -55,14 +55,14 @@ def make_text(n_chars=20_000, seed=0):
     return "".join(out)[:n_chars]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "input.txt"
     path.write_text(make_text())
     return str(path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def trained_run(tmp_path_factory, text_file):
     """One tiny LM run, trained once per pytest invocation, for the tests that only read or start from a run."""
     from core.loop import run
