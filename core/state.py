@@ -6,6 +6,7 @@ normalisation), so nothing else is needed.
 """
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from functools import partial
 from typing import Any, Callable
 
@@ -100,7 +101,7 @@ class Run:
         """The characters of the token ids (text runs); images use meta["mean"], meta["std"] instead."""
         return self.meta.get("vocab", "")
 
-    @property
+    @cached_property
     def codec(self):
         """text <-> token ids of an LM run, characters or subwords (data/tokenizer.py)."""
         from data.tokenizer import codec

@@ -73,3 +73,10 @@ def _prepare(builder, errors) -> None:
         builder.download_and_prepare(file_format="array_record")
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         errors.put(first_line(e))
+
+
+def as_str(x) -> str:
+    """A TFDS feature value as text: bytes decoded, numbers (class ids) as digits."""
+    if isinstance(x, bytes):
+        return x.decode("utf-8")
+    return str(x.item() if hasattr(x, "item") else x)

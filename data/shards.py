@@ -107,10 +107,10 @@ def pieces(blocks):
         yield rest
 
 
-def fingerprint(files: list[dict], cfg) -> str:
+def fingerprint(files: list[dict], cfg, file_tokenizer: str = "") -> str:
     settings = {k: getattr(cfg, k) for k in ("tfds_name", "tokenizer", "vocab_size", "dtype", "val_fraction")}
-    if cfg.tokenizer not in ("char", "bpe"):  # a tokenizer file: its content counts, not its name
-        settings["tokenizer"] = hashlib.sha256(tokenizers.from_files(cfg.tokenizer).encode()).hexdigest()
+    if file_tokenizer:  # a tokenizer file: its content counts, not its name
+        settings["tokenizer"] = hashlib.sha256(file_tokenizer.encode()).hexdigest()
     return hashlib.sha256(json.dumps([files, settings, FORMAT], sort_keys=True).encode()).hexdigest()
 
 
@@ -127,7 +127,7 @@ class _Source:
         else:
             from data import text
 
-            self.tfds = text._tfds_texts(cfg)  # (train, validation): TFDS gives the split
+            self.tfds = text.tfds_texts(cfg, hint="pass input=FILE|DIR|GLOB to prepare local text")  # TFDS's split
             self.described = [{"tfds": cfg.tfds_name, "bytes": len(t.encode())} for t in self.tfds]
             self.total = sum(d["bytes"] for d in self.described)
         if self.total == 0:
@@ -142,12 +142,10 @@ class _Source:
             yield from ((None, _read(f)) for f in self.files)
 
 
-def _tokenizer_json(cfg, source: _Source) -> str:
+def _tokenizer_json(cfg, source: _Source, file_tokenizer: str) -> str:
     if cfg.tokenizer == "bpe":
         return tokenizers.train_bpe((p for _, blocks in source.documents() for p in pieces(blocks)), cfg.vocab_size)
-    if cfg.tokenizer == "char":
-        return ""
-    return tokenizers.from_files(cfg.tokenizer)
+    return file_tokenizer  # "" for char
 
 
 def _codec(cfg, source: _Source, tok_json: str) -> tokenizers.Codec:
@@ -172,7 +170,8 @@ def prepare(cfg, progress=None) -> tuple[dict, bool]:
     """Write the dataset `cfg` describes to cfg.dest: (its meta, False if dest was already up to date)."""
     dest = os.path.abspath(os.path.expanduser(cfg.dest))
     source = _Source(cfg)
-    fp = fingerprint(source.described, cfg)
+    file_tokenizer = "" if cfg.tokenizer in ("char", "bpe") else tokenizers.from_files(cfg.tokenizer)
+    fp = fingerprint(source.described, cfg, file_tokenizer)
     existing = read_meta(dest) if os.path.isdir(dest) else None
     if existing is not None and existing.get("fingerprint") == fp:
         print(f"{dest} is up to date ({existing['train_tokens']:,} + {existing['val_tokens']:,} tokens); nothing to do",
@@ -188,7 +187,7 @@ def prepare(cfg, progress=None) -> tuple[dict, bool]:
     tmp = f"{dest}.tmp-{os.getpid()}"
     os.makedirs(tmp)
     try:
-        tok_json = _tokenizer_json(cfg, source)
+        tok_json = _tokenizer_json(cfg, source, file_tokenizer)
         codec = _codec(cfg, source, tok_json)
         dtype = _dtype(cfg, codec.size)
         meta = _write(cfg, source, codec, dtype, tmp, progress)

@@ -10,6 +10,7 @@ With neither `path` nor `tfds_name` set, the corpus is tiny Shakespeare, shipped
 import os
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import numpy as np
@@ -46,7 +47,7 @@ class Corpus:
     tokens_per_byte: float = 1.0  # of the validation text (UTF-8): turns nats per token into bits per byte
     tokenizer: str = ""  # a subword tokenizer's JSON (data/tokenizer.py)
 
-    @property
+    @cached_property
     def vocab_size(self) -> int:
         return tokenizers.load(self.tokenizer).get_vocab_size() if self.tokenizer else len(self.vocab)
 
@@ -97,18 +98,14 @@ def _read_file(path: str) -> str:
     return text
 
 
-def _tfds_texts(cfg) -> tuple[str, str]:
-    """(train, validation) text of a TFDS text dataset."""
-    builder = download.prepare(cfg, hint="pass data.path=/path/to/input.txt to train on a local text file")
+def tfds_texts(cfg, hint: str = "pass data.path=/path/to/input.txt to train on a local text file") -> tuple[str, str]:
+    """(train, validation) text of a TFDS text dataset (prepare.py reads it too)."""
+    builder = download.prepare(cfg, hint=hint)
     texts = []
     for split in ("train", "validation"):
         source = builder.as_data_source(split=split)
-        texts.append("".join(_as_str(source[i]["text"]) for i in range(len(source))))
+        texts.append("".join(download.as_str(source[i]["text"]) for i in range(len(source))))
     return texts[0], texts[1]
-
-
-def _as_str(x) -> str:
-    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
 def load(cfg, inherited: dict | None = None) -> Corpus:
@@ -120,7 +117,7 @@ def load(cfg, inherited: dict | None = None) -> Corpus:
         cut = int(len(text) * (1.0 - cfg.val_fraction))
         train_text, val_text = text[:cut], text[cut:]
     else:
-        train_text, val_text = _tfds_texts(cfg)
+        train_text, val_text = tfds_texts(cfg)
     if cfg.tokenizer != "char" or (inherited and inherited.get("tokenizer")):
         return _subword(cfg, train_text, val_text, inherited)
     vocab = "".join(sorted(set(train_text)))
@@ -172,7 +169,7 @@ def window_starts(n_tokens: int, length: int, batch_size: int, seed: int, stream
 
 def _windows(tokens_T, seed, stream, step, batch_size, length, rows) -> np.ndarray:
     starts_B = window_starts(len(tokens_T), length, batch_size, seed, stream, step)[rows]
-    return tokens_T[starts_B[:, None] + np.arange(length)].astype(np.int32)  # a memmap may hold uint16
+    return tokens_T[starts_B[:, None] + np.arange(length)].astype(np.int32, copy=False)  # a memmap: uint16
 
 
 def train_windows(corpus: Corpus, seed: int, step: int, batch_size: int, length: int, rows: slice) -> np.ndarray:

@@ -202,16 +202,9 @@ def _tfds_tables(cfg) -> tuple[list, list, list | None, list | None]:
             continue
         rows = builder.as_data_source(split=split)
         examples_ = [rows[i] for i in range(len(rows))]
-        out += [[_as_str(e[str(cfg.text_column)]) for e in examples_],
-                [_as_str(e[str(cfg.label_column)]).strip() for e in examples_]]
+        out += [[download.as_str(e[str(cfg.text_column)]) for e in examples_],
+                [download.as_str(e[str(cfg.label_column)]).strip() for e in examples_]]
     return tuple(out)
-
-
-def _as_str(x) -> str:
-    """A TFDS feature value as text: bytes decoded, numbers (class ids) as digits."""
-    if isinstance(x, bytes):
-        return x.decode("utf-8")
-    return str(x.item() if hasattr(x, "item") else x)
 
 
 def _lines(path: str, key: str) -> list:
