@@ -52,6 +52,10 @@ class Config:
     # task=mlm: training sentences per row (RoBERTa's packing): short sentences leave most of a row
     # [PAD], which costs as much compute as text; validation rows stay one sentence each.
     pack: int = 1
+    # Keep only the rows whose words are not a run of adjacent words of a longer row, before the
+    # validation split. SST lists every phrase of each parse tree (67,349 rows, 6,886 of them not
+    # inside another): a masked LM pretrained on the phrases predicts most tokens from a fragment.
+    drop_subphrases: bool = False
 
 
 @dataclass
@@ -175,6 +179,21 @@ def _split(n: int, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def maximal_phrases(texts: list, cells: list) -> tuple[list, list]:
+    """The rows (in file order, duplicates once) whose words are not a contiguous run of a longer row's."""
+    words = [tuple(t.split()) for t in texts]
+    inside, keep = set(), []
+    for i in sorted(range(len(texts)), key=lambda i: -len(words[i])):  # longest first: their runs are marked
+        if words[i] in inside:
+            continue
+        keep.append(i)
+        n = len(words[i])
+        inside.add(words[i])  # an empty row too: a duplicate is kept once
+        inside.update(words[i][a:b] for a in range(n) for b in range(a + 1, n + 1))
+    keep.sort()
+    return [texts[i] for i in keep], [cells[i] for i in keep]
+
+
 def unigram_entropy(x_NL: np.ndarray) -> float:
     """Entropy (nats) of the token frequencies, specials left out: the loss of guessing a masked
     token from frequencies alone, the floor a masked LM has to beat."""
@@ -266,12 +285,17 @@ def load(cfg, inherited: dict | None = None) -> Sentences:
     if cfg.format not in ("table", "lines"):
         raise UserError(f"data.format={cfg.format} must be table (sentences and labels) or lines (one sentence a line)")
     if cfg.format == "lines":
+        if cfg.get("drop_subphrases"):
+            raise UserError("data.drop_subphrases=true drops rows of a table (SST's phrases); data.format=lines "
+                            "keeps every line in order: leave it false")
         return _load_lines(cfg, inherited or {})
     if cfg.tfds_name:
         texts, cells, val_texts, val_cells = _tfds_tables(cfg)
     else:
         texts, cells = _table(cfg.path, "data.path", cfg)
         val_texts, val_cells = _table(cfg.val_path, "data.val_path", cfg) if cfg.val_path else (None, None)
+    if cfg.get("drop_subphrases"):  # (configs from before the key lack it)
+        texts, cells = maximal_phrases(texts, cells)
     if val_texts is None:
         tr, va = _split(len(texts), cfg.split_seed, cfg.val_fraction)
         texts, cells, val_texts, val_cells = ([texts[i] for i in tr], [cells[i] for i in tr],

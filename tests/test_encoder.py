@@ -291,6 +291,21 @@ def test_a_headerless_csv_reads_columns_by_index_and_splits_off_validation(tmp_p
     assert (src.train_batch(0, 3, 8, slice(None))["x"] == src.train_batch(0, 3, 8, slice(None))["x"]).all()
 
 
+def test_drop_subphrases_keeps_the_rows_no_longer_row_contains(tmp_path):
+    rows = ["a b c", "b c", "c", "d", "b c", "x b", "c a", "a b c", "b"]
+    texts, cells = text_classify.maximal_phrases(rows, list(range(len(rows))))
+    assert texts == ["a b c", "d", "x b", "c a"] and cells == [0, 3, 5, 6]  # file order; "c a" spans no row
+    path = tmp_path / "phrases.tsv"
+    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(rows * 3)))
+    cfg = compose(ENC_TINY + ["task=mlm", f"data.path={path}", "data.drop_subphrases=true",
+                              "data.val_fraction=0.25"]).data
+    src = text_classify.load(cfg)
+    assert len(src.x_train) + len(src.x_val) == 4  # duplicates once, before the split
+    with pytest.raises(UserError, match="data.format=lines keeps every line in order"):
+        text_classify.load(compose(ENC_TINY + ["task=mlm", f"data.path={path}", "data.drop_subphrases=true",
+                                               "data.format=lines"]).data)
+
+
 def test_train_py_runs_the_documented_from_scratch_command(tmp_path, tsvs):
     proc = run_cli("train.py", "model=encoder", "data=text_classify", "task=classify", f"data.path={tsvs[0]}",
                    f"data.val_path={tsvs[1]}", *ENC_TINY[2:], "steps=4", f"out_dir={tmp_path}/run")
