@@ -6,8 +6,7 @@ normalisation), so nothing else is needed.
 """
 import os
 from dataclasses import dataclass
-from functools import cached_property
-from functools import partial
+from functools import cached_property, partial
 from typing import Any, Callable
 
 import jax

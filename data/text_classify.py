@@ -182,14 +182,15 @@ def _split(n: int, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
 def maximal_phrases(texts: list, cells: list) -> tuple[list, list]:
     """The rows (in file order, duplicates once) whose words are not a contiguous run of a longer row's."""
     words = [tuple(t.split()) for t in texts]
-    inside, keep = set(), []
+    rows, inside, keep = set(words), set(), []
     for i in sorted(range(len(texts)), key=lambda i: -len(words[i])):  # longest first: their runs are marked
         if words[i] in inside:
             continue
         keep.append(i)
         n = len(words[i])
         inside.add(words[i])  # an empty row too: a duplicate is kept once
-        inside.update(words[i][a:b] for a in range(n) for b in range(a + 1, n + 1))
+        # Only runs that are rows: every run of 6,886 sentences would hold ~300 MB of tuples.
+        inside.update(run for a in range(n) for b in range(a + 1, n + 1) if (run := words[i][a:b]) in rows)
     keep.sort()
     return [texts[i] for i in keep], [cells[i] for i in keep]
 
