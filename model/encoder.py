@@ -23,7 +23,7 @@ from model.matmul import DOT_GENERAL
 from model.transformer import dense_factory, run_blocks, stacked_blocks
 
 TASKS = ("mlm", "classify")
-PAD_ID = 0  # data/wordpiece.py: [PAD]=0
+PAD_ID, MASK_ID, FIRST_WORD_ID = 0, 4, 5  # data/wordpiece.py: [PAD]=0 ... [MASK]=4, then the words
 
 
 @dataclass
@@ -38,6 +38,9 @@ class Config:
     block_size: int = 128
     type_vocab: int = 0  # segment embeddings: 0 none; 2 BERT's sentence A/B (segments_BL, default all A)
     dropout: float = 0.1
+    # Training only: each word token (not [CLS]/[SEP]/[PAD]) becomes [MASK] with this probability,
+    # the word dropout of LSTM text classifiers; [MASK] because a pretrained body has seen it.
+    word_dropout: float = 0.0
     bias: bool = True
     dtype: str = "float32"  # compute dtype; params stay float32
     matmul_dtype: str = "float32"  # bfloat16: dense matmuls on bf16 operands, float32 accumulation
@@ -61,6 +64,8 @@ def check(cfg) -> None:
         raise UserError("model.block_size and model.n_layers must be positive")
     if cfg.pooling not in ("cls", "mean"):
         raise UserError(f"model.pooling={cfg.pooling} must be cls or mean")
+    if not 0.0 <= cfg.word_dropout < 1.0:
+        raise UserError(f"model.word_dropout={cfg.word_dropout} must be in [0, 1)")
     if cfg.type_vocab < 0:
         raise UserError(f"model.type_vocab={cfg.type_vocab} must be 0 (no segments) or the segment count (2)")
 
@@ -103,6 +108,7 @@ class Encoder(nnx.Module):
         # Plain hashable fields only: they become part of the static graph definition.
         self.n_layers, self.dtype = cfg.n_layers, jnp.dtype(cfg.dtype)
         self.scan_layers, self.remat, self.pooling = cfg.scan_layers, cfg.remat, cfg.pooling
+        self.word_dropout = float(cfg.get("word_dropout", 0.0))  # configs from before the key: off
         std = nnx.initializers.normal(0.02)
         self.wte = quant.embed(cfg)(vocab_size, cfg.d_model, embedding_init=std, rngs=rngs)
         self.wpe = nnx.Embed(cfg.block_size, cfg.d_model, embedding_init=std, rngs=rngs)
@@ -124,6 +130,9 @@ class Encoder(nnx.Module):
         """(x_BLD: the final LN's output, real_BL: True where the token is not [PAD])."""
         B, L = ids_BL.shape
         k_emb, k_blocks = (None, None) if key is None else jax.random.split(key)
+        if key is not None and self.word_dropout > 0:  # its own stream: other keys stay as without it
+            drop_BL = jax.random.bernoulli(jax.random.fold_in(key, 1), self.word_dropout, ids_BL.shape)
+            ids_BL = jnp.where(drop_BL & (ids_BL >= FIRST_WORD_ID), MASK_ID, ids_BL)
         x_BLD = self.wte(ids_BL) + self.wpe(jnp.arange(L))[None]
         if self.wse is not None:
             x_BLD = x_BLD + self.wse(jnp.zeros_like(ids_BL) if segments_BL is None else segments_BL)

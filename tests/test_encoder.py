@@ -158,6 +158,17 @@ def test_attention_is_bidirectional_and_padding_changes_no_real_output():
     assert np.isfinite(np.asarray(model(jnp.zeros((1, 8), jnp.int32)))).all()  # a row of nothing but [PAD]
 
 
+def test_word_dropout_masks_words_in_training_only_and_keeps_the_special_tokens():
+    ids = np.array([[2, 7, 9, 11, 13, 3, 0, 0]], np.int32)  # [CLS] four words [SEP] [PAD] [PAD]
+    plain, dropping = tiny_model(num_classes=2, dropout=0.0), tiny_model(num_classes=2, dropout=0.0, word_dropout=0.999)
+    np.testing.assert_array_equal(np.asarray(dropping(jnp.asarray(ids))), np.asarray(plain(jnp.asarray(ids))))
+    masked = np.where(ids >= 5, 4, ids)  # every word [MASK]; [CLS], [SEP] and [PAD] as they were
+    np.testing.assert_allclose(np.asarray(dropping(jnp.asarray(ids), key=jax.random.key(0))),
+                               np.asarray(plain(jnp.asarray(masked))), atol=1e-5)
+    with pytest.raises(UserError, match="word_dropout"):
+        check(compose(ENC_TINY + ["task=classify", "data.path=x.tsv", "model.word_dropout=1.0"]))
+
+
 def test_body_params_share_paths_between_heads_and_weight_decay_skips_vectors():
     pure = lambda m: nnx.to_pure_dict(nnx.state(m, nnx.Param))  # noqa: E731
     lm, clf = pure(tiny_model()), pure(tiny_model(num_classes=2))
