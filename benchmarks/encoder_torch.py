@@ -2,7 +2,7 @@
 
 `python benchmarks/encoder_torch.py [--steps 30] [--repeats 3] [--torch-python /work/torchvenv/bin/python]`
 
-Both train the +experiment=sst2_mlm shapes (4 layers, 4 heads, width 128, MLP 512, seq 64, batch 128,
+Both train the +experiment=sst2_mlm shapes (4 layers, 6 heads, width 192, MLP 768, seq 64, batch 128,
 vocab 8000, dropout 0.1) on the same random rows ([CLS] tokens [SEP], every position real) masked by
 tasks/mlm.py (15%, 80/10/10) with AdamW, on the same number of threads. PyTorch is not a dependency:
 its side runs as a child process of `--torch-python` (an interpreter with torch and transformers),
@@ -20,7 +20,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES = {"layers": 4, "heads": 4, "width": 128, "mlp": 512, "seq": 64, "batch": 128, "vocab": 8000,
+SHAPES = {"layers": 4, "heads": 6, "width": 192, "mlp": 768, "seq": 64, "batch": 128, "vocab": 8000,
           "dropout": 0.1, "lr": 1e-3}
 
 
