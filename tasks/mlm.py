@@ -1,8 +1,8 @@
 """Masked language modelling (BERT): predict a sentence's hidden tokens from the tokens on both sides.
 
-Of each training sentence's real tokens ([PAD], [CLS] and [SEP] never), 15% are chosen; of those 80%
-become [MASK], 10% a random token and 10% stay as they are, and the loss and accuracy are over the
-chosen positions only. The masks are a pure function of (seed, step): drawn for the global batch
+Of each training sentence's real tokens ([PAD], [CLS] and [SEP] never), 15% are chosen (task.mask_prob);
+of those 80% become [MASK], 10% a random token and 10% stay as they are, and the loss and accuracy are
+over the chosen positions only. The masks are a pure function of (seed, step): drawn for the global batch
 with numpy's default_rng([seed, stream, step]) and sliced to this process's rows, like data/images.py's
 augmentation. Validation masks are fixed by data.eval_seed and the batch index, so every evaluation
 (and every run) scores the same positions; each batch weighs by its count of masked tokens.
@@ -38,16 +38,22 @@ _NSP_COUNTS = ("val_nsp_rows", "val_nsp_correct", "val_nsp_loss_sum")
 class Config:
     name: str = "mlm"
     nsp: bool = False  # next-sentence prediction on consecutive sentences (needs model.type_vocab=2)
+    mask_prob: float = MASK_PROB  # share of real tokens chosen (Wettig et al. 2023 argue for up to 40%)
 
 
-class NextSentences:
-    """A source of sentences in order, read as next-sentence pairs (task.nsp): its model has the NSP head."""
+class Sentences:
+    """A source of sentences with the task's masking rate (task.mask_prob) attached for its feed."""
 
-    def __init__(self, source):
-        self.source = source
+    def __init__(self, source, mask_prob: float = MASK_PROB):
+        self.source, self.mask_prob = source, mask_prob
 
     def __getattr__(self, name):  # everything else is the source's
         return getattr(self.source, name)
+
+
+
+class NextSentences(Sentences):
+    """A source of sentences in order, read as next-sentence pairs (task.nsp): its model has the NSP head."""
 
     @property
     def dims(self) -> dict:
@@ -55,13 +61,16 @@ class NextSentences:
 
 
 def prepare(source, task_cfg):
-    """The source as this task's settings read it: next-sentence pairs with task.nsp."""
+    """The source as this task's settings read it: its masking rate, next-sentence pairs with task.nsp."""
+    p = task_cfg.get("mask_prob", MASK_PROB)
+    if not 0 < p < 1:
+        raise UserError(f"task.mask_prob={p} is the share of tokens masked: use a value in (0, 1), e.g. 0.15")
     if not task_cfg.get("nsp"):
-        return source
+        return Sentences(source, p)
     if min(len(source.x_train), len(source.x_val)) < 2:
         raise UserError("task.nsp=true pairs each sentence with the next: the training and validation splits need "
                         "2 sentences or more each")
-    return NextSentences(source)
+    return NextSentences(source, p)
 
 
 def model_dims(dims: dict) -> dict:
@@ -90,27 +99,32 @@ def pairs(x_NL: np.ndarray, first_B: np.ndarray, rng: np.random.Generator, L: in
     return {"ids": ids_BL, "segments": seg_BL, "is_next": is_next_B.astype(np.int32)}
 
 
-def max_predictions(L: int) -> int:
-    """Positions scored per sentence (BERT's max_predictions_per_seq): a quarter of L, room for 15% by chance."""
-    return max(1, -(-L // 4))
+def max_predictions(L: int, mask_prob: float = MASK_PROB) -> int:
+    """Positions scored per sentence (BERT's max_predictions_per_seq): 5/3 of the expected count (a quarter
+    of L at 15%), room for the chance excess."""
+    return max(1, min(L, int(np.ceil(L * mask_prob * 5 / 3 - 1e-9))))
 
 
 def mask_batch(ids_BL: np.ndarray, seed: int, stream: int, index: int, batch_size: int, rows: slice,
-               vocab_size: int) -> dict:
-    """BERT's masking of this process's `rows` of the global batch `index`: {"x", "y", "w"}.
+               vocab_size: int, mask_prob: float = MASK_PROB) -> dict:
+    """BERT's masking of this process's `rows` of the global batch `index`: {"x", "y", "w", "pos"}.
 
     Drawn for the global batch (batch_size rows) then sliced, so the masks are the same whatever the
-    process count. At most max_predictions(L) positions per sentence are chosen (the first ones).
+    process count. At most P = max_predictions(L, mask_prob) positions per sentence are chosen (the first
+    ones); pos_BP lists them first, then unchosen ones (weight 0), so the head runs on P positions only.
     """
     L = ids_BL.shape[1]
     rng = np.random.default_rng([seed, stream, index])
     pick_BL, kind_BL = rng.random((batch_size, L))[rows], rng.random((batch_size, L))[rows]
     random_BL = rng.integers(len(SPECIALS), max(vocab_size, len(SPECIALS) + 1), (batch_size, L))[rows]
-    chosen_BL = (pick_BL < MASK_PROB) & (ids_BL != PAD) & (ids_BL != CLS) & (ids_BL != SEP)
-    chosen_BL &= np.cumsum(chosen_BL, axis=1) <= max_predictions(L)
+    chosen_BL = (pick_BL < mask_prob) & (ids_BL != PAD) & (ids_BL != CLS) & (ids_BL != SEP)
+    P = max_predictions(L, mask_prob)
+    chosen_BL &= np.cumsum(chosen_BL, axis=1) <= P
     x_BL = np.where(chosen_BL & (kind_BL < MASK_TOKEN), MASK, ids_BL)
     x_BL = np.where(chosen_BL & (kind_BL >= MASK_TOKEN) & (kind_BL < MASK_TOKEN + RANDOM_TOKEN), random_BL, x_BL)
-    return {"x": x_BL.astype(np.int32), "y": ids_BL.astype(np.int32), "w": chosen_BL.astype(np.float32)}
+    pos_BP = np.argsort(~chosen_BL, axis=1, kind="stable")[:, :P]
+    return {"x": x_BL.astype(np.int32), "y": ids_BL.astype(np.int32), "w": chosen_BL.astype(np.float32),
+            "pos": pos_BP.astype(np.int32)}
 
 
 def pack(ids_NL: np.ndarray, k: int) -> np.ndarray:
@@ -127,6 +141,7 @@ def pack(ids_NL: np.ndarray, k: int) -> np.ndarray:
 def feed(source, data_cfg, *, seed: int, batch_size: int, rows: slice, eval_batches: int) -> Feed:
     """The source's sentences (data.pack of them per training row), masked; labels are not read."""
     V, k = source.dims["vocab_size"], data_cfg.get("pack", 1)
+    p = getattr(source, "mask_prob", MASK_PROB)  # set by prepare (task.mask_prob)
     mine = range(batch_size)[rows]
     if isinstance(source, NextSentences):
         if k > 1:
@@ -136,11 +151,11 @@ def feed(source, data_cfg, *, seed: int, batch_size: int, rows: slice, eval_batc
     def train_batch(step):
         # Global row r holds sentences r*k .. r*k+k-1 of a global batch of B*k: a pure function of (seed, step).
         ids_NL = source.train_batch(seed, step, batch_size * k, slice(mine.start * k, mine.stop * k))["x"]
-        return mask_batch(pack(ids_NL, k) if k > 1 else ids_NL, seed, _TRAIN_STREAM, step, batch_size, rows, V)
+        return mask_batch(pack(ids_NL, k) if k > 1 else ids_NL, seed, _TRAIN_STREAM, step, batch_size, rows, V, p)
 
     def eval_batch(i):
         batch, _ = source.eval_batch(i, batch_size, slice(None))  # the whole batch: its weight counts every row
-        out = mask_batch(batch["x"], data_cfg.eval_seed, _EVAL_STREAM, i, batch_size, slice(None), V)
+        out = mask_batch(batch["x"], data_cfg.eval_seed, _EVAL_STREAM, i, batch_size, slice(None), V, p)
         out["w"] *= batch["mask"][:, None]  # padding rows score nothing
         return {k: v[rows] for k, v in out.items()}, float(out["w"].sum())
 
@@ -150,12 +165,12 @@ def feed(source, data_cfg, *, seed: int, batch_size: int, rows: slice, eval_batc
 def _pair_feed(source, data_cfg, *, seed: int, batch_size: int, rows: slice, eval_batches: int) -> Feed:
     """Next-sentence pairs, masked: the first sentences in the epoch order (data/examples.py), pairs of
     the global batch drawn from (seed, step) and sliced to this process's rows."""
-    V, L = source.dims["vocab_size"], source.x_train.shape[1]
+    V, L, mp = source.dims["vocab_size"], source.x_train.shape[1], source.mask_prob
 
     def train_batch(step):
         first_B = examples.train_indices(len(source.x_train) - 1, seed, step, batch_size)  # any with a next one
         p = pairs(source.x_train, first_B, np.random.default_rng([seed, _PAIR_TRAIN_STREAM, step]), L)
-        out = mask_batch(p["ids"][rows], seed, _TRAIN_STREAM, step, batch_size, rows, V)
+        out = mask_batch(p["ids"][rows], seed, _TRAIN_STREAM, step, batch_size, rows, V, mp)
         return out | {"segments": p["segments"][rows], "is_next": p["is_next"][rows],
                       "row_w": np.ones(len(out["x"]), np.float32)}
 
@@ -164,7 +179,7 @@ def _pair_feed(source, data_cfg, *, seed: int, batch_size: int, rows: slice, eva
     def eval_batch(i):
         first_B, mask_B, _ = examples.val_indices(n_first, i, batch_size, slice(None))
         p = pairs(source.x_val, first_B, np.random.default_rng([data_cfg.eval_seed, _PAIR_EVAL_STREAM, i]), L)
-        out = mask_batch(p["ids"], data_cfg.eval_seed, _EVAL_STREAM, i, batch_size, slice(None), V)
+        out = mask_batch(p["ids"], data_cfg.eval_seed, _EVAL_STREAM, i, batch_size, slice(None), V, mp)
         out["w"] *= mask_B[:, None]
         out |= {"segments": p["segments"], "is_next": p["is_next"], "row_w": mask_B}
         return {k: v[rows] for k, v in out.items()}, float(out["w"].sum())
@@ -174,11 +189,8 @@ def _pair_feed(source, data_cfg, *, seed: int, batch_size: int, rows: slice, eva
 
 def _predicted(model, batch, key):
     """(logits_BPV, targets_BP, weights_BP) at the masked positions only (the head runs on those alone)."""
-    w_BL = batch["w"]
-    P = max_predictions(w_BL.shape[1])
-    # The P chosen positions of each row first (mask_batch chose at most P); the rest weigh 0.
-    pos_BP = jnp.argsort(-w_BL, axis=1, stable=True)[:, :P]
-    w_BP, y_BP = (jnp.take_along_axis(a, pos_BP, axis=1) for a in (w_BL, batch["y"]))
+    pos_BP = batch["pos"]  # the chosen positions of each row first (mask_batch); the rest weigh 0
+    w_BP, y_BP = (jnp.take_along_axis(a, pos_BP, axis=1) for a in (batch["w"], batch["y"]))
     return model(batch["x"], key=key, positions_BP=pos_BP).astype(jnp.float32), y_BP, w_BP
 
 
@@ -202,9 +214,8 @@ def loss(model, batch, key):
 def _loss_with_nsp(model, batch, key):
     """Masked-LM plus next-sentence loss. Evaluation batches weigh by masked tokens, and the pair metrics
     are per row: they go out as sums over rows per masked token, which `finish` turns into exact means."""
-    w_BL = batch["w"]
-    pos_BP = jnp.argsort(-w_BL, axis=1, stable=True)[:, :max_predictions(w_BL.shape[1])]
-    w_BP, y_BP = (jnp.take_along_axis(a, pos_BP, axis=1) for a in (w_BL, batch["y"]))
+    pos_BP = batch["pos"]
+    w_BP, y_BP = (jnp.take_along_axis(a, pos_BP, axis=1) for a in (batch["w"], batch["y"]))
     logits_BPV, nsp_B2 = model.pretrain(batch["x"], batch["segments"], pos_BP, key=key)
     n = jnp.maximum(w_BP.sum(), 1.0)
     mlm_loss = (optax.softmax_cross_entropy_with_integer_labels(logits_BPV, y_BP) * w_BP).sum() / n

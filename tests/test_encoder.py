@@ -107,6 +107,20 @@ def test_masking_is_berts_80_10_10_of_15_percent_and_a_pure_function_of_seed_and
     assert all((part[k] == b[k][rows]).all() for k in b)
 
 
+def test_mask_prob_sets_the_rate_and_the_scored_positions_list_every_chosen_one_first():
+    rng = np.random.default_rng(1)
+    V, B, L = 1000, 256, 64
+    ids = rng.integers(5, V, (B, L)).astype(np.int32)
+    assert mlm.max_predictions(L) == 16 and mlm.max_predictions(L, 0.4) == 43  # BERT's L/4 at 15%
+    for p in (0.15, 0.4):
+        b = mlm.mask_batch(ids, 3, 5, 0, B, slice(None), V, p)
+        assert abs(b["w"].mean() - p) < 0.01 and b["pos"].shape == (B, mlm.max_predictions(L, p))
+        w_BP = np.take_along_axis(b["w"], b["pos"], axis=1)
+        assert (w_BP.sum(1) == b["w"].sum(1)).all()  # every chosen position is among the scored ones
+        assert (np.diff(w_BP, axis=1) <= 0).all()  # chosen first, then weight-0 fillers
+        assert len(set(b["pos"][0])) == b["pos"].shape[1]
+
+
 def test_packing_puts_k_sentences_in_a_row_and_one_process_builds_its_rows_only(tmp_path, tsvs):
     ids = np.array([[2, 7, 8, 3, 0, 0], [2, 9, 3, 0, 0, 0], [2, 5, 6, 7, 8, 3], [2, 6, 3, 0, 0, 0]], np.int32)
     assert mlm.pack(ids, 2).tolist() == [[2, 7, 8, 3, 9, 3], [2, 5, 6, 7, 8, 3]]  # cut to L
@@ -278,6 +292,7 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, tsvs, traine
         ([f"data.val_path={files['dev3.tsv']}"], r"the validation data has labels 2 that the training labels \(0, 1\) lack"),
         (["data.seq_len=32", "model.block_size=16"], "data.seq_len=32 is longer than the model's model.block_size=16"),
         ([f"init_from={trained_run}"], "holds a model=transformer run, and this run trains model=encoder"),
+        (["task.mask_prob=1.0"], r"task.mask_prob=1.0 is the share of tokens masked: use a value in \(0, 1\)"),
         (None, r"model=cnn cannot train task=mlm \(it does classify\); use model=encoder"),
     ]
     for i, (overrides, message) in enumerate(cases):
