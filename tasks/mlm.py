@@ -51,7 +51,6 @@ class Sentences:
         return getattr(self.source, name)
 
 
-
 class NextSentences(Sentences):
     """A source of sentences in order, read as next-sentence pairs (task.nsp): its model has the NSP head."""
 
