@@ -25,7 +25,7 @@ SHAPES = {"layers": 4, "heads": 6, "width": 192, "mlp": 768, "seq": 64, "batch":
 
 
 def batches(n: int, seed: int = 0) -> list:
-    """n masked batches of random full-length sentences: {"x", "y", "w"} as tasks/mlm.py makes them."""
+    """n masked batches of random full-length sentences: {"x", "y", "w", "pos"} as tasks/mlm.py makes them."""
     import numpy as np
 
     sys.path.insert(0, ROOT)

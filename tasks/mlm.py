@@ -101,7 +101,7 @@ def pairs(x_NL: np.ndarray, first_B: np.ndarray, rng: np.random.Generator, L: in
 def max_predictions(L: int, mask_prob: float = MASK_PROB) -> int:
     """Positions scored per sentence (BERT's max_predictions_per_seq): 5/3 of the expected count (a quarter
     of L at 15%), room for the chance excess."""
-    return max(1, min(L, int(np.ceil(L * mask_prob * 5 / 3 - 1e-9))))
+    return max(1, min(L, int(np.ceil(L * mask_prob * 5 / 3 - 1e-9))))  # 1e-9: 64 * 0.15 * 5/3 is 16.000...04
 
 
 def mask_batch(ids_BL: np.ndarray, seed: int, stream: int, index: int, batch_size: int, rows: slice,
@@ -145,7 +145,7 @@ def feed(source, data_cfg, *, seed: int, batch_size: int, rows: slice, eval_batc
     if isinstance(source, NextSentences):
         if k > 1:
             raise UserError(f"task.nsp=true makes each row a pair of sentences; drop data.pack={k} (use 1)")
-        return _pair_feed(source, data_cfg, seed=seed, batch_size=batch_size, rows=rows, eval_batches=eval_batches)
+        return _pair_feed(source, data_cfg, p, seed=seed, batch_size=batch_size, rows=rows, eval_batches=eval_batches)
 
     def train_batch(step):
         # Global row r holds sentences r*k .. r*k+k-1 of a global batch of B*k: a pure function of (seed, step).
@@ -161,10 +161,10 @@ def feed(source, data_cfg, *, seed: int, batch_size: int, rows: slice, eval_batc
     return Feed(train_batch, eval_batch, source.eval_count(batch_size, eval_batches), k)
 
 
-def _pair_feed(source, data_cfg, *, seed: int, batch_size: int, rows: slice, eval_batches: int) -> Feed:
+def _pair_feed(source, data_cfg, mp: float, *, seed: int, batch_size: int, rows: slice, eval_batches: int) -> Feed:
     """Next-sentence pairs, masked: the first sentences in the epoch order (data/examples.py), pairs of
     the global batch drawn from (seed, step) and sliced to this process's rows."""
-    V, L, mp = source.dims["vocab_size"], source.x_train.shape[1], source.mask_prob
+    V, L = source.dims["vocab_size"], source.x_train.shape[1]
 
     def train_batch(step):
         first_B = examples.train_indices(len(source.x_train) - 1, seed, step, batch_size)  # any with a next one
@@ -186,10 +186,15 @@ def _pair_feed(source, data_cfg, *, seed: int, batch_size: int, rows: slice, eva
     return Feed(train_batch, eval_batch, examples.eval_count(n_first, batch_size, eval_batches), 1)
 
 
+def _scored(batch):
+    """(positions_BP, targets_BP, weights_BP): the chosen positions of each row first (mask_batch), the rest weigh 0."""
+    pos_BP = batch["pos"]
+    return (pos_BP, *(jnp.take_along_axis(a, pos_BP, axis=1) for a in (batch["y"], batch["w"])))
+
+
 def _predicted(model, batch, key):
     """(logits_BPV, targets_BP, weights_BP) at the masked positions only (the head runs on those alone)."""
-    pos_BP = batch["pos"]  # the chosen positions of each row first (mask_batch); the rest weigh 0
-    w_BP, y_BP = (jnp.take_along_axis(a, pos_BP, axis=1) for a in (batch["w"], batch["y"]))
+    pos_BP, y_BP, w_BP = _scored(batch)
     return model(batch["x"], key=key, positions_BP=pos_BP).astype(jnp.float32), y_BP, w_BP
 
 
@@ -213,8 +218,7 @@ def loss(model, batch, key):
 def _loss_with_nsp(model, batch, key):
     """Masked-LM plus next-sentence loss. Evaluation batches weigh by masked tokens, and the pair metrics
     are per row: they go out as sums over rows per masked token, which `finish` turns into exact means."""
-    pos_BP = batch["pos"]
-    w_BP, y_BP = (jnp.take_along_axis(a, pos_BP, axis=1) for a in (batch["w"], batch["y"]))
+    pos_BP, y_BP, w_BP = _scored(batch)
     logits_BPV, nsp_B2 = model.pretrain(batch["x"], batch["segments"], pos_BP, key=key)
     n = jnp.maximum(w_BP.sum(), 1.0)
     mlm_loss = (optax.softmax_cross_entropy_with_integer_labels(logits_BPV, y_BP) * w_BP).sum() / n
