@@ -62,6 +62,9 @@ def load(cfg, spec, mesh, meta: dict, log) -> dict:
         if src_meta.get("compression"):  # int8 params would load as if they were the float ones
             raise UserError(f"init_from={src} is a run compress.py quantized; start from its float source, "
                             f"{src_meta['compression']['source']}")
+        src_pos, pos = (c.model.get("pos_emb", "learned") for c in (src_cfg, cfg))
+        if src_pos != pos:  # the body's attention would read positions it was not trained with
+            raise UserError(f"init_from={src} was trained with model.pos_emb={src_pos}; pass model.pos_emb={src_pos}")
         for key in ("vocab", "tokenizer", "labels"):
             if key in src_meta and key in meta and src_meta[key] != meta[key]:
                 raise UserError(f"init_from={src} was trained with another {key} than this run's data; its "

@@ -20,7 +20,7 @@ from flax import nnx
 from errors import UserError
 from model import quant
 from model.matmul import DOT_GENERAL
-from model.transformer import dense_factory, run_blocks, stacked_blocks
+from model.transformer import check_pos_emb, dense_factory, position_table, run_blocks, stacked_blocks
 
 TASKS = ("mlm", "classify")
 PAD_ID, MASK_ID, FIRST_WORD_ID = 0, 4, 5  # data/wordpiece.py: [PAD]=0 ... [MASK]=4, then the words
@@ -36,6 +36,7 @@ class Config:
     # Positions the model has (BERT's max_position_embeddings). Named as model=transformer's key so
     # that core/config.py's check of data.seq_len <= model.block_size covers the encoder too.
     block_size: int = 128
+    pos_emb: str = "learned"  # learned (BERT's table) | rope (rotary, model/transformer.py): offsets only
     type_vocab: int = 0  # segment embeddings: 0 none; 2 BERT's sentence A/B (segments_BL, default all A)
     dropout: float = 0.1
     # Training only: each word token (not [CLS]/[SEP]/[PAD]) becomes [MASK] with this probability,
@@ -56,6 +57,7 @@ class Config:
 def check(cfg) -> None:
     """Values the schema's types cannot rule out."""
     quant.check(cfg)
+    check_pos_emb(cfg)
     if cfg.matmul_dtype not in DOT_GENERAL:
         raise UserError(f"model.matmul_dtype={cfg.matmul_dtype} must be float32 or bfloat16")
     if cfg.d_model % cfg.n_heads:
@@ -111,7 +113,7 @@ class Encoder(nnx.Module):
         self.word_dropout = float(cfg.get("word_dropout", 0.0))  # configs from before the key: off
         std = nnx.initializers.normal(0.02)
         self.wte = quant.embed(cfg)(vocab_size, cfg.d_model, embedding_init=std, rngs=rngs)
-        self.wpe = nnx.Embed(cfg.block_size, cfg.d_model, embedding_init=std, rngs=rngs)
+        self.wpe = position_table(cfg, rngs)
         self.wse = nnx.Embed(cfg.type_vocab, cfg.d_model, embedding_init=std, rngs=rngs) if cfg.type_vocab else None
         self.drop = nnx.Dropout(cfg.dropout)
         self.blocks = stacked_blocks(cfg, causal=False, rngs=rngs)
@@ -133,7 +135,7 @@ class Encoder(nnx.Module):
         if key is not None and self.word_dropout > 0:  # its own stream: other keys stay as without it
             drop_BL = jax.random.bernoulli(jax.random.fold_in(key, 1), self.word_dropout, ids_BL.shape)
             ids_BL = jnp.where(drop_BL & (ids_BL >= FIRST_WORD_ID), MASK_ID, ids_BL)
-        x_BLD = self.wte(ids_BL) + self.wpe(jnp.arange(L))[None]
+        x_BLD = self.wte(ids_BL) if self.wpe is None else self.wte(ids_BL) + self.wpe(jnp.arange(L))[None]
         if self.wse is not None:
             x_BLD = x_BLD + self.wse(jnp.zeros_like(ids_BL) if segments_BL is None else segments_BL)
         x_BLD = x_BLD.astype(self.dtype)

@@ -46,6 +46,9 @@ class Config:
     # auto: model/attention_cpu.py's layouts on the CPU backend, this file's `attend` elsewhere; or
     # reference | cpu. The same math and params either way.
     attention: str = "auto"
+    # learned: GPT-2's position embedding table (block_size rows); rope: rotary positions on the queries
+    # and keys (Su et al. 2021), no table, so attention sees only offsets between tokens.
+    pos_emb: str = "learned"
     # Set by compress.py in the runs it writes, never for training: int8 dense layers (model/quant.py),
     # weight-only (int8) or with int8 activations (int8_dynamic); quant_embeddings: the token embedding too.
     quant: str = "none"
@@ -56,6 +59,7 @@ def check(cfg) -> None:
     """Values the schema's types cannot rule out."""
     if cfg.activation not in ACTIVATIONS:
         raise UserError(f"model.activation={cfg.activation} must be gelu_tanh or gelu")
+    check_pos_emb(cfg)
     if cfg.attention not in ("auto", "reference", "cpu"):
         raise UserError(f"model.attention={cfg.attention} must be auto, reference or cpu")
     quant.check(cfg)
@@ -65,6 +69,31 @@ def check(cfg) -> None:
         raise UserError(f"model.d_model={cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}")
     if cfg.block_size <= 0 or cfg.n_layers <= 0:
         raise UserError("model.block_size and model.n_layers must be positive")
+
+
+def check_pos_emb(cfg) -> None:
+    if cfg.get("pos_emb", "learned") not in ("learned", "rope"):
+        raise UserError(f"model.pos_emb={cfg.pos_emb} must be learned or rope")
+    if cfg.get("pos_emb", "learned") == "rope" and (cfg.d_model // cfg.n_heads) % 2:
+        raise UserError(f"model.pos_emb=rope rotates pairs of each head's {cfg.d_model // cfg.n_heads} dims: "
+                        f"pick d_model / n_heads even")
+
+
+def position_table(cfg, rngs):
+    """The learned position embedding (block_size x D), or None under rotary positions."""
+    if cfg.get("pos_emb", "learned") == "rope":  # checkpoints from before the key: learned
+        return None
+    return nnx.Embed(cfg.block_size, cfg.d_model, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+def rope(x_BLHK, pos_L, base: float = 10000.0):
+    """Rotary positions: each pair (i, i + K/2) of a head's dims turned by pos * base^(-2i/K) (GPT-NeoX's layout)."""
+    K = x_BLHK.shape[-1]
+    freq_F = base ** (-jnp.arange(0, K // 2, dtype=jnp.float32) * 2 / K)
+    angle_LF = pos_L.astype(jnp.float32)[:, None] * freq_F[None]
+    cos_L1F, sin_L1F = jnp.cos(angle_LF)[:, None], jnp.sin(angle_LF)[:, None]
+    x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos_L1F - x2 * sin_L1F, x2 * cos_L1F + x1 * sin_L1F], -1).astype(x_BLHK.dtype)
 
 
 def cpu_attention(choice: str) -> bool:
@@ -107,6 +136,7 @@ class Attention(nnx.Module):
         dense = dense_factory(cfg, rngs)
         self.n_heads, self.causal = cfg.n_heads, causal
         self.attention = cfg.get("attention", "auto")  # checkpoints from before the key: auto
+        self.rope = cfg.get("pos_emb", "learned") == "rope"
         self.qkv = dense(D, 3 * D, kernel_init=nnx.initializers.normal(0.02))
         # GPT-2's scaled init of the projections into the residual stream.
         self.proj = dense(D, D, kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layers)))
@@ -117,6 +147,9 @@ class Attention(nnx.Module):
         B, L, D = x_BLD.shape
         H = self.n_heads
         q_BLHK, k_BLHK, v_BLHK = (t.reshape(B, L, H, D // H) for t in jnp.split(self.qkv(x_BLD), 3, axis=-1))
+        if self.rope:  # before the cache write: cached keys keep their rotation
+            pos_L = pos + jnp.arange(L)
+            q_BLHK, k_BLHK = rope(q_BLHK, pos_L), rope(k_BLHK, pos_L)
         k_attn, k_out = (None, None) if key is None else jax.random.split(key)
         if cpu_attention(self.attention):  # the same math in XLA-CPU's fastest layouts (a (B*H, M, K) cache)
             y_BLHK, cache = attention_cpu.attention(q_BLHK, k_BLHK, v_BLHK, causal=self.causal, mask_BM=mask_BM,
@@ -218,7 +251,7 @@ class Transformer(nnx.Module):
         self.attention = cfg.get("attention", "auto")
         std = nnx.initializers.normal(0.02)
         self.wte = quant.embed(cfg)(vocab_size, cfg.d_model, embedding_init=std, rngs=rngs)
-        self.wpe = nnx.Embed(cfg.block_size, cfg.d_model, embedding_init=std, rngs=rngs)
+        self.wpe = position_table(cfg, rngs)
         self.drop = nnx.Dropout(cfg.dropout)
         self.blocks = stacked_blocks(cfg, causal=True, rngs=rngs)
         self.ln_f = nnx.LayerNorm(cfg.d_model, use_bias=cfg.bias, epsilon=1e-5, rngs=rngs)
@@ -251,7 +284,8 @@ class Transformer(nnx.Module):
         """
         B, L = idx_BL.shape
         k_emb, k_blocks = (None, None) if key is None else jax.random.split(key)
-        x_BLD = (self.wte(idx_BL) + self.wpe(pos + jnp.arange(L))[None]).astype(self.dtype)
+        x_BLD = self.wte(idx_BL)
+        x_BLD = (x_BLD if self.wpe is None else x_BLD + self.wpe(pos + jnp.arange(L))[None]).astype(self.dtype)
         x_BLD = x_BLD if k_emb is None else self.drop(x_BLD, rngs=k_emb)
         x_BLD, cache = run_blocks(self.blocks, x_BLD, n_layers=self.n_layers, scan=self.scan_layers,
                                   remat=self.remat, cache=cache, pos=pos, key=k_blocks, layer_states=layer_states)

@@ -154,8 +154,10 @@ def test_the_mlm_loss_reads_masked_positions_only():
     np.testing.assert_allclose(float(loss), float((ce * w).sum() / w.sum()), rtol=1e-5)
 
 
-def test_attention_is_bidirectional_and_padding_changes_no_real_output():
-    model = tiny_model()
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_attention_is_bidirectional_and_padding_changes_no_real_output(pos_emb):
+    model = tiny_model(pos_emb=pos_emb)
+    assert (model.wpe is None) == (pos_emb == "rope")  # rotary positions need no table
     ids = np.random.default_rng(2).integers(5, 50, (2, 10)).astype(np.int32)
     later = ids.copy()
     later[:, 7] = (ids[:, 7] + 1) % 45 + 5
@@ -166,7 +168,7 @@ def test_attention_is_bidirectional_and_padding_changes_no_real_output():
     padded[2, :4] = ids[0, :4]
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(padded)))[:2, :10], out, atol=2e-5)
     for pooling in ("cls", "mean"):
-        clf = tiny_model(num_classes=3, pooling=pooling)
+        clf = tiny_model(num_classes=3, pooling=pooling, pos_emb=pos_emb)
         np.testing.assert_allclose(np.asarray(clf(jnp.asarray(padded)))[:2], np.asarray(clf(jnp.asarray(ids))),
                                    atol=2e-5)
     assert np.isfinite(np.asarray(model(jnp.zeros((1, 8), jnp.int32)))).all()  # a row of nothing but [PAD]

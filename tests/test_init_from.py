@@ -61,6 +61,8 @@ def test_mismatched_sources_are_one_line_errors(trained_run, tmp_path, text_file
     run(compose(RNN_TINY + [f"data.path={text_file}", f"out_dir={rnn}", "steps=2"]))
     with pytest.raises(UserError, match="holds a model=rnn run, and this run trains model=transformer"):
         run(compose(base + [f"out_dir={tmp_path}/b", f"init_from={rnn}"]))
+    with pytest.raises(UserError, match="trained with model.pos_emb=learned; pass model.pos_emb=learned"):
+        run(compose(base + [f"out_dir={tmp_path}/f", f"init_from={trained_run}", "model.pos_emb=rope"]))
     with pytest.raises(UserError, match="holds no checkpoints"):
         run(compose(base + [f"out_dir={tmp_path}/c", f"init_from={tmp_path}"]))
     with pytest.raises(UserError, match=r"no checkpoint at step 7; available: \[10, 20\]"):
@@ -69,7 +71,7 @@ def test_mismatched_sources_are_one_line_errors(trained_run, tmp_path, text_file
     other.write_text("0123456789 abcdefghij\n" * 200)
     with pytest.raises(UserError, match=r"characters '0123456789.*' that the init_from run's vocabulary lacks"):
         run(compose(TINY + [f"data.path={other}", "steps=2", f"out_dir={tmp_path}/e", f"init_from={trained_run}"]))
-    assert not any(os.path.exists(tmp_path / d) for d in "abcde")
+    assert not any(os.path.exists(tmp_path / d) for d in "abcdef")
 
 
 def test_the_new_run_resumes_itself_after_sigkill(trained_run, tmp_path, text_file):

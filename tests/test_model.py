@@ -95,6 +95,28 @@ def test_cached_greedy_decode_equals_uncached_up_to_block_size():
     assert cached.shape == (3, n)
 
 
+@pytest.mark.parametrize("attention", ["reference", "cpu"])
+def test_rope_sees_offsets_only_and_its_cached_decode_equals_uncached(attention):
+    """model.pos_emb=rope: no position table; a query-key score depends on the two positions' offset
+    only; the keys are rotated before the cache write, so cached greedy decode equals recomputing."""
+    from model.transformer import rope as rotate
+
+    q_BLHK, k_BLHK = jax.random.normal(jax.random.key(0), (2, 2, 6, 2, 8))
+    scores = lambda qpos, kpos: np.einsum("blhk,bmhk->bhlm", np.asarray(rotate(q_BLHK, qpos)),  # noqa: E731
+                                          np.asarray(rotate(k_BLHK, kpos)))
+    pos = jnp.arange(6)
+    np.testing.assert_allclose(scores(pos + 9, pos + 9), scores(pos, pos), atol=1e-4)  # a common shift: the same
+    np.testing.assert_allclose(scores(pos + 9, pos[::-1] + 9), scores(pos, pos[::-1]), atol=1e-4)
+    assert np.abs(scores(pos, pos[::-1]) - scores(pos, pos)).max() > 1e-2  # other offsets: other scores
+    model = tiny_model(pos_emb="rope", attention=attention)
+    assert model.wpe is None and "wpe" not in nnx.to_pure_dict(nnx.state(model))
+    prompt_BP = jax.random.randint(jax.random.key(2), (3, 4), 0, V)
+    options = dict(max_new_tokens=model.block_size - 4, temperature=0.0)
+    cached = jax.jit(lambda p: generate(model, p, jax.random.key(0), **options))(prompt_BP)
+    uncached = jax.jit(lambda p: generate_uncached(model, p, jax.random.key(0), **options))(prompt_BP)
+    np.testing.assert_array_equal(np.asarray(cached), np.asarray(uncached))
+
+
 def test_decode_past_block_size_and_seed_determinism():
     model = tiny_model()
     prompt_BP = jnp.zeros((2, 3), jnp.int32)
