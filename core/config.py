@@ -46,6 +46,9 @@ class OptimConfig:
     weight_decay: float = 0.1  # matrices only: never biases, norm scales or other vectors
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     grad_accum: int = 1  # micro-batches per step; the batch is split, the update is one
+    # Fine-tuning: layer i of N learns at lr * layer_decay^(N - i), the embeddings at ^(N + 1),
+    # the head at lr (ELECTRA's layer-wise decay); 1.0 is off.
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -229,6 +232,8 @@ def check(cfg) -> None:
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by optim.grad_accum={o.grad_accum}")
     if o.lr <= 0 or o.min_lr < 0 or o.warmup_steps < 0:
         raise UserError("optim.lr must be > 0, optim.min_lr and optim.warmup_steps >= 0")
+    if not 0.0 < o.layer_decay <= 1.0:
+        raise UserError(f"optim.layer_decay={o.layer_decay} must be in (0, 1]: 1 is off, 0.8 ELECTRA's fine-tuning value")
     if o.schedule not in ("cosine", "linear", "constant"):
         raise UserError(f"optim.schedule={o.schedule} must be cosine, linear or constant")
     if cfg.init_from_step is not None and not cfg.init_from:

@@ -1,7 +1,9 @@
-"""AdamW with weight decay on matrices only, linear warmup then cosine/linear decay, global-norm clipping."""
+"""AdamW with weight decay on matrices only, linear warmup then cosine/linear decay, global-norm clipping,
+and optionally a learning rate that shrinks with depth below the head (layer-wise decay, for fine-tuning)."""
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -37,7 +39,40 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
+def depth_scales(params, decay: float):
+    """Each param's learning-rate factor under layer-wise decay (ELECTRA's, Clark et al. 2020).
+
+    The N stacked layers get decay^(N - i) for layer i (an (N, 1, ...) array), embedding tables
+    decay^(N + 1), everything else (final norm, heads) 1: the layers nearest the input, whose
+    pretrained features are most general, move least.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    keys = lambda path: [str(getattr(k, "key", "")) for k in path]  # noqa: E731
+    stacked = [leaf.shape[0] for path, leaf in flat
+               if STACKED in keys(path) or (keys(path) and STACKED_NAME.search(keys(path)[-1]))]
+    N = max(stacked, default=0)
+
+    def scale(path, p):
+        names = keys(path)
+        if STACKED in names or (names and STACKED_NAME.search(names[-1])):
+            return (decay ** (N - jnp.arange(N, dtype=jnp.float32))).reshape((N,) + (1,) * (p.ndim - 1))
+        return jnp.float32(decay ** (N + 1) if names and names[-1] == "embedding" else 1.0)
+
+    return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def scale_by_depth(decay: float) -> optax.GradientTransformation:
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, s: u * s.astype(u.dtype), updates, depth_scales(updates, decay)), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg, steps: int) -> optax.GradientTransformation:
     adamw = optax.adamw(schedule(cfg, steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+    layer_decay = cfg.get("layer_decay", 1.0)  # configs from before the key: off
+    parts = ([optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []) + [adamw]
+    # After AdamW: its whole step, weight decay included, shrinks with depth (a per-layer learning rate).
+    parts += [scale_by_depth(layer_decay)] if layer_decay != 1.0 else []
+    return optax.chain(*parts) if len(parts) > 1 else adamw

@@ -1,17 +1,23 @@
-"""data=text_classify and task=mlm beyond the basics: macro F1 over 3 classes, TFDS input, next-sentence prediction."""
+"""data=text_classify and task=mlm beyond the basics: macro F1 over 3 classes, TFDS input, next-sentence
+prediction, layer-wise learning-rate decay for fine-tuning."""
 import os
 import random
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import compose
 from core import metrics
+from core.config import check
 from core.loop import run
+from core.optim import make_optimizer
 from core.state import load_run
 from data import text_classify
-from test_encoder import ENC_TINY, FILLER
+from errors import UserError
+from test_encoder import ENC_TINY, FILLER, tiny_model
 
 WORDS = {"neg": "bad awful".split(), "neu": "fine okay".split(), "pos": "good great".split()}
 
@@ -176,3 +182,28 @@ def test_nsp_on_lines_trains_logs_pair_metrics_and_resumes_exactly(tmp_path):
         with pytest.raises(UserError, match=message) as e:
             run(compose(lines_cfg + extra + [f"out_dir={tmp_path}/bad"]))
         assert "\n" not in str(e.value) and not (tmp_path / "bad").exists()
+
+
+def test_layer_decay_gives_each_layer_its_own_step_and_the_head_the_full_one():
+    """optim.layer_decay=d: layer i of N steps lr * d^(N - i), the embeddings lr * d^(N + 1), the head lr.
+    Adam's first step on a gradient of ones is lr per value, so the update shows each factor directly."""
+    params = nnx.to_pure_dict(nnx.state(tiny_model(num_classes=2), nnx.Param))
+    opts = ENC_TINY + ["task=classify", "data.path=x.tsv", "optim.weight_decay=0", "optim.grad_clip=0",
+                       "optim.warmup_steps=0", "optim.schedule=constant", "optim.lr=0.01"]
+    tx = make_optimizer(compose(opts + ["optim.layer_decay=0.5"]).optim, 10)
+    ones = jax.tree.map(jnp.ones_like, params)
+    step, _ = tx.update(ones, tx.init(params), params)
+    N = 2
+    np.testing.assert_allclose(np.asarray(step["blocks"]["attn"]["qkv"]["kernel"])[:, 0, 0], [-0.01 * 0.25, -0.01 * 0.5],
+                               rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(step["blocks"]["ln1"]["scale"])[:, 0], [-0.0025, -0.005], rtol=1e-4)
+    for table in ("wte", "wpe"):
+        np.testing.assert_allclose(np.asarray(step[table]["embedding"]), -0.01 * 0.5 ** (N + 1), rtol=1e-4)
+    for head in jax.tree.leaves([step["classifier"], step["ln_f"]]):
+        np.testing.assert_allclose(np.asarray(head), -0.01, rtol=1e-4)
+    off = make_optimizer(compose(opts).optim, 10)  # 1.0: plain AdamW, every value steps lr
+    for leaf in jax.tree.leaves(off.update(ones, off.init(params), params)[0]):
+        np.testing.assert_allclose(np.asarray(leaf), -0.01, rtol=1e-4)
+    with pytest.raises(UserError, match=r"optim.layer_decay=0.0 must be in \(0, 1\]"):
+        check(compose(opts + ["optim.layer_decay=0"]))
+
