@@ -3,7 +3,8 @@
 Shape key: B batch, L length, D model width, V vocab, Y classes, P predicted positions per row.
 
 Token + learned position (+ optional segment) embeddings, N pre-LN blocks of model/transformer.py
-with `causal=False` and a key padding mask, a final LayerNorm: the body. [PAD] is token id 0
+(`pos_emb=rope`: rotary positions in their attention instead of the table) with `causal=False` and
+a key padding mask, a final LayerNorm: the body. [PAD] is token id 0
 (data/wordpiece.py): positions holding it are never attended to, so padding changes no real
 position's output. Built without `num_classes` the model has the masked-LM head (dense, GELU,
 LayerNorm, output tied to the token embedding plus a bias) under `mlm_head/` (and with `nsp`, BERT's

@@ -1,4 +1,4 @@
-"""Transformer LM in Flax NNX: GPT-2 layout (pre-LN, learned positions, head tied to the embedding).
+"""Transformer LM in Flax NNX: GPT-2 layout (pre-LN, learned or rotary positions, head tied to the embedding).
 
 Shape key: B batch, L length, M attended length, D model width, H heads, K head dim, F MLP width,
 V vocab, N layers.
@@ -241,7 +241,7 @@ def run_blocks(blocks, x_BLD, *, n_layers: int, scan: bool, remat: bool, mask_BM
 
 
 class Transformer(nnx.Module):
-    """Token + learned position embeddings, N pre-LN causal blocks, final LN, head tied to the embedding."""
+    """Token embeddings (+ learned positions unless rotary), N pre-LN causal blocks, final LN, tied head."""
 
     def __init__(self, cfg, *, vocab_size: int, rngs: nnx.Rngs):
         # Plain hashable fields only: they become part of the static graph definition.
