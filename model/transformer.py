@@ -74,7 +74,7 @@ def check(cfg) -> None:
 def check_pos_emb(cfg) -> None:
     if cfg.get("pos_emb", "learned") not in ("learned", "rope"):
         raise UserError(f"model.pos_emb={cfg.pos_emb} must be learned or rope")
-    if cfg.get("pos_emb", "learned") == "rope" and (cfg.d_model // cfg.n_heads) % 2:
+    if cfg.get("pos_emb", "learned") == "rope" and cfg.n_heads > 0 and (cfg.d_model // cfg.n_heads) % 2:
         raise UserError(f"model.pos_emb=rope rotates pairs of each head's {cfg.d_model // cfg.n_heads} dims: "
                         f"pick d_model / n_heads even")
 

@@ -7,7 +7,9 @@ from flax import nnx
 
 from conftest import TINY, compose
 from core import sampler
+from core.config import check
 from core.sampler import generate, generate_uncached, pick, sampling_key
+from errors import UserError
 from model import build
 
 V = 13
@@ -108,6 +110,10 @@ def test_rope_sees_offsets_only_and_its_cached_decode_equals_uncached(attention)
     np.testing.assert_allclose(scores(pos + 9, pos + 9), scores(pos, pos), atol=1e-4)  # a common shift: the same
     np.testing.assert_allclose(scores(pos + 9, pos[::-1] + 9), scores(pos, pos[::-1]), atol=1e-4)
     assert np.abs(scores(pos, pos[::-1]) - scores(pos, pos)).max() > 1e-2  # other offsets: other scores
+    with pytest.raises(UserError, match="model.pos_emb=alibi must be learned or rope"):
+        check(compose(TINY + ["model.pos_emb=alibi"]))
+    with pytest.raises(UserError, match="rotates pairs of each head's 5 dims"):
+        check(compose(TINY + ["model.d_model=10", "model.n_heads=2", "model.pos_emb=rope"]))
     model = tiny_model(pos_emb="rope", attention=attention)
     assert model.wpe is None and "wpe" not in nnx.to_pure_dict(nnx.state(model))
     prompt_BP = jax.random.randint(jax.random.key(2), (3, 4), 0, V)
