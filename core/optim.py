@@ -26,17 +26,21 @@ STACKED = "blocks"  # models keep layer-stacked params (leading N axis) under th
 STACKED_NAME = re.compile(r"_N[A-Z]*$")  # ... or name them with a shape suffix that starts with N (w_in_NHG)
 
 
+def _names(path) -> list:
+    return [str(getattr(k, "key", "")) for k in path]
+
+
+def _stacked(names: list) -> bool:
+    """Whether a param (by its path's names) has a leading layer axis."""
+    return STACKED in names or bool(names and STACKED_NAME.search(names[-1]))
+
+
 def decay_mask(params):
     """True for matrices (embeddings and conv kernels included), False for biases and norm scales.
 
     A layer-stacked vector (N x D) is still a vector: its leading layer axis does not count.
     """
-    def is_matrix(path, p):
-        keys = [str(getattr(k, "key", "")) for k in path]
-        stacked = STACKED in keys or bool(keys and STACKED_NAME.search(keys[-1]))
-        return p.ndim - stacked >= 2
-
-    return jax.tree_util.tree_map_with_path(is_matrix, params)
+    return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim - _stacked(_names(path)) >= 2, params)
 
 
 def depth_scales(params, decay: float):
@@ -47,14 +51,11 @@ def depth_scales(params, decay: float):
     pretrained features are most general, move least.
     """
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    keys = lambda path: [str(getattr(k, "key", "")) for k in path]  # noqa: E731
-    stacked = [leaf.shape[0] for path, leaf in flat
-               if STACKED in keys(path) or (keys(path) and STACKED_NAME.search(keys(path)[-1]))]
-    N = max(stacked, default=0)
+    N = max((leaf.shape[0] for path, leaf in flat if _stacked(_names(path))), default=0)
 
     def scale(path, p):
-        names = keys(path)
-        if STACKED in names or (names and STACKED_NAME.search(names[-1])):
+        names = _names(path)
+        if _stacked(names):
             return (decay ** (N - jnp.arange(N, dtype=jnp.float32))).reshape((N,) + (1,) * (p.ndim - 1))
         return jnp.float32(decay ** (N + 1) if names and names[-1] == "embedding" else 1.0)
 

@@ -136,7 +136,9 @@ class Encoder(nnx.Module):
         if key is not None and self.word_dropout > 0:  # its own stream: other keys stay as without it
             drop_BL = jax.random.bernoulli(jax.random.fold_in(key, 1), self.word_dropout, ids_BL.shape)
             ids_BL = jnp.where(drop_BL & (ids_BL >= FIRST_WORD_ID), MASK_ID, ids_BL)
-        x_BLD = self.wte(ids_BL) if self.wpe is None else self.wte(ids_BL) + self.wpe(jnp.arange(L))[None]
+        x_BLD = self.wte(ids_BL)
+        if self.wpe is not None:  # rotary positions (pos_emb=rope) enter in the attention instead
+            x_BLD = x_BLD + self.wpe(jnp.arange(L))[None]
         if self.wse is not None:
             x_BLD = x_BLD + self.wse(jnp.zeros_like(ids_BL) if segments_BL is None else segments_BL)
         x_BLD = x_BLD.astype(self.dtype)

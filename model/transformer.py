@@ -72,9 +72,10 @@ def check(cfg) -> None:
 
 
 def check_pos_emb(cfg) -> None:
-    if cfg.get("pos_emb", "learned") not in ("learned", "rope"):
-        raise UserError(f"model.pos_emb={cfg.pos_emb} must be learned or rope")
-    if cfg.get("pos_emb", "learned") == "rope" and cfg.n_heads > 0 and (cfg.d_model // cfg.n_heads) % 2:
+    pos_emb = cfg.get("pos_emb", "learned")
+    if pos_emb not in ("learned", "rope"):
+        raise UserError(f"model.pos_emb={pos_emb} must be learned or rope")
+    if pos_emb == "rope" and cfg.n_heads > 0 and (cfg.d_model // cfg.n_heads) % 2:
         raise UserError(f"model.pos_emb=rope rotates pairs of each head's {cfg.d_model // cfg.n_heads} dims: "
                         f"pick d_model / n_heads even")
 
@@ -285,7 +286,9 @@ class Transformer(nnx.Module):
         B, L = idx_BL.shape
         k_emb, k_blocks = (None, None) if key is None else jax.random.split(key)
         x_BLD = self.wte(idx_BL)
-        x_BLD = (x_BLD if self.wpe is None else x_BLD + self.wpe(pos + jnp.arange(L))[None]).astype(self.dtype)
+        if self.wpe is not None:  # rotary positions (pos_emb=rope) enter in the attention instead
+            x_BLD = x_BLD + self.wpe(pos + jnp.arange(L))[None]
+        x_BLD = x_BLD.astype(self.dtype)
         x_BLD = x_BLD if k_emb is None else self.drop(x_BLD, rngs=k_emb)
         x_BLD, cache = run_blocks(self.blocks, x_BLD, n_layers=self.n_layers, scan=self.scan_layers,
                                   remat=self.remat, cache=cache, pos=pos, key=k_blocks, layer_states=layer_states)
