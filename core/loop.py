@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any
 
 import jax
+import numpy as np
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -195,7 +196,21 @@ def _call_length(cfg, step: int) -> int:
 def _batches_at(loop: Loop, step: int):
     """The global batches of the call starting at `step`, built on the host."""
     k, runner, train_batch = _call_length(loop.cfg, step), loop.built.runner, loop.task.feed.train_batch
-    return runner.batch(train_batch(step)) if k == 1 else runner.stack([train_batch(s) for s in range(step, step + k)])
+    if k == 1:
+        return runner.batch(train_batch(step))
+    return runner.stack(_padded_alike([train_batch(s) for s in range(step, step + k)]))
+
+
+def _padded_alike(batches: list) -> list:
+    """Batches cut to their own length (data.group_by_length) padded with zeros to the call's longest, so
+    they stack: 0 is [PAD], which the models mask, and a weight of 0 scores nothing."""
+    out = [dict(b) for b in batches]
+    for key, first in batches[0].items():
+        L = max(b[key].shape[1] for b in batches) if first.ndim > 1 else None
+        for b in out:
+            if L is not None and b[key].shape[1] < L:
+                b[key] = np.pad(b[key], [(0, 0), (0, L - b[key].shape[1])] + [(0, 0)] * (b[key].ndim - 2))
+    return out
 
 
 def _evaluate(loop: Loop) -> dict:

@@ -3,7 +3,8 @@ and the delimiter of the tables (CSV/TSV) such splits are read from.
 
 The global batch at `step` takes examples step*B .. step*B+B-1 of an endless stream in which epoch
 e is a permutation of the training split keyed on (seed, e); validation runs in order, its last
-batch padded with rows of mask 0. Each process gathers only its own rows.
+batch padded with rows of mask 0. Each process gathers only its own rows. Grouped by length, the W
+batches of steps w*W .. w*W+W-1 hold the same examples, sorted by length, so each can be cut short.
 """
 import csv
 import functools
@@ -20,15 +21,30 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(n)
 
 
+def stream_indices(n: int, seed: int, stream_S: np.ndarray) -> np.ndarray:
+    """Indices into the training split at positions `stream_S` of the endless stream of epochs."""
+    epochs_S, pos_S = np.divmod(stream_S, n)
+    idx_S = np.empty(len(stream_S), np.int64)
+    for epoch in np.unique(epochs_S):  # a batch may straddle an epoch boundary
+        here = epochs_S == epoch
+        idx_S[here] = epoch_order(n, seed, int(epoch))[pos_S[here]]
+    return idx_S
+
+
 def train_indices(n: int, seed: int, step: int, batch_size: int) -> np.ndarray:
     """Indices into the training split of the B examples of the global batch at `step`."""
-    stream_B = step * batch_size + np.arange(batch_size)
-    epochs_B, pos_B = np.divmod(stream_B, n)
-    idx_B = np.empty(batch_size, np.int64)
-    for epoch in np.unique(epochs_B):  # a batch may straddle an epoch boundary
-        here = epochs_B == epoch
-        idx_B[here] = epoch_order(n, seed, int(epoch))[pos_B[here]]
-    return idx_B
+    return stream_indices(n, seed, step * batch_size + np.arange(batch_size))
+
+
+def grouped_train_indices(lengths_N: np.ndarray, seed: int, step: int, batch_size: int, window: int) -> np.ndarray:
+    """train_indices with examples of like length batched together (Hugging Face's group_by_length):
+    the `window` batches of steps w*window .. w*window+window-1 take the examples they would take
+    ungrouped, sorted by length (shortest first, ties in stream order), B at a time. Still a pure
+    function of (seed, step), and an epoch still shows every example once."""
+    w, j = divmod(step, window)
+    idx_S = stream_indices(len(lengths_N), seed, w * window * batch_size + np.arange(window * batch_size))
+    idx_S = idx_S[np.argsort(lengths_N[idx_S], kind="stable")]
+    return idx_S[j * batch_size:(j + 1) * batch_size]
 
 
 def val_indices(n: int, i: int, batch_size: int, rows: slice) -> tuple[np.ndarray, np.ndarray, int]:

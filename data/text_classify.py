@@ -15,6 +15,7 @@ data.val_fraction of train where it has no validation split), downloaded through
 within data.download_timeout.
 """
 import csv
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from errors import UserError
 
 PROVIDES = ("classes", "sentences")
 _SPLIT_STREAM = 4
+_LENGTH_STEP = 8  # data.group_by_length cuts batches to multiples of this
 
 
 @dataclass
@@ -56,6 +58,11 @@ class Config:
     # validation split. SST lists every phrase of each parse tree (67,349 rows, 6,886 of them not
     # inside another): a masked LM pretrained on the phrases predicts most tokens from a fragment.
     drop_subphrases: bool = False
+    # task=classify: sort each window of this many training batches by length and cut each batch to its
+    # longest sentence, rounded up to a multiple of 8 (at most data.seq_len / 8 shapes to compile), so
+    # batches of short phrases skip the [PAD] columns. 0: every row keeps data.seq_len; 1: cut, unsorted.
+    # Hugging Face's group_by_length sorts 50 batches at a time.
+    group_by_length: int = 0
 
 
 @dataclass
@@ -70,7 +77,13 @@ class Sentences:
     summary: str
     baseline: dict
     provides: Optional[str] = None  # "sentences" for unlabelled lines: core/task.py then refuses task=classify
+    group_by_length: int = 0  # data.group_by_length
     unit, units_per_example = "sentences", 1
+
+    @functools.cached_property
+    def lengths(self) -> np.ndarray:
+        """Real tokens ([CLS] and [SEP] included) of each training row."""
+        return (self.x_train != wordpiece.PAD).sum(axis=1)
 
     @property
     def dims(self) -> dict:
@@ -81,8 +94,13 @@ class Sentences:
         return {**self.dims, "labels": self.labels, "tokenizer": self.tokenizer}
 
     def train_batch(self, seed: int, step: int, batch_size: int, rows: slice) -> dict:
-        """This process's rows of the global batch at `step`: {"x": B x L int32, "y": B int32}."""
-        return examples.train_batch(self, seed, step, batch_size, rows)
+        """This process's rows of the global batch at `step`: {"x": B x L int32, "y": B int32}; grouped by
+        length, L is the global batch's longest row rounded up to a multiple of 8, the same on every process."""
+        if not self.group_by_length:
+            return examples.train_batch(self, seed, step, batch_size, rows)
+        idx_B = examples.grouped_train_indices(self.lengths, seed, step, batch_size, self.group_by_length)
+        L = min(-(-int(self.lengths[idx_B].max()) // _LENGTH_STEP) * _LENGTH_STEP, self.x_train.shape[1])
+        return {"x": self.x_train[idx_B[rows], :L], "y": self.y_train[idx_B[rows]]}
 
     def eval_batch(self, i: int, batch_size: int, rows: slice) -> tuple[dict, int]:
         return examples.eval_batch(self, i, batch_size, rows)
@@ -281,6 +299,9 @@ def load(cfg, inherited: dict | None = None) -> Sentences:
         raise UserError("data.val_path is for data.path; with data.tfds_name the dataset's validation split is used")
     if cfg.pack < 1:
         raise UserError(f"data.pack={cfg.pack} must be 1 (one sentence per row) or more")
+    group = cfg.get("group_by_length", 0)  # (configs from before the key lack it)
+    if group < 0:
+        raise UserError(f"data.group_by_length={group} must be 0 (off) or a number of batches to sort by length")
     if cfg.seq_len < 3:
         raise UserError(f"data.seq_len={cfg.seq_len} leaves no room beside [CLS] and [SEP]; use 3 or more")
     if cfg.format not in ("table", "lines"):
@@ -319,4 +340,5 @@ def load(cfg, inherited: dict | None = None) -> Sentences:
                f"WordPiece vocab {V}{' (from init_from)' if inherited.get('tokenizer') else ''}, "
                f"{real.mean():.1f} tokens per sentence of {cfg.seq_len}")
     return Sentences(x_train, y_train, x_val, y_val, labels, tokenizer, V, summary,
-                     {"baseline_accuracy": majority, "baseline_unigram_loss": unigram_entropy(x_train)})
+                     {"baseline_accuracy": majority, "baseline_unigram_loss": unigram_entropy(x_train)},
+                     group_by_length=group)

@@ -141,6 +141,8 @@ def feed(source, data_cfg, *, seed: int, batch_size: int, rows: slice, eval_batc
     """The source's sentences (data.pack of them per training row), masked; labels are not read."""
     V, k = source.dims["vocab_size"], data_cfg.get("pack", 1)
     p = getattr(source, "mask_prob", MASK_PROB)  # set by prepare (task.mask_prob)
+    if data_cfg.get("group_by_length", 0):
+        raise UserError("data.group_by_length is for task=classify; task=mlm fills its rows with data.pack instead")
     mine = range(batch_size)[rows]
     if isinstance(source, NextSentences):
         if k > 1:

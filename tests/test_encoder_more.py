@@ -1,5 +1,5 @@
 """data=text_classify and task=mlm beyond the basics: macro F1 over 3 classes, TFDS input, next-sentence
-prediction, layer-wise learning-rate decay for fine-tuning."""
+prediction, layer-wise learning-rate decay for fine-tuning, batches grouped by length."""
 import os
 import random
 
@@ -15,7 +15,7 @@ from core.config import check
 from core.loop import run
 from core.optim import make_optimizer
 from core.state import load_run
-from data import text_classify
+from data import examples, text_classify, wordpiece
 from errors import UserError
 from test_encoder import ENC_TINY, FILLER, tiny_model
 
@@ -207,3 +207,59 @@ def test_layer_decay_gives_each_layer_its_own_step_and_the_head_the_full_one():
     with pytest.raises(UserError, match=r"optim.layer_decay=0.0 must be in \(0, 1\]"):
         check(compose(opts + ["optim.layer_decay=0"]))
 
+
+
+def _rows(batches, L):
+    """The (tokens padded to L, label) rows of some batches, as a sorted list: what they hold, in any order."""
+    return sorted((tuple(np.pad(b["x"][i], (0, L - b["x"].shape[1]))), int(b["y"][i])) for b in batches
+                  for i in range(len(b["y"])))
+
+
+def test_group_by_length_sorts_a_window_of_batches_and_cuts_only_padding(tmp_path):
+    train, dev = write_three_classes(tmp_path / "t.tsv", 600, 0), write_three_classes(tmp_path / "d.tsv", 40, 1)
+    src = text_classify.load(compose(ENC_TINY + ["task=classify", f"data.path={train}", f"data.val_path={dev}",
+                                                 "data.group_by_length=4"]).data)
+    B, W, L = 16, 4, src.x_train.shape[1]
+    for w in (0, 1, 37):  # 37: a window across the first epoch's end (600 rows = 37.5 batches)
+        grouped = [src.train_batch(7, w * W + j, B, slice(None)) for j in range(W)]
+        plain = [examples.train_batch(src, 7, w * W + j, B, slice(None)) for j in range(W)]
+        assert _rows(grouped, L) == _rows(plain, L)  # the window's rows, regrouped: nothing lost, nothing cut
+        n = [(b["x"] != wordpiece.PAD).sum(1) for b in grouped]
+        assert all(a.max() <= c.min() for a, c in zip(n, n[1:]))  # shortest first
+        for b, n_B in zip(grouped, n):
+            assert b["x"].shape[1] % 8 == 0 and n_B.max() <= b["x"].shape[1] < n_B.max() + 8
+        assert len({b["x"].shape[1] for b in grouped}) > 1  # the short batches are shorter
+    whole, mine = src.train_batch(7, 5, B, slice(None)), src.train_batch(7, 5, B, slice(8, 16))
+    again = src.train_batch(7, 5, B, slice(None))  # a pure function of (seed, step); a process builds its rows
+    assert all((whole[k] == again[k]).all() and (whole[k][8:] == mine[k]).all() for k in whole)
+
+
+def test_cut_batches_train_as_padded_ones_do(tmp_path):
+    """Without dropout, cutting the [PAD] columns changes the cost only: the losses match the padded run's,
+    and a call of unequal batches (padded alike to stack) matches the same batches one call each."""
+    train, dev = write_three_classes(tmp_path / "t.tsv", 600, 0), write_three_classes(tmp_path / "d.tsv", 40, 1)
+    b = ENC_TINY + ["task=classify", f"data.path={train}", f"data.val_path={dev}", "model.dropout=0.0",
+                    "steps=10", "optim.lr=3e-3"]
+
+    def losses(group, per_call):
+        out = str(tmp_path / f"g{group}_{per_call}")
+        run(compose(b + [f"out_dir={out}", f"data.group_by_length={group}", f"steps_per_call={per_call}"]))
+        return [(r["step"], k, r[k]) for r in metrics.read(os.path.join(out, "metrics.jsonl"))
+                for k in ("train_loss", "grad_norm", "val_loss") if k in r]
+
+    # 1: the same rows a batch, cut; 4: windows of 4 sorted batches, 8 or 16 columns each (5 to 11 tokens)
+    padded = losses(0, 5)
+    assert padded[3][2] < padded[0][2]  # it trains: train_loss at step 10 under step 5's
+    for a, c in ((padded, losses(1, 5)), (losses(4, 1), losses(4, 5))):
+        assert [r[:2] for r in a] == [r[:2] for r in c] and len(a) == 5
+        np.testing.assert_allclose([r[2] for r in c], [r[2] for r in a], rtol=2e-4)
+
+
+def test_group_by_length_is_refused_where_it_cannot_apply(tmp_path):
+    train = write_three_classes(tmp_path / "t.tsv", 100, 0)
+    opts = ENC_TINY + [f"data.path={train}", f"out_dir={tmp_path}/bad"]
+    for extra, message in ((["task=mlm", "data.group_by_length=50"], "data.group_by_length is for task=classify"),
+                           (["task=classify", "data.group_by_length=-1"], "must be 0 .off. or a number of batches")):
+        with pytest.raises(UserError, match=message) as e:
+            run(compose(opts + extra))
+        assert "\n" not in str(e.value) and not (tmp_path / "bad").exists()
