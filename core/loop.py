@@ -15,7 +15,6 @@ from functools import partial
 from typing import Any
 
 import jax
-import numpy as np
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -193,24 +192,18 @@ def _call_length(cfg, step: int) -> int:
     return min(cfg.steps_per_call, next_event - step)
 
 
-def _batches_at(loop: Loop, step: int):
-    """The global batches of the call starting at `step`, built on the host."""
+def _batches_at(loop: Loop, step: int) -> tuple[Any, int]:
+    """(The global batches of the call starting at `step`, built on the host; their count). A call ends
+    early where the batches' shapes change (data.group_by_length cuts them to lengths), so each step
+    runs at its own shape however steps are grouped into calls."""
     k, runner, train_batch = _call_length(loop.cfg, step), loop.built.runner, loop.task.feed.train_batch
-    if k == 1:
-        return runner.batch(train_batch(step))
-    return runner.stack(_padded_alike([train_batch(s) for s in range(step, step + k)]))
-
-
-def _padded_alike(batches: list) -> list:
-    """Batches cut to their own length (data.group_by_length) padded with zeros to the call's longest, so
-    they stack: 0 is [PAD], which the models mask, and a weight of 0 scores nothing."""
-    out = [dict(b) for b in batches]
-    for key, first in batches[0].items():
-        L = max(b[key].shape[1] for b in batches) if first.ndim > 1 else None
-        for b in out:
-            if L is not None and b[key].shape[1] < L:
-                b[key] = np.pad(b[key], [(0, 0), (0, L - b[key].shape[1])] + [(0, 0)] * (b[key].ndim - 2))
-    return out
+    batches = [train_batch(step)]
+    for s in range(step + 1, step + k):
+        b = train_batch(s)
+        if any(b[key].shape != batches[0][key].shape for key in b):
+            break
+        batches.append(b)
+    return (runner.batch(batches[0]) if len(batches) == 1 else runner.stack(batches)), len(batches)
 
 
 def _evaluate(loop: Loop) -> dict:
@@ -279,14 +272,13 @@ def _train(loop: Loop) -> dict:
             log("baseline: " + ", ".join(f"{k} {v:.4g}" for k, v in loop.task.baseline.items()))
         if cfg.init_from and loop.step == 0:
             _evaluate(loop)  # the starting point's own score, before any update
-        batch = _batches_at(loop, loop.step)
+        batch, n = _batches_at(loop, loop.step)
         while loop.step < cfg.steps:
-            n = _call_length(cfg, loop.step)
             loop.state, step_metrics = (runner.train if n == 1 else runner.train_many)(loop.state, batch)
             done = loop.step + n
             stopping = any([loop.stop.should_stop(s) for s in range(loop.step + 1, done + 1)])  # every host asks
             if done < cfg.steps and not stopping:
-                batch = _batches_at(loop, done)  # built on the host while the device runs the call
+                batch, n = _batches_at(loop, done)  # built on the host while the device runs the call
             bar.update(n)
             loop.step = done
             final = done == cfg.steps or stopping

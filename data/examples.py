@@ -36,15 +36,12 @@ def train_indices(n: int, seed: int, step: int, batch_size: int) -> np.ndarray:
     return stream_indices(n, seed, step * batch_size + np.arange(batch_size))
 
 
-def grouped_train_indices(lengths_N: np.ndarray, seed: int, step: int, batch_size: int, window: int) -> np.ndarray:
-    """train_indices with examples of like length batched together (Hugging Face's group_by_length):
-    the `window` batches of steps w*window .. w*window+window-1 take the examples they would take
-    ungrouped, sorted by length (shortest first, ties in stream order), B at a time. Still a pure
-    function of (seed, step), and an epoch still shows every example once."""
-    w, j = divmod(step, window)
+def length_window(lengths_N: np.ndarray, seed: int, w: int, window: int, batch_size: int) -> np.ndarray:
+    """The examples of steps w*window .. w*window+window-1 (the ones they take ungrouped), sorted by length,
+    shortest first and ties in stream order: batched B at a time, they group like lengths (Hugging Face's
+    group_by_length). A pure function of (seed, w), like the stream itself."""
     idx_S = stream_indices(len(lengths_N), seed, w * window * batch_size + np.arange(window * batch_size))
-    idx_S = idx_S[np.argsort(lengths_N[idx_S], kind="stable")]
-    return idx_S[j * batch_size:(j + 1) * batch_size]
+    return idx_S[np.argsort(lengths_N[idx_S], kind="stable")]
 
 
 def val_indices(n: int, i: int, batch_size: int, rows: slice) -> tuple[np.ndarray, np.ndarray, int]:

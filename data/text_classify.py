@@ -29,6 +29,9 @@ from errors import UserError
 PROVIDES = ("classes", "sentences")
 _SPLIT_STREAM = 4
 _LENGTH_STEP = 8  # data.group_by_length cuts batches to multiples of this
+# Steps that share a cut length: a call of that many steps (steps_per_call) stacks them. Their length
+# is the block's, never the call's, so dropout masks (shaped by it) do not depend on the call grouping.
+_LENGTH_BLOCK = 10
 
 
 @dataclass
@@ -58,10 +61,10 @@ class Config:
     # validation split. SST lists every phrase of each parse tree (67,349 rows, 6,886 of them not
     # inside another): a masked LM pretrained on the phrases predicts most tokens from a fragment.
     drop_subphrases: bool = False
-    # task=classify: sort each window of this many training batches by length and cut each batch to its
-    # longest sentence, rounded up to a multiple of 8 (at most data.seq_len / 8 shapes to compile), so
-    # batches of short phrases skip the [PAD] columns. 0: every row keeps data.seq_len; 1: cut, unsorted.
-    # Hugging Face's group_by_length sorts 50 batches at a time.
+    # task=classify: sort each window of this many training batches by length (at most an epoch's), and
+    # cut the batches of each 10 steps to their longest sentence, rounded up to a multiple of 8: batches
+    # of short phrases skip most [PAD] columns. 0: every row keeps data.seq_len. Hugging Face's
+    # group_by_length sorts 50 batches at a time; with 10 steps sharing a length, 100 cuts more.
     group_by_length: int = 0
 
 
@@ -80,10 +83,15 @@ class Sentences:
     group_by_length: int = 0  # data.group_by_length
     unit, units_per_example = "sentences", 1
 
+    def __post_init__(self):
+        # A window's sorted order, computed once for its steps (a length block can span two windows).
+        self._window = functools.lru_cache(maxsize=2)(functools.partial(examples.length_window, self.lengths))
+
     @functools.cached_property
     def lengths(self) -> np.ndarray:
-        """Real tokens ([CLS] and [SEP] included) of each training row."""
-        return (self.x_train != wordpiece.PAD).sum(axis=1)
+        """Each training row's length up to its last token that is not [PAD] ([SEP])."""
+        L = self.x_train.shape[1]
+        return np.where(self.x_train != wordpiece.PAD, np.arange(1, L + 1), 0).max(axis=1)
 
     @property
     def dims(self) -> dict:
@@ -94,13 +102,23 @@ class Sentences:
         return {**self.dims, "labels": self.labels, "tokenizer": self.tokenizer}
 
     def train_batch(self, seed: int, step: int, batch_size: int, rows: slice) -> dict:
-        """This process's rows of the global batch at `step`: {"x": B x L int32, "y": B int32}; grouped by
-        length, L is the global batch's longest row rounded up to a multiple of 8, the same on every process."""
+        """This process's rows of the global batch at `step`: {"x": B x L int32, "y": B int32}. Grouped by
+        length, L is the longest row of the global batches of the step's block of 10 rounded up to a
+        multiple of 8: a function of (seed, step), the same on every process and whatever the calls."""
         if not self.group_by_length:
             return examples.train_batch(self, seed, step, batch_size, rows)
-        idx_B = examples.grouped_train_indices(self.lengths, seed, step, batch_size, self.group_by_length)
-        L = min(-(-int(self.lengths[idx_B].max()) // _LENGTH_STEP) * _LENGTH_STEP, self.x_train.shape[1])
-        return {"x": self.x_train[idx_B[rows], :L], "y": self.y_train[idx_B[rows]]}
+        first = step - step % _LENGTH_BLOCK
+        longest = max(int(self.lengths[self._grouped(seed, s, batch_size)].max())
+                      for s in range(first, first + _LENGTH_BLOCK))
+        L = min(-(-longest // _LENGTH_STEP) * _LENGTH_STEP, self.x_train.shape[1])
+        idx_B = self._grouped(seed, step, batch_size)[rows]
+        return {"x": self.x_train[idx_B, :L], "y": self.y_train[idx_B]}
+
+    def _grouped(self, seed: int, step: int, batch_size: int) -> np.ndarray:
+        """The global batch at `step` grouped by length: within an epoch, so no example meets itself."""
+        W = min(self.group_by_length, max(len(self.x_train) // batch_size, 1))
+        w, j = divmod(step, W)
+        return self._window(seed, w, W, batch_size)[j * batch_size:(j + 1) * batch_size]
 
     def eval_batch(self, i: int, batch_size: int, rows: slice) -> tuple[dict, int]:
         return examples.eval_batch(self, i, batch_size, rows)
