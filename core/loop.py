@@ -279,7 +279,7 @@ def _train(loop: Loop) -> dict:
             stopping = any([loop.stop.should_stop(s) for s in range(loop.step + 1, done + 1)])  # every host asks
             if done < cfg.steps and not stopping:
                 batch, n = _batches_at(loop, done)  # built on the host while the device runs the call
-            bar.update(n)
+            bar.update(done - loop.step)  # n is the next call's by now
             loop.step = done
             final = done == cfg.steps or stopping
             if done % cfg.log_every == 0 or final:

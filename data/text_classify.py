@@ -83,15 +83,16 @@ class Sentences:
     group_by_length: int = 0  # data.group_by_length
     unit, units_per_example = "sentences", 1
 
-    def __post_init__(self):
-        # A window's sorted order, computed once for its steps (a length block can span two windows).
-        self._window = functools.lru_cache(maxsize=2)(functools.partial(examples.length_window, self.lengths))
-
     @functools.cached_property
     def lengths(self) -> np.ndarray:
-        """Each training row's length up to its last token that is not [PAD] ([SEP])."""
+        """Each training row's length up to its last token that is not [PAD] ([SEP]); grouped runs only."""
         L = self.x_train.shape[1]
         return np.where(self.x_train != wordpiece.PAD, np.arange(1, L + 1), 0).max(axis=1)
+
+    @functools.cached_property
+    def _window(self):
+        """A window's sorted order, computed once for its steps (a length block can span two windows)."""
+        return functools.lru_cache(maxsize=2)(functools.partial(examples.length_window, self.lengths))
 
     @property
     def dims(self) -> dict:

@@ -208,7 +208,6 @@ def test_layer_decay_gives_each_layer_its_own_step_and_the_head_the_full_one():
         check(compose(opts + ["optim.layer_decay=0"]))
 
 
-
 def _rows(batches, L):
     """The (tokens padded to L, label) rows of some batches, as a sorted list: what they hold, in any order."""
     return sorted((tuple(np.pad(b["x"][i], (0, L - b["x"].shape[1]))), int(b["y"][i])) for b in batches
