@@ -213,6 +213,12 @@ def check(cfg) -> None:
         fits = [n for n in choices("model") if cfg.task.name in module("model", n).TASKS]
         raise UserError(f"model={cfg.model.family} cannot train task={cfg.task.name} (it does "
                         f"{', '.join(family.TASKS)}); use model={' or model='.join(fits)}")
+    inputs = getattr(family, "INPUTS", None)
+    if inputs is not None and source.INPUT not in inputs:
+        fits = [n for n in choices("model") if cfg.task.name in module("model", n).TASKS
+                and source.INPUT in getattr(module("model", n), "INPUTS", ())]
+        raise UserError(f"model={cfg.model.family} reads {' or '.join(inputs)}, and data={cfg.data.kind} gives "
+                        f"{source.INPUT}; use model={' or model='.join(fits) or '(none fits: change data=)'}")
     m, o = cfg.model, cfg.optim
     if not 0.0 <= m.get("dropout", 0.0) < 1.0:
         raise UserError(f"model.dropout={m.dropout} must be in [0, 1)")

@@ -20,6 +20,7 @@ from data.examples import train_indices
 from errors import UserError
 
 PROVIDES = ("classes",)
+INPUT = "images"
 _AUGMENT_STREAM = 3
 _HINT = "pass data.path=FILE.npz (arrays x_train, y_train, x_test, y_test, or x, y) to use local images"
 

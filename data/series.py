@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 PROVIDES = ("values",)
+INPUT = "sequences"
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 
 

@@ -25,6 +25,7 @@ from data.examples import delimiter
 from errors import UserError
 
 PROVIDES = ("values", "classes")
+INPUT = "rows"
 MISSING = ["", "na", "n/a", "nan", "null", "none", "?"]  # lower-cased cells that mean "no value"
 _SPLIT_STREAM = 4
 _QUANTILES = 256  # knots of data.scale=quantile per numeric column (they go into meta)

@@ -19,6 +19,7 @@ from data import download, tokenizer as tokenizers
 from errors import UserError
 
 PROVIDES = ("tokens",)
+INPUT = "text"
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyshakespeare.txt")
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 

@@ -27,6 +27,7 @@ from data import download, examples, wordpiece
 from errors import UserError
 
 PROVIDES = ("classes", "sentences")
+INPUT = "text"
 _SPLIT_STREAM = 4
 _LENGTH_STEP = 8  # data.group_by_length cuts batches to multiples of this
 # Steps that share a cut length: a call of that many steps (steps_per_call) stacks them. Their length

@@ -16,6 +16,7 @@ from data import shards
 from errors import UserError
 
 PROVIDES = ("tokens",)
+INPUT = "text"
 
 
 @dataclass

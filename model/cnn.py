@@ -18,6 +18,7 @@ from model import quant
 
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
 TASKS = ("classify",)
+INPUTS = ("images",)
 
 
 @dataclass

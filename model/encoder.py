@@ -24,6 +24,7 @@ from model.matmul import DOT_GENERAL
 from model.transformer import check_pos_emb, dense_factory, position_table, run_blocks, stacked_blocks
 
 TASKS = ("mlm", "classify")
+INPUTS = ("text",)
 PAD_ID, MASK_ID, FIRST_WORD_ID = 0, 4, 5  # data/wordpiece.py: [PAD]=0 ... [MASK]=4, then the words
 
 

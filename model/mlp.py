@@ -22,6 +22,7 @@ from model import quant
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
 NORMS = ("none", "layer", "batch")
 TASKS = ("classify", "regress")
+INPUTS = ("rows", "images")  # images are flattened
 
 
 @dataclass

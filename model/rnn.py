@@ -22,6 +22,7 @@ from errors import UserError
 
 GATES = {"lstm": 4, "gru": 3}
 TASKS = ("lm", "regress")
+INPUTS = ("text", "sequences")  # tokens (LM) or real-valued sequences (regression)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from model import attention_cpu, quant
 from model.matmul import DOT_GENERAL
 
 TASKS = ("lm",)
+INPUTS = ("text",)
 ACTIVATIONS = {"gelu_tanh": partial(jax.nn.gelu, approximate=True), "gelu": partial(jax.nn.gelu, approximate=False)}
 
 

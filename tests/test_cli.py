@@ -114,6 +114,10 @@ IMAGES = ["model=cnn", "data=images", "task=classify", "batch_size=8", "mesh.dat
     (["model=rnn", "data=images", "data.path=NPZ"], "task=lm reads tokens, and data=images provides classes; "
                                                      "use task=classify"),
     (["model=rnn", "data=images", "task=classify", "data.path=NPZ"], "model=rnn cannot train task=classify"),
+    (["model=cnn", "data=text_classify", "task=classify", "data.path=TEXT"],
+     "model=cnn reads images, and data=text_classify gives text; use model=encoder"),
+    (["model=rnn", "data=tabular", "task=regress", "data.path=TEXT"],
+     "model=rnn reads text or sequences, and data=tabular gives rows; use model=mlp"),
     (["model=cnn", "task=classify", "data.path=TEXT"], "task=classify reads classes, and data=text provides tokens"),
     (["data.seq_len=32", "model.block_size=16"], "data.seq_len=32 is longer than the model's model.block_size=16"),
     (["data.path=DIR"], "is a directory"),
