@@ -113,11 +113,13 @@ IMAGES = ["model=cnn", "data=images", "task=classify", "batch_size=8", "mesh.dat
                                       "model=transformer"),
     (["model=rnn", "data=images", "data.path=NPZ"], "task=lm reads tokens, and data=images provides classes; "
                                                      "use task=classify"),
-    (["model=rnn", "data=images", "task=classify", "data.path=NPZ"], "model=rnn cannot train task=classify"),
+    (["model=rnn", "data=images", "task=classify", "data.path=NPZ"],
+     "model=rnn reads text or sequences, and data=images gives images; use model=cnn or model=mlp"),
     (["model=cnn", "data=text_classify", "task=classify", "data.path=TEXT"],
-     "model=cnn reads images, and data=text_classify gives text; use model=encoder"),
+     "model=cnn reads images, and data=text_classify gives text; use model=encoder or model=rnn"),
     (["model=rnn", "data=tabular", "task=regress", "data.path=TEXT"],
      "model=rnn reads text or sequences, and data=tabular gives rows; use model=mlp"),
+    (["model=rnn", "data.path=TEXT", "model.bidirectional=true"], "model.bidirectional=true reads each row backwards"),
     (["model=cnn", "task=classify", "data.path=TEXT"], "task=classify reads classes, and data=text provides tokens"),
     (["data.seq_len=32", "model.block_size=16"], "data.seq_len=32 is longer than the model's model.block_size=16"),
     (["data.path=DIR"], "is a directory"),
@@ -162,3 +164,4 @@ def test_sample_py_bad_input(args, expected):
 
 def test_sample_py_on_a_directory_without_checkpoints(tmp_path):
     assert "holds no checkpoints" in one_line_error(run_cli("sample.py", f"out_dir={tmp_path}"))
+

@@ -142,6 +142,8 @@ def test_weight_decay_hits_matrices_only_including_layer_stacked_ones():
     rnn = mask_of(["model=rnn"], {"vocab_size": 11})  # stacked by name: w_in_NHG is N matrices, b_in_NG N vectors
     assert rnn["w_in_NHG"] and rnn["w_rec_NHG"] and rnn["embed"]["embedding"] and rnn["head"]["kernel"]
     assert not rnn["b_in_NG"] and not rnn["b_rec_NG"] and not rnn["head"]["bias"]
+    bi = mask_of(["model=rnn", "model.bidirectional=true"], {"vocab_size": 11, "num_classes": 2})
+    assert all(bi[f"w_{k}_{d}_N{'K' if k == 'in' else 'H'}G"] and not bi[f"b_{k}_{d}_NG"] for k in ("in", "rec") for d in ("fwd", "bwd"))
     cnn = mask_of(["model=cnn", "data=images", "task=classify", "model.batch_norm=true"], {"num_classes": 3, "image_shape": [32, 32, 1]})
     assert cnn["convs"][0]["kernel"] and cnn["dense"][0]["kernel"] and not cnn["norms"][0]["scale"]
 

@@ -1,0 +1,71 @@
+"""model=rnn on data=text_classify: an LSTM/GRU text classifier, one or both directions."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import compose, run_cli
+from core import metrics
+from model import build
+from test_encoder import write_sentiment
+
+RNN_TEXT = ["model=rnn", "data=text_classify", "task=classify", "model.n_layers=2", "model.d_hidden=16",
+            "data.seq_len=24", "data.vocab_size=120", "batch_size=16", "eval_batches=4", "progress=false",
+            "mesh.data=1", "optim.warmup_steps=2", "log_every=10"]
+
+
+def tiny(**cfg):
+    c = compose(RNN_TEXT + [f"model.{k}={v}" for k, v in cfg.items()]).model
+    return build(c, {"vocab_size": 30, "num_classes": 3}, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_padding_changes_nothing_and_the_backward_layer_reads_later_tokens(cell):
+    x_BL = jnp.array([[2, 7, 8, 9, 3, 0, 0], [2, 5, 6, 3, 0, 0, 0]], jnp.int32)  # [CLS] words [SEP] [PAD]...
+    padded_BL = jnp.pad(x_BL, ((0, 0), (0, 5)))
+    later_BL = x_BL.at[0, 3].set(11)  # row 0's last word changes
+    for pooling in ("mean", "last"):
+        for bidirectional in (False, True):
+            m = tiny(cell=cell, pooling=pooling, bidirectional=bidirectional)
+            np.testing.assert_allclose(m(padded_BL), m(x_BL), atol=1e-6)
+            emb_BLK = m.embed(x_BL)
+            zero = (jnp.zeros((2, 16)),) * 2
+            mask_BL = x_BL != 0
+            fwd = m._layer(0, emb_BLK, zero, mask_BL)[1][0, :3]
+            fwd_later = m._layer(0, m.embed(later_BL), zero, later_BL != 0)[1][0, :3]
+            np.testing.assert_allclose(fwd, fwd_later, atol=1e-6)  # the forward reads nothing after a step
+            changed = np.abs(m(later_BL)[0] - m(x_BL)[0]).max()
+            assert changed > 1e-4 and np.allclose(m(later_BL)[1], m(x_BL)[1], atol=1e-6)
+            if bidirectional:  # the first token's backward output has read the changed later word
+                bwd = m._layer(0, emb_BLK, zero, mask_BL, backward=True)[1][0, 0]
+                bwd_later = m._layer(0, m.embed(later_BL), zero, later_BL != 0, backward=True)[1][0, 0]
+                assert np.abs(bwd - bwd_later).max() > 1e-4
+
+
+def test_word_dropout_and_dropout_act_in_training_only():
+    m = tiny(word_dropout=0.5, dropout=0.3, bidirectional=True)
+    x_BL = jnp.array([[2, 7, 8, 9, 3, 0]] * 4, jnp.int32)
+    np.testing.assert_allclose(m(x_BL), m(x_BL), atol=0)
+    train = m(x_BL, key=jax.random.key(0))
+    assert not np.allclose(train[0], train[1], atol=1e-5)  # each row draws its own [UNK]s and masks
+    np.testing.assert_allclose(train, m(x_BL, key=jax.random.key(0)), atol=0)  # a pure function of the key
+
+
+def test_a_bidirectional_lstm_classifies_sentiment_and_predict_reads_its_run(tmp_path):
+    train = write_sentiment(tmp_path / "train.tsv", 1000, 0)
+    dev = write_sentiment(tmp_path / "dev.tsv", 200, 1)
+    out = str(tmp_path / "run")
+    proc = run_cli("train.py", *RNN_TEXT, f"data.path={train}", f"data.val_path={dev}", "model.bidirectional=true",
+                   "model.word_dropout=0.1", "model.dropout=0.1", "data.group_by_length=4", "steps=80",
+                   "eval_every=40", "ckpt_every=40", "optim.lr=1e-2", f"out_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    val = [r for r in metrics.read(os.path.join(out, "metrics.jsonl")) if "val_accuracy" in r]
+    assert val[-1]["step"] == 80 and val[-1]["val_accuracy"] > 0.8, val  # chance is about 0.5
+    proc = run_cli("predict.py", f"out_dir={out}", "text=the movie was wonderful and really good")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout)
+    assert str(row["label"]) == "1" and len(row["probs"]) == 2 and max(row["probs"].values()) > 0.5, row
