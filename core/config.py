@@ -209,14 +209,18 @@ def check(cfg) -> None:
         fits = [n for n in choices("task") if module("task", n).READS in source.PROVIDES]
         raise UserError(f"task={cfg.task.name} reads {task.READS}, and data={cfg.data.kind} provides "
                         f"{' or '.join(source.PROVIDES)}; use task={' or task='.join(fits)}")
+
+    def fitting(need_input: bool) -> list:  # the families that train the task (on this data's input)
+        return [n for n in choices("model") if cfg.task.name in module("model", n).TASKS
+                and (not need_input or source.INPUT in getattr(module("model", n), "INPUTS", (source.INPUT,)))]
+
     if cfg.task.name not in family.TASKS:
-        fits = [n for n in choices("model") if cfg.task.name in module("model", n).TASKS]
+        fits = fitting(True) or fitting(False)
         raise UserError(f"model={cfg.model.family} cannot train task={cfg.task.name} (it does "
                         f"{', '.join(family.TASKS)}); use model={' or model='.join(fits)}")
     inputs = getattr(family, "INPUTS", None)
     if inputs is not None and source.INPUT not in inputs:
-        fits = [n for n in choices("model") if cfg.task.name in module("model", n).TASKS
-                and source.INPUT in getattr(module("model", n), "INPUTS", ())]
+        fits = fitting(True)
         raise UserError(f"model={cfg.model.family} reads {' or '.join(inputs)}, and data={cfg.data.kind} gives "
                         f"{source.INPUT}; use model={' or model='.join(fits) or '(none fits: change data=)'}")
     m, o = cfg.model, cfg.optim

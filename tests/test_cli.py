@@ -1,4 +1,5 @@
 """What a user types: typos, unknown names and bad values fail at once with one line and exit 2."""
+import itertools
 import os
 
 import numpy as np
@@ -165,3 +166,24 @@ def test_sample_py_bad_input(args, expected):
 def test_sample_py_on_a_directory_without_checkpoints(tmp_path):
     assert "holds no checkpoints" in one_line_error(run_cli("sample.py", f"out_dir={tmp_path}"))
 
+
+# Every (model, data, task) the config check lets through: the combinations that train.
+TRAINABLE = {("transformer", "text", "lm"), ("transformer", "tokens", "lm"), ("rnn", "text", "lm"),
+             ("rnn", "tokens", "lm"), ("rnn", "series", "regress"), ("rnn", "text_classify", "classify"),
+             ("cnn", "images", "classify"), ("mlp", "images", "classify"), ("mlp", "tabular", "classify"),
+             ("mlp", "tabular", "regress"), ("encoder", "text_classify", "classify"),
+             ("encoder", "text_classify", "mlm")}
+
+
+def test_every_other_family_data_and_task_combination_is_a_one_line_error():
+    from conftest import compose
+    from core.config import check, choices
+    from errors import UserError
+    passed = set()
+    for combo in itertools.product(choices("model"), choices("data"), choices("task")):
+        try:
+            check(compose([f"{group}={name}" for group, name in zip(("model", "data", "task"), combo)]))
+            passed.add(combo)
+        except UserError as e:
+            assert "\n" not in str(e) and " use " in str(e), (combo, str(e))
+    assert passed == TRAINABLE
