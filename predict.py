@@ -87,7 +87,11 @@ def text_inputs(text: str | None, path: str | None) -> list[str]:
         return [text]
     if not path and sys.stdin.isatty():
         raise UserError(f"pass text=\"...\", path=FILE (one text per line), or pipe lines into stdin; usage: {USAGE}")
-    lines = open(path, encoding="utf-8").read().splitlines() if path else sys.stdin.read().splitlines()
+    try:
+        lines = (open(path, encoding="utf-8").read() if path else sys.stdin.buffer.read().decode("utf-8")).splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        why = "is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"cannot be read ({e.strerror})"
+        raise UserError(f"{path or 'stdin'} {why}; a text classifier reads one text per line") from None
     texts = [line for line in lines if line.strip()]
     if not texts:
         raise UserError(f"{path or 'stdin'} holds no text to classify")
@@ -115,7 +119,8 @@ def main(argv: list[str]) -> None:
     try:
         args = parse(argv)
         if args.get("path") and not os.path.isfile(os.path.expanduser(args["path"])):
-            raise UserError(f"path={args['path']} does not exist")
+            raise UserError(f"path={args['path']} " + ("is a directory; pass a file" if os.path.isdir(
+                os.path.expanduser(args["path"])) else "does not exist"))
         runtime.compile_cache("auto")
         from core.state import load_run
         from serving.predictor import kind_of, results, to_rows
