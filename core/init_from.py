@@ -39,13 +39,31 @@ def _source(cfg):
     return src, mngr, step
 
 
+def _check_model(cfg, src: str, src_meta: dict):
+    """The source run's config; UserError if its params cannot start this model."""
+    src_cfg = OmegaConf.create(src_meta["config"])
+    if src_cfg.model.family != cfg.model.family:
+        raise UserError(f"init_from={src} holds a model={src_cfg.model.family} run, and this run trains "
+                        f"model={cfg.model.family}; start from a run of the same family")
+    if src_meta.get("compression"):  # int8 params would load as if they were the float ones
+        raise UserError(f"init_from={src} is a run compress.py quantized; start from its float source, "
+                        f"{src_meta['compression']['source']}")
+    src_pos, pos = (c.model.get("pos_emb", "learned") for c in (src_cfg, cfg))
+    if src_pos != pos:  # the body's attention would read positions it was not trained with
+        raise UserError(f"init_from={src} was trained with model.pos_emb={src_pos}; pass model.pos_emb={src_pos}")
+    return src_cfg
+
+
 def source_meta(cfg) -> dict:
-    """The meta of the run to start from (its config, tokenizer, labels): what the data inherits."""
-    _, mngr, step = _source(cfg)
+    """The meta of the run to start from (its config, tokenizer, labels): what the data inherits. Checked
+    first against this run's model, whose mismatch says more than the data's would."""
+    src, mngr, step = _source(cfg)
     try:
-        return checkpoint.read_meta(mngr, step)
+        meta = checkpoint.read_meta(mngr, step)
     finally:
         mngr.close()
+    _check_model(cfg, src, meta)
+    return meta
 
 
 def load(cfg, spec, mesh, meta: dict, log) -> dict:
@@ -55,16 +73,7 @@ def load(cfg, spec, mesh, meta: dict, log) -> dict:
     src, mngr, step = _source(cfg)
     try:
         src_meta = checkpoint.read_meta(mngr, step)
-        src_cfg = OmegaConf.create(src_meta["config"])
-        if src_cfg.model.family != cfg.model.family:
-            raise UserError(f"init_from={src} holds a model={src_cfg.model.family} run, and this run trains "
-                            f"model={cfg.model.family}; start from a run of the same family")
-        if src_meta.get("compression"):  # int8 params would load as if they were the float ones
-            raise UserError(f"init_from={src} is a run compress.py quantized; start from its float source, "
-                            f"{src_meta['compression']['source']}")
-        src_pos, pos = (c.model.get("pos_emb", "learned") for c in (src_cfg, cfg))
-        if src_pos != pos:  # the body's attention would read positions it was not trained with
-            raise UserError(f"init_from={src} was trained with model.pos_emb={src_pos}; pass model.pos_emb={src_pos}")
+        src_cfg = _check_model(cfg, src, src_meta)
         for key in ("vocab", "tokenizer", "labels"):
             if key in src_meta and key in meta and src_meta[key] != meta[key]:
                 raise UserError(f"init_from={src} was trained with another {key} than this run's data; its "

@@ -281,6 +281,17 @@ def _lines(path: str, key: str) -> list:
     return lines
 
 
+def _tokenizer(inherited: dict, texts: list[str], vocab_size: int) -> str:
+    """The WordPiece of the run this one starts from (init_from, distill.teacher), else one fitted to `texts`."""
+    tokenizer = inherited.get("tokenizer")
+    if "vocab" in inherited or (tokenizer is not None and not wordpiece.has_specials(tokenizer)):
+        # Its ids would be read as [PAD]=0, [CLS]=2 ...: the embeddings would mean other tokens.
+        raise UserError("the run this one starts from read its text as characters or byte-level BPE tokens, and "
+                        "data=text_classify reads WordPiece ([PAD] [UNK] [CLS] [SEP] [MASK]): start from a "
+                        "data=text_classify run, or train from scratch")
+    return tokenizer or wordpiece.train(texts, vocab_size)
+
+
 def _load_lines(cfg, inherited: dict) -> Sentences:
     """data.format=lines: unlabelled sentences in file order (validation: the tail, or data.val_path)."""
     if cfg.tfds_name:
@@ -293,7 +304,7 @@ def _load_lines(cfg, inherited: dict) -> Sentences:
             raise UserError(f"data.val_fraction={cfg.val_fraction} must be in (0, 1)")
         cut = min(max(int(round(len(texts) * (1 - cfg.val_fraction))), 1), len(texts) - 1)
         texts, val_texts = texts[:cut], texts[cut:]
-    tokenizer = inherited.get("tokenizer") or wordpiece.train(texts, cfg.vocab_size)
+    tokenizer = _tokenizer(inherited, texts, cfg.vocab_size)
     x_train, cut = wordpiece.encode(tokenizer, texts, cfg.seq_len)
     x_val, cut_val = wordpiece.encode(tokenizer, val_texts, cfg.seq_len)
     if cut or cut_val:
@@ -347,7 +358,7 @@ def load(cfg, inherited: dict | None = None) -> Sentences:
     y_train = _label_ids(cells, labels, "the training data" if not inherited.get("labels") else
                          "the training data (with init_from's labels)")
     y_val = _label_ids(val_cells, labels, "the validation data")
-    tokenizer = inherited.get("tokenizer") or wordpiece.train(texts, cfg.vocab_size)
+    tokenizer = _tokenizer(inherited, texts, cfg.vocab_size)
     x_train, cut = wordpiece.encode(tokenizer, texts, cfg.seq_len)
     x_val, cut_val = wordpiece.encode(tokenizer, val_texts, cfg.seq_len)
     if cut or cut_val:

@@ -49,6 +49,12 @@ def _tokenizer(vocab: dict):
     return tok
 
 
+def has_specials(json_str: str) -> bool:
+    """Whether a tokenizer numbers [PAD] [UNK] [CLS] [SEP] [MASK] 0-4, as the data and models here read them."""
+    tok = load(json_str)
+    return all(tok.token_to_id(s) == i for i, s in enumerate(SPECIALS))
+
+
 def vocab_size(json_str: str) -> int:
     return load(json_str).get_vocab_size()
 

@@ -69,3 +69,23 @@ def test_a_bidirectional_lstm_classifies_sentiment_and_predict_reads_its_run(tmp
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout)
     assert str(row["label"]) == "1" and len(row["probs"]) == 2 and max(row["probs"].values()) > 0.5, row
+    (tmp_path / "bytes.bin").write_bytes(bytes(range(256)))
+    for path, message in ((tmp_path / "bytes.bin", "is not UTF-8 text"), (tmp_path, "is a directory")):
+        proc = run_cli("predict.py", f"out_dir={out}", f"path={path}")
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+
+
+def test_starting_from_a_character_lm_is_refused_in_one_line(tmp_path, text_file):
+    from core.loop import run
+    from errors import UserError
+    lm = str(tmp_path / "lm")
+    run(compose(["model=rnn", "model.d_hidden=16", "model.n_layers=1", "data.seq_len=16", "batch_size=4", "steps=2",
+                 "eval_every=2", "eval_batches=1", "progress=false", "mesh.data=1", f"data.path={text_file}",
+                 f"out_dir={lm}"]))
+    train = write_sentiment(tmp_path / "train.tsv", 50, 0)
+    for start in (f"init_from={lm}", f"distill.teacher={lm}"):  # a char vocab: [PAD]=0 would be a character
+        out = tmp_path / "cls"
+        with pytest.raises(UserError, match="read its text as characters or byte-level BPE tokens") as e:
+            run(compose(RNN_TEXT + ["model.d_hidden=16", "model.n_layers=1", f"data.path={train}", "steps=2",
+                                    start, f"out_dir={out}"]))
+        assert "\n" not in str(e.value) and not out.exists()
