@@ -88,9 +88,13 @@ def text_inputs(text: str | None, path: str | None) -> list[str]:
     if not path and sys.stdin.isatty():
         raise UserError(f"pass text=\"...\", path=FILE (one text per line), or pipe lines into stdin; usage: {USAGE}")
     try:
-        lines = (open(path, encoding="utf-8").read() if path else sys.stdin.buffer.read().decode("utf-8")).splitlines()
+        if path:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        else:
+            lines = sys.stdin.buffer.read().decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        why = "is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"cannot be read ({e.strerror})"
+        why = "is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"cannot be read ({e.strerror or e})"
         raise UserError(f"{path or 'stdin'} {why}; a text classifier reads one text per line") from None
     texts = [line for line in lines if line.strip()]
     if not texts:

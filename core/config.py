@@ -210,19 +210,15 @@ def check(cfg) -> None:
         raise UserError(f"task={cfg.task.name} reads {task.READS}, and data={cfg.data.kind} provides "
                         f"{' or '.join(source.PROVIDES)}; use task={' or task='.join(fits)}")
 
-    def fitting(need_input: bool) -> list:  # the families that train the task (on this data's input)
-        return [n for n in choices("model") if cfg.task.name in module("model", n).TASKS
-                and (not need_input or source.INPUT in getattr(module("model", n), "INPUTS", (source.INPUT,)))]
-
+    # The families that train the task on this data's input: one fits every pair the check above passes.
+    fits = [n for n in choices("model") if cfg.task.name in module("model", n).TASKS
+            and source.INPUT in module("model", n).INPUTS]
     if cfg.task.name not in family.TASKS:
-        fits = fitting(True) or fitting(False)
         raise UserError(f"model={cfg.model.family} cannot train task={cfg.task.name} (it does "
                         f"{', '.join(family.TASKS)}); use model={' or model='.join(fits)}")
-    inputs = getattr(family, "INPUTS", None)
-    if inputs is not None and source.INPUT not in inputs:
-        fits = fitting(True)
-        raise UserError(f"model={cfg.model.family} reads {' or '.join(inputs)}, and data={cfg.data.kind} gives "
-                        f"{source.INPUT}; use model={' or model='.join(fits) or '(none fits: change data=)'}")
+    if source.INPUT not in family.INPUTS:
+        raise UserError(f"model={cfg.model.family} reads {' or '.join(family.INPUTS)}, and data={cfg.data.kind} "
+                        f"gives {source.INPUT}; use model={' or model='.join(fits)}")
     m, o = cfg.model, cfg.optim
     if not 0.0 <= m.get("dropout", 0.0) < 1.0:
         raise UserError(f"model.dropout={m.dropout} must be in [0, 1)")
@@ -230,6 +226,8 @@ def check(cfg) -> None:
         raise UserError(f"model.dtype={m.dtype} must be float32, bfloat16 or float16")
     if hasattr(family, "check"):
         family.check(m)
+    if hasattr(family, "check_task"):  # options that only some of its tasks read
+        family.check_task(m, cfg.task.name)
     if m.get("quant", "none") != "none":
         raise UserError(f"model.quant={m.quant} marks a run compress.py wrote, for inference only; train a float "
                         f"run (model.quant=none) and compress it")

@@ -60,14 +60,19 @@ def teacher_meta(cfg) -> dict:
         raise UserError(f"distill.teacher={src} holds no checkpoint"
                         + (f" at step {cfg.distill.teacher_step}" if cfg.distill.teacher_step is not None else "")
                         + "; pass the directory of a trained run")
+    _check_task(cfg, meta, cfg.task.name)  # before the data reads its vocabulary: the likelier mistake
     return meta
+
+
+def _check_task(cfg, teacher: dict, task: str) -> None:
+    if teacher.get("task", "lm") != task:
+        raise UserError(f"distill.teacher={cfg.distill.teacher} was trained for task={teacher.get('task', 'lm')}; "
+                        f"this run trains task={task}: distil from a run of the same task")
 
 
 def check_match(cfg, teacher: dict, student: dict, task: str) -> None:
     """The teacher must predict the student's targets: the same task and the same tokens or classes."""
-    if teacher.get("task", "lm") != task:
-        raise UserError(f"distill.teacher={cfg.distill.teacher} was trained for task={teacher.get('task', 'lm')}; "
-                        f"this run trains task={task}: distil from a run of the same task")
+    _check_task(cfg, teacher, task)
     for key, what in (("vocab", "vocabulary"), ("tokenizer", "tokenizer"), ("labels", "labels"),
                       ("num_classes", "class count")):
         if key in teacher and key in student and teacher[key] != student[key]:

@@ -183,7 +183,7 @@ def preprocessing(run: Run) -> dict:
     if "tokenizer" in meta:
         out["tokenizer"] = "tokenizer.json"
         out["tokens"] = ("Hugging Face `tokenizers` JSON: ids of [CLS] text [SEP], cut to L, padded with [PAD]=0 "
-                         "(padded positions are never attended to)" if run.task != "lm" else
+                         "(padded positions change no output)" if run.task != "lm" else
                          "Hugging Face `tokenizers` JSON: ids of the text (`Tokenizer.encode(text).ids`)")
     if run.cfg.model.get("type_vocab"):
         out["segments"] = "every token in segment 0 (sentence A): the export takes no segment ids"

@@ -286,9 +286,9 @@ def _tokenizer(inherited: dict, texts: list[str], vocab_size: int) -> str:
     tokenizer = inherited.get("tokenizer")
     if "vocab" in inherited or (tokenizer is not None and not wordpiece.has_specials(tokenizer)):
         # Its ids would be read as [PAD]=0, [CLS]=2 ...: the embeddings would mean other tokens.
-        raise UserError("the run this one starts from read its text as characters or byte-level BPE tokens, and "
-                        "data=text_classify reads WordPiece ([PAD] [UNK] [CLS] [SEP] [MASK]): start from a "
-                        "data=text_classify run, or train from scratch")
+        raise UserError("the run named by init_from (or distill.teacher) has a vocabulary without WordPiece's "
+                        "[PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, which data=text_classify reads: name a "
+                        "data=text_classify run there, or drop it")
     return tokenizer or wordpiece.train(texts, vocab_size)
 
 

@@ -63,6 +63,15 @@ def check(cfg) -> None:
         raise UserError(f"model.word_dropout={cfg.word_dropout} must be in [0, 1)")
 
 
+def check_task(cfg, task: str) -> None:
+    """The text-classifier options are refused elsewhere rather than ignored (and named in run dirs)."""
+    if task == "classify":
+        return
+    for key, off in (("bidirectional", False), ("pooling", "mean"), ("word_dropout", 0.0)):
+        if cfg.get(key, off) != off:  # a bidirectional LM's outputs would have read the tokens they predict
+            raise UserError(f"model.{key} is for text classifiers (task=classify); drop it for task={task}")
+
+
 def lstm_cell(carry, xproj_BG, w_rec_HG, b_rec_G):
     h_BH, c_BH = carry
     i, f, g, o = jnp.split(xproj_BG + h_BH @ w_rec_HG + b_rec_G, 4, axis=-1)
@@ -196,13 +205,13 @@ class RNN(nnx.Module):
                 outs, finals = [y_BLH, yb_BLH], [h_BH, hb_BH]
             x_BLK = jnp.concatenate(outs, axis=-1)
         if self.pooling == "last":  # forward state at the last real token, backward at the first
-            pooled_BK = jnp.concatenate(finals, axis=-1)
-        else:
-            w_BL1 = m_BL[..., None].astype(x_BLK.dtype)
-            pooled_BK = (x_BLK * w_BL1).sum(1) / jnp.maximum(w_BL1.sum(1), 1.0)
+            pooled_BK = jnp.concatenate(finals, axis=-1).astype(jnp.float32)
+        else:  # in float32, as the encoder pools: a bfloat16 sum over a long row loses its low bits
+            w_BL1 = m_BL[..., None].astype(jnp.float32)
+            pooled_BK = (x_BLK.astype(jnp.float32) * w_BL1).sum(1) / jnp.maximum(w_BL1.sum(1), 1.0)
         if keys[-1] is not None:
             pooled_BK = self.drop(pooled_BK, rngs=keys[-1])
-        return self.head(pooled_BK.astype(jnp.float32))
+        return self.head(pooled_BK)
 
 
 Model = RNN

@@ -1,6 +1,7 @@
 """What a user types: typos, unknown names and bad values fail at once with one line and exit 2."""
 import itertools
 import os
+import re
 
 import numpy as np
 import pytest
@@ -120,7 +121,8 @@ IMAGES = ["model=cnn", "data=images", "task=classify", "batch_size=8", "mesh.dat
      "model=cnn reads images, and data=text_classify gives text; use model=encoder or model=rnn"),
     (["model=rnn", "data=tabular", "task=regress", "data.path=TEXT"],
      "model=rnn reads text or sequences, and data=tabular gives rows; use model=mlp"),
-    (["model=rnn", "data.path=TEXT", "model.bidirectional=true"], "model.bidirectional=true reads each row backwards"),
+    (["model=rnn", "data.path=TEXT", "model.bidirectional=true"], "model.bidirectional is for text classifiers"),
+    (["model=rnn", "data=series", "task=regress", "model.word_dropout=0.1"], "model.word_dropout is for text classifiers"),
     (["model=cnn", "task=classify", "data.path=TEXT"], "task=classify reads classes, and data=text provides tokens"),
     (["data.seq_len=32", "model.block_size=16"], "data.seq_len=32 is longer than the model's model.block_size=16"),
     (["data.path=DIR"], "is a directory"),
@@ -186,4 +188,10 @@ def test_every_other_family_data_and_task_combination_is_a_one_line_error():
             passed.add(combo)
         except UserError as e:
             assert "\n" not in str(e) and " use " in str(e), (combo, str(e))
+            model, data, task = combo
+            for group, name in re.findall(r"(model|task)=(\w+)", str(e).split(" use ", 1)[1]):
+                # what the message suggests trains on this data (a task: with some family)
+                fits = (name, data, task) in TRAINABLE if group == "model" else \
+                    any((m, data, name) in TRAINABLE for m in choices("model"))
+                assert fits, (combo, str(e))
     assert passed == TRAINABLE

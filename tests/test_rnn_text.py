@@ -46,13 +46,30 @@ def test_padding_changes_nothing_and_the_backward_layer_reads_later_tokens(cell)
                 assert np.abs(bwd - bwd_later).max() > 1e-4
 
 
-def test_word_dropout_and_dropout_act_in_training_only():
-    m = tiny(word_dropout=0.5, dropout=0.3, bidirectional=True)
+def test_word_dropout_turns_words_into_unk_in_training_only():
+    m = tiny(word_dropout=0.5, dropout=0.0, bidirectional=True)
     x_BL = jnp.array([[2, 7, 8, 9, 3, 0]] * 4, jnp.int32)
     np.testing.assert_allclose(m(x_BL), m(x_BL), atol=0)
-    train = m(x_BL, key=jax.random.key(0))
-    assert not np.allclose(train[0], train[1], atol=1e-5)  # each row draws its own [UNK]s and masks
-    np.testing.assert_allclose(train, m(x_BL, key=jax.random.key(0)), atol=0)  # a pure function of the key
+    key = jax.random.key(0)
+    train = m(x_BL, key=key)
+    assert not np.allclose(train[0], train[1], atol=1e-5)  # each row draws its own [UNK]s
+    np.testing.assert_allclose(train, m(x_BL, key=key), atol=0)  # a pure function of the key
+    hit_BL = jax.random.bernoulli(jax.random.split(key, 2 + 2)[0], 0.5, x_BL.shape) & (x_BL >= 5)
+    unk_BL = jnp.where(hit_BL, 1, x_BL)  # words only: [CLS] [SEP] [PAD] stay
+    assert (unk_BL[:, [0, 4, 5]] == x_BL[:, [0, 4, 5]]).all() and (unk_BL == 1).any()
+    np.testing.assert_allclose(train, m(unk_BL), atol=1e-6)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_last_pooling_reads_the_forward_state_at_the_last_word_and_the_backward_at_the_first(bidirectional):
+    m = tiny(pooling="last", bidirectional=bidirectional, n_layers=1)
+    x_BL = jnp.array([[2, 7, 8, 9, 3, 0, 0], [2, 5, 6, 3, 0, 0, 0]], jnp.int32)
+    zero, mask_BL = (jnp.zeros((2, 16)),) * 2, x_BL != 0
+    fwd_BLH = m._layer(0, m.embed(x_BL), zero, mask_BL)[1]
+    pooled = [fwd_BLH[jnp.arange(2), jnp.array([4, 3])]]  # at each row's [SEP]
+    if bidirectional:
+        pooled.append(m._layer(0, m.embed(x_BL), zero, mask_BL, backward=True)[1][:, 0])  # at [CLS]
+    np.testing.assert_allclose(m(x_BL), m.head(jnp.concatenate(pooled, -1)), atol=1e-6)
 
 
 def test_a_bidirectional_lstm_classifies_sentiment_and_predict_reads_its_run(tmp_path):
@@ -75,7 +92,7 @@ def test_a_bidirectional_lstm_classifies_sentiment_and_predict_reads_its_run(tmp
         assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
 
 
-def test_starting_from_a_character_lm_is_refused_in_one_line(tmp_path, text_file):
+def test_starting_from_or_distilling_a_character_lm_is_refused_in_one_line(tmp_path, text_file):
     from core.loop import run
     from errors import UserError
     lm = str(tmp_path / "lm")
@@ -83,9 +100,10 @@ def test_starting_from_a_character_lm_is_refused_in_one_line(tmp_path, text_file
                  "eval_every=2", "eval_batches=1", "progress=false", "mesh.data=1", f"data.path={text_file}",
                  f"out_dir={lm}"]))
     train = write_sentiment(tmp_path / "train.tsv", 50, 0)
-    for start in (f"init_from={lm}", f"distill.teacher={lm}"):  # a char vocab: [PAD]=0 would be a character
+    for start, message in ((f"init_from={lm}", "has a vocabulary without WordPiece's"),  # [PAD]=0: a character
+                           (f"distill.teacher={lm}", "was trained for task=lm; this run trains task=classify")):
         out = tmp_path / "cls"
-        with pytest.raises(UserError, match="read its text as characters or byte-level BPE tokens") as e:
+        with pytest.raises(UserError, match=message) as e:
             run(compose(RNN_TEXT + ["model.d_hidden=16", "model.n_layers=1", f"data.path={train}", "steps=2",
                                     start, f"out_dir={out}"]))
         assert "\n" not in str(e.value) and not out.exists()
