@@ -74,10 +74,14 @@ def load(cfg, spec, mesh, meta: dict, log) -> dict:
     try:
         src_meta = checkpoint.read_meta(mngr, step)
         src_cfg = _check_model(cfg, src, src_meta)
-        for key in ("vocab", "tokenizer", "labels"):
+        for key in ("vocab", "tokenizer"):
             if key in src_meta and key in meta and src_meta[key] != meta[key]:
                 raise UserError(f"init_from={src} was trained with another {key} than this run's data; its "
                                 f"embeddings would mean other tokens: train on data with the same {key}")
+        # Only a classifier's head means its labels (a masked-LM pretraining's file may have had any).
+        if src_meta.get("task") == "classify" and src_meta.get("labels", meta.get("labels")) != meta.get("labels"):
+            raise UserError(f"init_from={src} classified labels {src_meta['labels']} and this run's data has "
+                            f"{meta.get('labels')}: start from a run of the same labels")
         src_spec = state_spec(src_cfg, run_dims(src_meta), mesh)
         restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(src_spec.abstract, src_spec.shardings),
                                              step=step, set_aside=False)

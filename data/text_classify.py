@@ -189,12 +189,12 @@ def _as_label(cell: str):
                     f"a score (use data=tabular task=regress) or the wrong column?")
 
 
-def _label_ids(cells: list, labels: list, where: str) -> np.ndarray:
+def _label_ids(cells: list, labels: list, where: str, known: str = "the training labels") -> np.ndarray:
     index = {label: i for i, label in enumerate(labels)}
     values = [_as_label(c) for c in cells]
     unseen = sorted({repr(v) for v in values if v not in index and str(v) not in index})  # str: mixed kinds
     if unseen:
-        raise UserError(f"{where} has labels {', '.join(unseen[:5])} that the training labels "
+        raise UserError(f"{where} has labels {', '.join(unseen[:5])} that {known} "
                         f"({', '.join(map(repr, labels[:10]))}) lack; a classifier cannot predict them")
     return np.array([index[v] if v in index else index[str(v)] for v in values], np.int32)
 
@@ -354,10 +354,13 @@ def load(cfg, inherited: dict | None = None) -> Sentences:
         texts, cells, val_texts, val_cells = ([texts[i] for i in tr], [cells[i] for i in tr],
                                               [texts[i] for i in va], [cells[i] for i in va])
     inherited = inherited or {}
-    labels = inherited.get("labels") or _sorted_labels(cells)  # init_from: the source run's classes
-    y_train = _label_ids(cells, labels, "the training data" if not inherited.get("labels") else
-                         "the training data (with init_from's labels)")
-    y_val = _label_ids(val_cells, labels, "the validation data")
+    # A classifier's classes carry over (its head means them); a pretraining's labels, if its file had
+    # any, were never learnt.
+    kept = inherited.get("labels") if inherited.get("task", "classify") == "classify" else None
+    labels = kept or _sorted_labels(cells)
+    known = "the training labels" if not kept else "the labels of the classifier it starts from"
+    y_train = _label_ids(cells, labels, "the training data", known)
+    y_val = _label_ids(val_cells, labels, "the validation data", known)
     tokenizer = _tokenizer(inherited, texts, cfg.vocab_size)
     x_train, cut = wordpiece.encode(tokenizer, texts, cfg.seq_len)
     x_val, cut_val = wordpiece.encode(tokenizer, val_texts, cfg.seq_len)

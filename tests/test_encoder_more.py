@@ -265,3 +265,26 @@ def test_group_by_length_is_refused_where_it_cannot_apply(tmp_path):
         with pytest.raises(UserError, match=message) as e:
             run(compose(opts + extra))
         assert "\n" not in str(e.value) and not (tmp_path / "bad").exists()
+
+
+def test_a_fine_tune_keeps_its_own_labels_whatever_the_pretraining_file_had(tmp_path):
+    # Pretrained on unlabelled lines, or on a table whose labels are other strings, the fine-tune
+    # classifies its own file's labels: only a classifier's labels carry over.
+    rng = random.Random(0)
+    lines = tmp_path / "lines.txt"
+    lines.write_text("".join(" ".join(rng.choice(FILLER) for _ in range(6)) + "\n" for _ in range(80)))
+    table = tmp_path / "pos_neg.tsv"
+    table.write_text("sentence\tlabel\n" + "".join(f"{' '.join(rng.choice(FILLER) for _ in range(6))}\t"
+                                                   f"{rng.choice(['pos', 'neg'])}\n" for _ in range(80)))
+    ids = tmp_path / "ids.tsv"
+    ids.write_text("sentence\tlabel\n" + "".join(f"{' '.join(rng.choice(FILLER) for _ in range(6))}\t{i % 2}\n"
+                                                 for i in range(80)))
+    tiny = ENC_TINY + ["steps=2", "eval_every=2", "ckpt_every=2", "eval_batches=1"]
+    for name, extra in (("lines", ["data.format=lines", f"data.path={lines}"]), ("table", [f"data.path={table}"])):
+        mlm_run = str(tmp_path / f"mlm_{name}")
+        run(compose(tiny + ["task=mlm", f"out_dir={mlm_run}"] + extra))
+        out = str(tmp_path / f"ft_{name}")
+        run(compose(tiny + ["task=classify", f"data.path={ids}", f"init_from={mlm_run}", f"out_dir={out}"]))
+        assert load_run(out).meta["labels"] == [0, 1]
+    with pytest.raises(UserError, match=r"the training data has labels 'neg', 'pos' that the labels of the classifier it starts from \(0, 1\)"):
+        run(compose(tiny + ["task=classify", f"data.path={table}", f"init_from={out}", f"out_dir={tmp_path}/x"]))
