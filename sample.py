@@ -77,7 +77,7 @@ def main(cfg) -> None:
 
         run = load_run(cfg.out_dir, cfg.step)
         if run.task != "lm":
-            raise UserError(f"{cfg.out_dir} holds a {run.cfg.model.family} model trained for task={run.task}, "
+            raise UserError(f"{cfg.out_dir} holds a model={run.cfg.model.family} run trained for task={run.task}, "
                             f"which does not generate text; sample from a language-model run (task=lm)")
         codec = run.codec
         prompt_P = codec.encode(cfg.prompt)
