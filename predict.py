@@ -122,9 +122,10 @@ def forward(run, x_N):
 def main(argv: list[str]) -> None:
     try:
         args = parse(argv)
-        if args.get("path") and not os.path.isfile(os.path.expanduser(args["path"])):
-            raise UserError(f"path={args['path']} " + ("is a directory; pass a file" if os.path.isdir(
-                os.path.expanduser(args["path"])) else "does not exist"))
+        path = os.path.expanduser(args.get("path") or "")
+        if path and not os.path.isfile(path):
+            raise UserError(f"path={args['path']} " + ("is a directory; pass a file" if os.path.isdir(path) else
+                                                       "does not exist"))
         runtime.compile_cache("auto")
         from core.state import load_run
         from serving.predictor import kind_of, results, to_rows

@@ -210,15 +210,16 @@ def check(cfg) -> None:
         raise UserError(f"task={cfg.task.name} reads {task.READS}, and data={cfg.data.kind} provides "
                         f"{' or '.join(source.PROVIDES)}; use task={' or task='.join(fits)}")
 
-    # The families that train the task on this data's input: one fits every pair the check above passes.
-    fits = [n for n in choices("model") if cfg.task.name in module("model", n).TASKS
-            and source.INPUT in module("model", n).INPUTS]
+    def fits() -> str:  # the families that train the task on this data's input (only errors import them all)
+        return " or model=".join(n for n in choices("model") if cfg.task.name in module("model", n).TASKS
+                                 and source.INPUT in module("model", n).INPUTS)
+
     if cfg.task.name not in family.TASKS:
         raise UserError(f"model={cfg.model.family} cannot train task={cfg.task.name} (it does "
-                        f"{', '.join(family.TASKS)}); use model={' or model='.join(fits)}")
+                        f"{', '.join(family.TASKS)}); use model={fits()}")
     if source.INPUT not in family.INPUTS:
         raise UserError(f"model={cfg.model.family} reads {' or '.join(family.INPUTS)}, and data={cfg.data.kind} "
-                        f"gives {source.INPUT}; use model={' or model='.join(fits)}")
+                        f"gives {source.INPUT}; use model={fits()}")
     m, o = cfg.model, cfg.optim
     if not 0.0 <= m.get("dropout", 0.0) < 1.0:
         raise UserError(f"model.dropout={m.dropout} must be in [0, 1)")

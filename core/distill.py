@@ -60,19 +60,15 @@ def teacher_meta(cfg) -> dict:
         raise UserError(f"distill.teacher={src} holds no checkpoint"
                         + (f" at step {cfg.distill.teacher_step}" if cfg.distill.teacher_step is not None else "")
                         + "; pass the directory of a trained run")
-    _check_task(cfg, meta, cfg.task.name)  # before the data reads its vocabulary: the likelier mistake
+    # The task first, before the data reads the teacher's vocabulary: the likelier mistake.
+    if meta.get("task", "lm") != cfg.task.name:
+        raise UserError(f"distill.teacher={cfg.distill.teacher} was trained for task={meta.get('task', 'lm')}; "
+                        f"this run trains task={cfg.task.name}: distil from a run of the same task")
     return meta
 
 
-def _check_task(cfg, teacher: dict, task: str) -> None:
-    if teacher.get("task", "lm") != task:
-        raise UserError(f"distill.teacher={cfg.distill.teacher} was trained for task={teacher.get('task', 'lm')}; "
-                        f"this run trains task={task}: distil from a run of the same task")
-
-
-def check_match(cfg, teacher: dict, student: dict, task: str) -> None:
-    """The teacher must predict the student's targets: the same task and the same tokens or classes."""
-    _check_task(cfg, teacher, task)
+def check_match(cfg, teacher: dict, student: dict) -> None:
+    """The teacher (its meta from teacher_meta: the same task) must predict the student's tokens or classes."""
     for key, what in (("vocab", "vocabulary"), ("tokenizer", "tokenizer"), ("labels", "labels"),
                       ("num_classes", "class count")):
         if key in teacher and key in student and teacher[key] != student[key]:
@@ -106,7 +102,7 @@ def load(cfg, mesh, task_module, student_meta: dict, task: str, log) -> Teacher 
         return None
     from core.state import load_run
 
-    check_match(cfg, teacher_meta(cfg), student_meta, task)
+    check_match(cfg, teacher_meta(cfg), student_meta)
     if not hasattr(task_module, "outputs"):
         raise UserError(f"task={task} has no logits to distil (distillation covers lm, classify and mlm)")
     run = load_run(cfg.distill.teacher, cfg.distill.teacher_step, mesh=mesh)

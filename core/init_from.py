@@ -39,8 +39,8 @@ def _source(cfg):
     return src, mngr, step
 
 
-def _check_model(cfg, src: str, src_meta: dict):
-    """The source run's config; UserError if its params cannot start this model."""
+def _check_model(cfg, src: str, src_meta: dict) -> None:
+    """UserError if the source run's params cannot start this model."""
     src_cfg = OmegaConf.create(src_meta["config"])
     if src_cfg.model.family != cfg.model.family:
         raise UserError(f"init_from={src} holds a model={src_cfg.model.family} run, and this run trains "
@@ -51,7 +51,6 @@ def _check_model(cfg, src: str, src_meta: dict):
     src_pos, pos = (c.model.get("pos_emb", "learned") for c in (src_cfg, cfg))
     if src_pos != pos:  # the body's attention would read positions it was not trained with
         raise UserError(f"init_from={src} was trained with model.pos_emb={src_pos}; pass model.pos_emb={src_pos}")
-    return src_cfg
 
 
 def source_meta(cfg) -> dict:
@@ -73,7 +72,7 @@ def load(cfg, spec, mesh, meta: dict, log) -> dict:
     src, mngr, step = _source(cfg)
     try:
         src_meta = checkpoint.read_meta(mngr, step)
-        src_cfg = _check_model(cfg, src, src_meta)
+        src_cfg = OmegaConf.create(src_meta["config"])  # source_meta, read first, checked it against the model
         for key in ("vocab", "tokenizer"):
             if key in src_meta and key in meta and src_meta[key] != meta[key]:
                 raise UserError(f"init_from={src} was trained with another {key} than this run's data; its "

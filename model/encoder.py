@@ -22,10 +22,10 @@ from errors import UserError
 from model import quant
 from model.matmul import DOT_GENERAL
 from model.transformer import check_pos_emb, dense_factory, position_table, run_blocks, stacked_blocks
+from model.wordpiece_ids import MASK_ID, PAD_ID, word_dropout
 
 TASKS = ("mlm", "classify")
 INPUTS = ("text",)
-PAD_ID, MASK_ID, FIRST_WORD_ID = 0, 4, 5  # data/wordpiece.py: [PAD]=0 ... [MASK]=4, then the words
 
 
 @dataclass
@@ -135,8 +135,7 @@ class Encoder(nnx.Module):
         B, L = ids_BL.shape
         k_emb, k_blocks = (None, None) if key is None else jax.random.split(key)
         if key is not None and self.word_dropout > 0:  # its own stream: other keys stay as without it
-            drop_BL = jax.random.bernoulli(jax.random.fold_in(key, 1), self.word_dropout, ids_BL.shape)
-            ids_BL = jnp.where(drop_BL & (ids_BL >= FIRST_WORD_ID), MASK_ID, ids_BL)
+            ids_BL = word_dropout(ids_BL, jax.random.fold_in(key, 1), self.word_dropout, MASK_ID)
         x_BLD = self.wte(ids_BL)
         if self.wpe is not None:  # rotary positions (pos_emb=rope) enter in the attention instead
             x_BLD = x_BLD + self.wpe(jnp.arange(L))[None]

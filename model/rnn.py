@@ -27,11 +27,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from errors import UserError
+from model.wordpiece_ids import PAD_ID, UNK_ID, word_dropout
 
 GATES = {"lstm": 4, "gru": 3}
 TASKS = ("lm", "regress", "classify")
 INPUTS = ("text", "sequences")  # tokens (LM, text classes) or real-valued sequences (regression)
-PAD_ID, UNK_ID, FIRST_WORD_ID = 0, 1, 5  # data/wordpiece.py: [PAD]=0 [UNK]=1 ... [MASK]=4, then the words
 POOLINGS = ("mean", "last")
 
 
@@ -189,8 +189,7 @@ class RNN(nnx.Module):
         m_BL = x_BL != PAD_ID
         keys = [None] * (self.n_layers + 2) if key is None else list(jax.random.split(key, self.n_layers + 2))
         if keys[0] is not None and self.word_dropout > 0:
-            hit_BL = jax.random.bernoulli(keys[0], self.word_dropout, x_BL.shape) & (x_BL >= FIRST_WORD_ID)
-            x_BL = jnp.where(hit_BL, UNK_ID, x_BL)
+            x_BL = word_dropout(x_BL, keys[0], self.word_dropout, UNK_ID)
         x_BLK = self.embed(x_BL).astype(self.dtype)
         B = x_BL.shape[0]
         zero = (jnp.zeros((B, self.d_hidden), self.dtype),) * 2

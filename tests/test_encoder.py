@@ -70,6 +70,9 @@ def test_wordpiece_is_deterministic_round_trips_and_numbers_the_specials():
     assert tok == wordpiece.train(texts, 200)  # exact resume compares it in the run's meta
     t = wordpiece.load(tok)
     assert [t.token_to_id(s) for s in wordpiece.SPECIALS] == [0, 1, 2, 3, 4]
+    from model import wordpiece_ids as ids  # the models' copy of the numbering
+    assert (wordpiece.PAD, wordpiece.UNK, wordpiece.CLS, wordpiece.SEP, wordpiece.MASK) == \
+        (ids.PAD_ID, ids.UNK_ID, ids.CLS_ID, ids.SEP_ID, ids.MASK_ID) and ids.FIRST_WORD_ID == len(wordpiece.SPECIALS)
     assert t.get_vocab_size() == wordpiece.vocab_size(tok) <= 200
     ids_NL, cut = wordpiece.encode(tok, ["The Movie was GOOD", texts[1], "x " * 40], 16)
     assert ids_NL.shape == (3, 16) and ids_NL.dtype == np.int32 and cut == 1
