@@ -43,10 +43,11 @@ def default_out_dir(cfg) -> str:
     it never lands in its source's directory or its undistilled twin's.
     """
     named = [HydraConfig.get().job.override_dirname]
-    for key in ("init_from", "distill.teacher"):  # paths: named by the directory's name
-        path = OmegaConf.select(cfg, key)
-        if path:
-            named.append(f"{key}={os.path.basename(os.path.normpath(path))}")
+    for key in ("init_from", "distill.teacher", "data.tokenizer_from"):  # paths: named by the directory's name
+        paths = OmegaConf.select(cfg, key)
+        paths = [paths] if isinstance(paths, str) else paths or []  # an ensemble of teachers is a list
+        if paths:
+            named.append(f"{key}=" + "+".join(os.path.basename(os.path.normpath(str(p))) for p in paths))
     return os.path.join("runs", ",".join([cfg.name, *filter(None, named)]))
 
 

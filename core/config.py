@@ -276,7 +276,7 @@ RESUME_SAFE = {
 # Keys that name nothing though they matter: the experiment is the name already; paths make poor names
 # (a run started from another is named by the source directory's name instead: train.py).
 UNNAMED_PATHS = ("experiment", "hparams_search", "name", "data.path", "data.val_path", "data.dir", "init_from",
-                 "distill.teacher")
+                 "distill.teacher", "data.tokenizer_from")
 
 
 def _expand(key: str) -> list[str]:

@@ -7,6 +7,10 @@ teacher's outputs are computed inside the same jitted step: its weights are an a
 step, laid out by the mesh rules like the student's, and never trained or checkpointed. Validation
 reports the task's own loss, so a distilled student compares with its undistilled twin.
 
+`distill.teacher=[RUN_A,RUN_B,...]` distils an ensemble (Hinton et al.'s first use): the teachers'
+probabilities at temperature T are averaged, and the runs may be of different families (an encoder
+and an LSTM) as long as they read the same tokens and predict the same classes.
+
 The student's data reads the teacher's vocabulary, tokenizer and labels (as `init_from` does), so
 both models see the same token ids and classes.
 """
@@ -25,21 +29,29 @@ from errors import UserError
 
 @dataclass
 class DistillConfig:
-    teacher: Optional[str] = None  # a trained run directory; None is off
-    teacher_step: Optional[int] = None  # None: the teacher's newest checkpoint
+    teacher: Any = None  # a trained run directory, or a list of them (an ensemble); None is off
+    teacher_step: Optional[int] = None  # None: each teacher's newest checkpoint
     alpha: float = 0.5  # the soft (teacher) term's weight; 0 is the task loss alone
     temperature: float = 2.0
 
 
 @dataclass
 class Teacher:
-    graphdef: Any
-    state: dict  # {"params", "rest"} on the student's mesh
-    loss: Callable  # (student, batch, key, teacher) -> (loss, metrics): the distillation loss
+    graphdef: tuple  # one per teacher run
+    state: list  # one {"params", "rest"} per teacher run, on the student's mesh
+    loss: Callable  # (student, batch, key, teachers) -> (loss, metrics): the distillation loss
 
 
 def enabled(cfg) -> bool:
-    return bool(cfg.get("distill")) and bool(cfg.distill.teacher)
+    return bool(cfg.get("distill")) and bool(teachers(cfg))
+
+
+def teachers(cfg) -> list[str]:
+    """distill.teacher as a list of run directories (one string is one teacher)."""
+    t = cfg.distill.get("teacher")
+    if t is None or isinstance(t, str):
+        return [t] if t else []
+    return [str(x) for x in t]
 
 
 def check(cfg) -> None:
@@ -52,9 +64,8 @@ def check(cfg) -> None:
         raise UserError(f"distill.temperature={d.temperature} must be positive")
 
 
-def teacher_meta(cfg) -> dict:
-    """The teacher's checkpoint meta (its data's vocabulary, tokenizer and labels); UserError without one."""
-    src = os.path.abspath(os.path.expanduser(cfg.distill.teacher))
+def _meta(cfg, path: str) -> dict:
+    src = os.path.abspath(os.path.expanduser(path))
     meta = checkpoint.peek_meta(src, cfg.distill.teacher_step) if os.path.isdir(checkpoint.ckpt_dir(src)) else None
     if meta is None:
         raise UserError(f"distill.teacher={src} holds no checkpoint"
@@ -62,31 +73,48 @@ def teacher_meta(cfg) -> dict:
                         + "; pass the directory of a trained run")
     # The task first, before the data reads the teacher's vocabulary: the likelier mistake.
     if meta.get("task", "lm") != cfg.task.name:
-        raise UserError(f"distill.teacher={cfg.distill.teacher} was trained for task={meta.get('task', 'lm')}; "
+        raise UserError(f"distill.teacher={path} was trained for task={meta.get('task', 'lm')}; "
                         f"this run trains task={cfg.task.name}: distil from a run of the same task")
     return meta
 
 
-def check_match(cfg, teacher: dict, student: dict) -> None:
+def teacher_meta(cfg) -> dict:
+    """The first teacher's checkpoint meta (its data's vocabulary, tokenizer and labels, which the student's
+    data reads); UserError for a teacher without one, or an ensemble whose runs read other tokens or classes."""
+    first, *others = teachers(cfg)
+    meta = _meta(cfg, first)
+    for path in others:
+        check_match(cfg, _meta(cfg, path), meta, path)
+    return meta
+
+
+def check_match(cfg, teacher: dict, student: dict, name: str | None = None) -> None:
     """The teacher (its meta from teacher_meta: the same task) must predict the student's tokens or classes."""
+    name = name or ",".join(teachers(cfg))
     for key, what in (("vocab", "vocabulary"), ("tokenizer", "tokenizer"), ("labels", "labels"),
                       ("num_classes", "class count")):
         if key in teacher and key in student and teacher[key] != student[key]:
-            raise UserError(f"distill.teacher={cfg.distill.teacher} has another {what} than this run's data; "
-                            f"distil on the data the teacher was trained on (same text, tokenizer and labels)")
+            raise UserError(f"distill.teacher={name} has another {what} than this run's data; distil on the "
+                            f"data the teacher was trained on (same text, tokenizer and labels)")
     if teacher.get("dims", {}).get("vocab_size") != student.get("dims", {}).get("vocab_size"):
-        raise UserError(f"distill.teacher={cfg.distill.teacher} predicts {teacher['dims'].get('vocab_size')} tokens "
+        raise UserError(f"distill.teacher={name} predicts {teacher['dims'].get('vocab_size')} tokens "
                         f"and this model {student['dims'].get('vocab_size')}: they must share a vocabulary")
 
 
 def distill_loss(outputs: Callable, alpha: float, temperature: float) -> Callable:
-    """(student, batch, key, teacher) -> (loss, metrics) from a task's `outputs` (logits, targets, weights)."""
-    def loss(student, batch, key, teacher):
+    """(student, batch, key, teachers) -> (loss, metrics) from a task's `outputs` (logits, targets, weights).
+
+    teachers: a model or a sequence of them, whose probabilities at the temperature are averaged.
+    """
+    def loss(student, batch, key, teachers):
+        teachers = teachers if isinstance(teachers, (tuple, list)) else (teachers,)
         s_NV, y_N, w_N = outputs(student, batch, key)
-        t_NV = jax.lax.stop_gradient(outputs(teacher, batch, None)[0])
         n = jnp.maximum(w_N.sum(), 1.0)
         hard = (optax.softmax_cross_entropy_with_integer_labels(s_NV, y_N) * w_N).sum() / n
-        t_logp_NV = jax.nn.log_softmax(t_NV / temperature)
+        t_logp_KNV = jnp.stack([jax.nn.log_softmax(jax.lax.stop_gradient(outputs(t, batch, None)[0]) / temperature)
+                                for t in teachers])
+        # log of the mean probability; for one teacher exactly its log-softmax
+        t_logp_NV = jax.nn.logsumexp(t_logp_KNV, axis=0) - jnp.log(len(teachers))
         s_logp_NV = jax.nn.log_softmax(s_NV / temperature)
         kl_N = (jnp.exp(t_logp_NV) * (t_logp_NV - s_logp_NV)).sum(-1)
         soft = (kl_N * w_N).sum() / n
@@ -97,7 +125,7 @@ def distill_loss(outputs: Callable, alpha: float, temperature: float) -> Callabl
 
 
 def load(cfg, mesh, task_module, student_meta: dict, task: str, log) -> Teacher | None:
-    """The run's Teacher, restored onto `mesh`; None without distillation."""
+    """The runs' Teacher, restored onto `mesh`; None without distillation."""
     if not enabled(cfg):
         return None
     from core.state import load_run
@@ -105,9 +133,13 @@ def load(cfg, mesh, task_module, student_meta: dict, task: str, log) -> Teacher 
     check_match(cfg, teacher_meta(cfg), student_meta)
     if not hasattr(task_module, "outputs"):
         raise UserError(f"task={task} has no logits to distil (distillation covers lm, classify and mlm)")
-    run = load_run(cfg.distill.teacher, cfg.distill.teacher_step, mesh=mesh)
-    n = sum(x.size for x in jax.tree.leaves(run.state["params"]))
-    log(f"distilling from step {run.step} of {cfg.distill.teacher} ({run.cfg.model.family}, {n / 1e6:.2f}M params), "
-        f"alpha {cfg.distill.alpha}, temperature {cfg.distill.temperature}")
-    return Teacher(nnx.graphdef(run.model), {"params": run.state["params"], "rest": run.state["rest"]},
+    graphdefs, states = [], []
+    for path in teachers(cfg):
+        run = load_run(path, cfg.distill.teacher_step, mesh=mesh)
+        n = sum(x.size for x in jax.tree.leaves(run.state["params"]))
+        log(f"distilling from step {run.step} of {path} ({run.cfg.model.family}, {n / 1e6:.2f}M params), "
+            f"alpha {cfg.distill.alpha}, temperature {cfg.distill.temperature}")
+        graphdefs.append(nnx.graphdef(run.model))
+        states.append({"params": run.state["params"], "rest": run.state["rest"]})
+    return Teacher(tuple(graphdefs), states,
                    distill_loss(task_module.outputs, cfg.distill.alpha, cfg.distill.temperature))

@@ -65,6 +65,26 @@ def source_meta(cfg) -> dict:
     return meta
 
 
+def with_tokenizer(cfg, inherited: dict | None) -> dict | None:
+    """`inherited` plus the WordPiece of data.tokenizer_from=RUN: a run of any family trains on another
+    run's tokens (an LSTM on a masked-LM pretraining's), so the two can be distilled or ensembled."""
+    path = cfg.data.get("tokenizer_from")
+    if not path:
+        return inherited
+    src = os.path.abspath(os.path.expanduser(path))
+    meta = checkpoint.peek_meta(src) if os.path.isdir(checkpoint.ckpt_dir(src)) else None
+    if meta is None:
+        raise UserError(f"data.tokenizer_from={src} holds no checkpoint; pass the directory of a trained "
+                        f"data=text_classify run")
+    if "tokenizer" not in meta:
+        raise UserError(f"data.tokenizer_from={path} is a run without a subword tokenizer "
+                        f"(data={meta['config']['data']['kind']}); name a data=text_classify run")
+    if inherited and inherited.get("tokenizer", meta["tokenizer"]) != meta["tokenizer"]:
+        raise UserError(f"data.tokenizer_from={path} has another tokenizer than the run init_from or "
+                        f"distill.teacher names, whose tokens this run must read: drop data.tokenizer_from")
+    return {**(inherited or {}), "tokenizer": meta["tokenizer"]}
+
+
 def load(cfg, spec, mesh, meta: dict, log) -> dict:
     """The params of a fresh state with every matching param replaced by the source run's."""
     from core.state import run_dims, state_spec

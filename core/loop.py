@@ -122,6 +122,7 @@ def run(cfg) -> dict:
         inherited = init_from.source_meta(cfg) if starting else \
             checkpoint.peek_meta(out_dir) if own and cfg.init_from else \
             distill.teacher_meta(cfg) if distill.enabled(cfg) else None  # a student reads the teacher's tokens
+        inherited = init_from.with_tokenizer(cfg, inherited)
         task = tasks.load(cfg, inherited)
         meta = {"config": OmegaConf.to_container(cfg, resolve=True), "task": task.name, "dims": task.dims,
                 **task.meta}

@@ -51,11 +51,11 @@ def train_step(state, batch, teacher_state=None, *, graphdef, tx, loss_fn, lr_fn
 
     Under pmap (`axis_name` set) the same function runs per device on its rows of the batch.
     pruner (core/prune.py): masks updated when due and applied before the update, and again after it.
-    teacher_state (core/distill.py): a teacher's {"params", "rest"}; `teacher_loss` replaces `loss_fn`.
+    teacher_state (core/distill.py): each teacher's {"params", "rest"}; `teacher_loss` replaces `loss_fn`.
     """
     teacher = None
     if teacher_state is not None:
-        teacher = nnx.merge(teacher_graphdef, teacher_state["params"], teacher_state["rest"])
+        teacher = tuple(nnx.merge(g, t["params"], t["rest"]) for g, t in zip(teacher_graphdef, teacher_state))
         loss_fn = teacher_loss
     if pruner is not None:
         state = pruner.before_update(state)

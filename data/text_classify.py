@@ -67,6 +67,10 @@ class Config:
     # of short phrases skip most [PAD] columns. 0: every row keeps data.seq_len. Hugging Face's
     # group_by_length sorts 50 batches at a time; with 10 steps sharing a length, 100 cuts more.
     group_by_length: int = 0
+    # A trained data=text_classify run whose WordPiece this run reads instead of fitting its own (as
+    # init_from and distill.teacher do): models of two families on the same tokens can be distilled
+    # into each other or averaged.
+    tokenizer_from: Optional[str] = None
 
 
 @dataclass
@@ -282,11 +286,13 @@ def _lines(path: str, key: str) -> list:
 
 
 def _tokenizer(inherited: dict, texts: list[str], vocab_size: int) -> str:
-    """The WordPiece of the run this one starts from (init_from, distill.teacher), else one fitted to `texts`."""
+    """The WordPiece of the run this one reads (init_from, distill.teacher, data.tokenizer_from), else one
+    fitted to `texts`."""
     tokenizer = inherited.get("tokenizer")
     if "vocab" in inherited or (tokenizer is not None and not wordpiece.has_specials(tokenizer)):
         # Its ids would be read as [PAD]=0, [CLS]=2 ...: the embeddings would mean other tokens.
-        raise UserError("the run named by init_from (or distill.teacher) has a vocabulary without WordPiece's "
+        raise UserError("the run named by init_from (or distill.teacher, data.tokenizer_from) has a vocabulary "
+                        "without WordPiece's "
                         "[PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, which data=text_classify reads: name a "
                         "data=text_classify run there, or drop it")
     return tokenizer or wordpiece.train(texts, vocab_size)
@@ -312,7 +318,7 @@ def _load_lines(cfg, inherited: dict) -> Sentences:
               file=sys.stderr)
     V = wordpiece.vocab_size(tokenizer)
     summary = (f"{len(texts):,} training / {len(val_texts):,} validation lines, WordPiece vocab {V}"
-               f"{' (from init_from)' if inherited.get('tokenizer') else ''}, "
+               f"{' (read from another run)' if inherited.get('tokenizer') else ''}, "
                f"{(x_train != wordpiece.PAD).sum(axis=1).mean():.1f} tokens per line of {cfg.seq_len}")
     zeros = lambda x: np.zeros(len(x), np.int32)  # noqa: E731 - no labels: the arrays' shape only
     return Sentences(x_train, zeros(x_train), x_val, zeros(x_val), [], tokenizer, V, summary,
@@ -371,7 +377,7 @@ def load(cfg, inherited: dict | None = None) -> Sentences:
     majority = float(np.mean(y_val == np.bincount(y_train, minlength=len(labels)).argmax()))
     real = (x_train != wordpiece.PAD).sum(axis=1)
     summary = (f"{len(texts):,} training / {len(val_texts):,} validation sentences, {len(labels)} classes, "
-               f"WordPiece vocab {V}{' (from init_from)' if inherited.get('tokenizer') else ''}, "
+               f"WordPiece vocab {V}{' (read from another run)' if inherited.get('tokenizer') else ''}, "
                f"{real.mean():.1f} tokens per sentence of {cfg.seq_len}")
     return Sentences(x_train, y_train, x_val, y_val, labels, tokenizer, V, summary,
                      {"baseline_accuracy": majority, "baseline_unigram_loss": unigram_entropy(x_train)},

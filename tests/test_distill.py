@@ -105,3 +105,36 @@ def test_a_cnn_student_distils_from_a_cnn_teacher_and_classes_must_match(tmp_pat
     np.savez(fewer, x=data["x"], y=data["y"] % 3)  # three classes where the teacher knows four
     with pytest.raises(UserError, match="class count|labels"):
         run(compose(CNN_TINY + [f"data.path={fewer}", f"out_dir={tmp_path / 's3'}", f"distill.teacher={teacher}"]))
+
+
+def test_an_ensemble_of_teachers_is_distilled_through_its_mean_probability():
+    student, a, b = tiny_lm(0, 8), tiny_lm(1, 16), tiny_lm(2, 8)
+    rng = np.random.default_rng(1)
+    batch = {"x": jnp.asarray(rng.integers(0, 20, (2, 16)), jnp.int32),
+             "y": jnp.asarray(rng.integers(0, 20, (2, 16)), jnp.int32)}
+    loss = distill.distill_loss(lm.outputs, 1.0, 2.0)
+    one, twice = loss(student, batch, None, a)[1]["kl"], loss(student, batch, None, (a, a))[1]["kl"]
+    np.testing.assert_allclose(twice, one, rtol=1e-5)  # an ensemble of one run is that run
+    kl = loss(student, batch, None, (a, b))[1]["kl"]
+    p_NV = np.mean([jax.nn.softmax(np.asarray(m(batch["x"]), np.float64).reshape(-1, 20) / 2.0) for m in (a, b)], 0)
+    s_NV = jax.nn.log_softmax(np.asarray(student(batch["x"]), np.float64).reshape(-1, 20) / 2.0)
+    np.testing.assert_allclose(kl, (p_NV * (np.log(p_NV) - s_NV)).sum(-1).mean(), rtol=1e-4)
+    assert not np.isclose(kl, one, rtol=1e-3) and not np.isclose(kl, loss(student, batch, None, b)[1]["kl"], rtol=1e-3)
+
+
+def test_a_student_distils_from_a_list_of_runs_which_must_read_the_same_tokens(teacher, tmp_path, text_file):
+    second = str(tmp_path / "second")
+    run(compose(TINY + STUDENT + [f"data.path={text_file}", f"out_dir={second}", "steps=10"]))
+    out = str(tmp_path / "student")
+    run(compose(TINY + STUDENT + [f"data.path={text_file}", f"out_dir={out}", "steps=10", "log_every=5",
+                                  f"distill.teacher=[{teacher},{second}]"]))
+    rows = metrics.read(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in rows if "train_kl" in r] == [5, 10] and load_run(out).cfg.distill.teacher[1] == second
+    other = tmp_path / "other.txt"
+    other.write_text(make_text(seed=3).upper())
+    upper = str(tmp_path / "upper")
+    run(compose(TINY + STUDENT + [f"data.path={other}", f"out_dir={upper}", "steps=2"]))
+    proc = run_cli("train.py", *TINY, *STUDENT, f"data.path={text_file}", f"out_dir={tmp_path / 's2'}",
+                   f"distill.teacher=[{teacher},{upper}]")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert f"distill.teacher={upper} has another vocabulary" in proc.stderr and not (tmp_path / "s2").exists()

@@ -107,3 +107,38 @@ def test_starting_from_or_distilling_a_character_lm_is_refused_in_one_line(tmp_p
             run(compose(RNN_TEXT + ["model.d_hidden=16", "model.n_layers=1", f"data.path={train}", "steps=2",
                                     start, f"out_dir={out}"]))
         assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_an_lstm_reads_an_encoders_tokenizer_and_an_encoder_distils_from_both(tmp_path, text_file):
+    from core.loop import run
+    from core.state import load_run
+    from errors import UserError
+    from test_encoder import ENC_TINY
+    train = write_sentiment(tmp_path / "train.tsv", 200, 0)
+    enc, lstm, student = (str(tmp_path / n) for n in ("enc", "lstm", "student"))
+    run(compose(ENC_TINY + ["task=classify", f"data.path={train}", f"out_dir={enc}", "steps=4"]))
+    own = str(tmp_path / "own")  # its own WordPiece is fitted with another vocabulary size
+    run(compose(RNN_TEXT + ["model.bidirectional=true", f"data.path={train}", "steps=4", "data.vocab_size=90",
+                            f"out_dir={own}"]))
+    run(compose(RNN_TEXT + ["model.bidirectional=true", f"data.path={train}", "steps=4", "data.vocab_size=90",
+                            f"data.tokenizer_from={enc}", f"out_dir={lstm}"]))
+    metas = [load_run(d).meta for d in (enc, own, lstm)]
+    assert metas[2]["tokenizer"] == metas[0]["tokenizer"] != metas[1]["tokenizer"]
+    assert metas[2]["dims"]["vocab_size"] == metas[0]["dims"]["vocab_size"]
+    run(compose(ENC_TINY + ["task=classify", f"data.path={train}", f"out_dir={student}", "steps=4",
+                            f"distill.teacher=[{enc},{lstm}]", "distill.alpha=1.0"]))
+    rows = metrics.read(os.path.join(student, "metrics.jsonl"))
+    assert all(r["train_kl"] > 0 for r in rows if "train_kl" in r) and any("train_kl" in r for r in rows)
+    lm = str(tmp_path / "lm")
+    run(compose(["model=rnn", "model.d_hidden=8", "model.n_layers=1", "data.seq_len=16", "batch_size=4", "steps=1",
+                 "eval_every=1", "eval_batches=1", "progress=false", "mesh.data=1", f"data.path={text_file}",
+                 f"out_dir={lm}"]))
+    for source, message in ((lm, r"is a run without a subword tokenizer \(data=text\)"),
+                            (tmp_path, "holds no checkpoint")):
+        with pytest.raises(UserError, match=message):
+            run(compose(RNN_TEXT + [f"data.path={train}", f"data.tokenizer_from={source}", "steps=1",
+                                    f"out_dir={tmp_path / 'bad'}"]))
+    with pytest.raises(UserError, match="has another tokenizer than the run init_from or distill.teacher names"):
+        run(compose(RNN_TEXT + [f"data.path={train}", f"data.tokenizer_from={own}", f"distill.teacher={enc}",
+                                "steps=1", f"out_dir={tmp_path / 'bad'}"]))
+    assert not (tmp_path / "bad").exists()
