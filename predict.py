@@ -1,5 +1,9 @@
 """Predict with a trained regressor or classifier: `python predict.py out_dir=RUN [path=FILE] [step=N]`.
 
+`out_dir=RUN_A,RUN_B,...` predicts with the runs' ensemble: the mean of their class probabilities (or
+of their predictions, in target units). Each run reads the inputs with its own preprocessing, so the
+runs may be of different families and tokenizers; they must predict the same labels or targets.
+
 Table runs (data=tabular) read CSV/TSV rows with a header line, from path= or stdin, and preprocess
 them from the run's meta alone, as the training rows were; image classifiers read path=FILE.npy
 (N x H x W x C, or N x H x W); text classifiers read text="...", or one text per line of path= or
@@ -19,7 +23,7 @@ import sys
 from core import cli
 from errors import UserError
 
-USAGE = ("python predict.py out_dir=RUN [path=FILE.csv|FILE.npy|FILE.txt] [text=\"...\"] [step=N] "
+USAGE = ("python predict.py out_dir=RUN[,RUN...] [path=FILE.csv|FILE.npy|FILE.txt] [text=\"...\"] [step=N] "
          "(rows or lines on stdin without path=)")
 CHUNK = 1024  # rows per forward call: one compiled shape, whatever the row count
 
@@ -39,14 +43,21 @@ def parse(argv: list[str]) -> dict:
     return args
 
 
-def table_inputs(meta: dict, path: str | None):
-    """The rows of a CSV/TSV (path, or stdin) as model inputs x_NF, preprocessed as the run's training rows were."""
+def read_table(path: str | None):
+    """(header, cells) of a CSV/TSV: path, or stdin."""
     from data import tabular
 
     if not path and sys.stdin.isatty():
         raise UserError(f"pass path=FILE.csv, or pipe CSV rows (with their header line) into stdin; usage: {USAGE}")
+    return tabular.read_file(path) if path else tabular.read_csv(sys.stdin, "stdin")
+
+
+def table_inputs(meta: dict, path: str | None, table):
+    """The rows of a CSV/TSV (read_table's) as model inputs x_NF, preprocessed as the run's training rows were."""
+    from data import tabular
+
     where = path or "stdin"
-    header, cells = tabular.read_file(path) if path else tabular.read_csv(sys.stdin, "stdin")
+    header, cells = table
     features = [c["name"] for c in meta["features"]]
     lacking = [c for c in features if c not in header]
     extra = [c for c in header if c not in meta["columns"]]  # the training file's other columns may stay
@@ -119,6 +130,38 @@ def forward(run, x_N):
     return np.concatenate(outs)
 
 
+def ensemble_kind(runs, out_dirs: list[str]) -> str:
+    """The input kind every run reads; UserError for a run predict.py does not serve, or runs that disagree."""
+    from serving.predictor import kind_of
+
+    first = runs[0]
+    for run, d in zip(runs, out_dirs):
+        kind = kind_of(run)
+        if kind is None:
+            raise UserError(f"{d} holds a task={run.task} model on data={run.cfg.data.kind}; predict.py serves "
+                            f"regressors and classifiers of table rows, images or texts (sample.py: language models)")
+        if (kind, run.task, run.meta.get("labels"), run.meta.get("num_classes"), run.meta.get("target")) != (
+                kind_of(first), first.task, first.meta.get("labels"), first.meta.get("num_classes"),
+                first.meta.get("target")):
+            raise UserError(f"{d} and {out_dirs[0]} predict different things (task, labels or targets, inputs); "
+                            f"an ensemble averages runs trained on the same task")
+    return kind_of(first)
+
+
+def mean_output(runs, outs: list):
+    """One run's outputs as `results` reads them, for the runs' average: log of the mean class probability,
+    or the mean prediction in target units put back in the first run's standardised units."""
+    import numpy as np
+
+    if len(outs) == 1:
+        return outs[0]
+    if runs[0].task == "regress":
+        y = np.mean([o * np.array(r.meta["target_std"]) + np.array(r.meta["target_mean"]) for r, o in zip(runs, outs)], 0)
+        return (y - np.array(runs[0].meta["target_mean"])) / np.array(runs[0].meta["target_std"])
+    probs = [np.exp(o - o.max(-1, keepdims=True)) for o in outs]
+    return np.log(np.mean([p / p.sum(-1, keepdims=True) for p in probs], 0))
+
+
 def main(argv: list[str]) -> None:
     try:
         args = parse(argv)
@@ -128,24 +171,27 @@ def main(argv: list[str]) -> None:
                                                        "does not exist"))
         runtime.compile_cache("auto")
         from core.state import load_run
-        from serving.predictor import kind_of, results, to_rows
+        from serving.predictor import results, to_rows
 
-        run = load_run(args["out_dir"], int(args["step"]) if "step" in args else None)
-        meta, path = run.meta, args.get("path") and os.path.expanduser(args["path"])
-        kind = kind_of(run)
-        if kind is None:
-            raise UserError(f"{args['out_dir']} holds a task={run.task} model on data={run.cfg.data.kind}; predict.py "
-                            f"serves regressors and classifiers of table rows, images or texts (sample.py: language "
-                            f"models)")
+        out_dirs = [d for d in args["out_dir"].split(",") if d]
+        if len(out_dirs) > 1 and "step" in args:
+            raise UserError("step= picks one run's checkpoint; with several runs in out_dir, drop it")
+        runs = [load_run(d, int(args["step"]) if "step" in args else None) for d in out_dirs]
+        kind, path = ensemble_kind(runs, out_dirs), args.get("path") and os.path.expanduser(args["path"])
         if kind == "text":
-            x = to_rows(run, kind, text_inputs(args.get("text"), path))
+            texts = text_inputs(args.get("text"), path)
+            xs = [to_rows(run, kind, texts) for run in runs]
         elif "text" in args:
             raise UserError(f"text= is for text classifiers; this run reads {kind}s: pass path=")
+        elif kind == "table":
+            table = read_table(path)  # stdin is read once, whatever the number of runs
+            xs = [table_inputs(run.meta, path, table) for run in runs]
         else:
-            x = table_inputs(meta, path) if kind == "table" else image_inputs(meta, path)
-        print(f"predicting {len(x):,} rows with step {run.step} of {run.cfg.model.family} ({run.task}) in "
-              f"{args['out_dir']}", file=sys.stderr)
-        rows = results(meta, run.task, forward(run, x))
+            xs = [image_inputs(run.meta, path) for run in runs]
+        print(f"predicting {len(xs[0]):,} rows with " + ", ".join(
+            f"step {run.step} of {run.cfg.model.family} ({run.task}) in {d}" for run, d in zip(runs, out_dirs)),
+              file=sys.stderr)
+        rows = results(runs[0].meta, runs[0].task, mean_output(runs, [forward(run, x) for run, x in zip(runs, xs)]))
         sys.stdout.write("".join(json.dumps(r) + "\n" for r in rows))
     except UserError as e:
         cli.fail(e)

@@ -34,11 +34,11 @@ def compose(overrides, config_name="train"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
-def run_cli(script, *args, timeout=300, env=None):
+def run_cli(script, *args, timeout=300, env=None, stdin=None):
     """Run `python SCRIPT ARGS` as a user would, on one CPU device; returns the CompletedProcess."""
     env = {**os.environ, **(env or {})}
     env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env, stdin=stdin,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -275,6 +275,13 @@ def test_predict_py_gives_target_units_labels_and_refuses_other_columns(tmp_path
     assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1
     assert "missing age" in bad.stderr and "not in training colour" in bad.stderr
 
+    with open(path) as f:  # an ensemble reads stdin once and averages in target units
+        twice = run_cli("predict.py", f"out_dir={out},{out}", stdin=f)
+    assert twice.returncode == 0, twice.stderr[-2000:]
+    np.testing.assert_allclose([json.loads(line)["prediction"] for line in twice.stdout.splitlines()], pred, rtol=1e-6)
+    mixed = run_cli("predict.py", f"out_dir={out},{cls}", f"path={rows}")
+    assert mixed.returncode == 2 and "predict different things" in mixed.stderr, mixed.stderr
+
 
 def test_predict_py_classifies_images_with_an_mlp(tmp_path):
     rng = np.random.default_rng(0)
