@@ -1,6 +1,6 @@
 """Predict with a trained regressor or classifier: `python predict.py out_dir=RUN [path=FILE] [step=N]`.
 
-`out_dir=RUN_A,RUN_B,...` predicts with the runs' ensemble: the mean of their class probabilities (or
+`out_dir=RUN_A out_dir=RUN_B ...` predicts with the runs' ensemble: the mean of their class probabilities (or
 of their predictions, in target units). Each run reads the inputs with its own preprocessing, so the
 runs may be of different families and tokenizers; they must predict the same labels or targets.
 
@@ -23,21 +23,27 @@ import sys
 from core import cli
 from errors import UserError
 
-USAGE = ("python predict.py out_dir=RUN[,RUN...] [path=FILE.csv|FILE.npy|FILE.txt] [text=\"...\"] [step=N] "
+USAGE = ("python predict.py out_dir=RUN [out_dir=RUN ...] [path=FILE.csv|FILE.npy|FILE.txt] [text=\"...\"] [step=N] "
          "(rows or lines on stdin without path=)")
 CHUNK = 1024  # rows per forward call: one compiled shape, whatever the row count
 
 
 def parse(argv: list[str]) -> dict:
-    """`key=value` arguments (out_dir, path, text, step) as a dict."""
-    args = {}
+    """`key=value` arguments (path, text, step) as a dict, and "out_dirs": every out_dir= in order."""
+    args, out_dirs = {}, []
     for arg in argv:
         key, eq, value = arg.partition("=")
         if not eq or key not in ("out_dir", "path", "text", "step"):
             raise UserError(f"unknown argument {arg!r}; usage: {USAGE}")
-        args[key] = value
-    if not args.get("out_dir"):
+        if key == "out_dir":  # run directories may hold commas (runs/NAME,seed=1): each run is its own argument
+            out_dirs += [value] if value else []
+        elif key in args:
+            raise UserError(f"{key}= is given twice; pass it once")
+        else:
+            args[key] = value
+    if not out_dirs:
         raise UserError(f"pass out_dir=RUN, the directory of a training run; usage: {USAGE}")
+    args["out_dirs"] = out_dirs
     if "step" in args and not args["step"].isdigit():
         raise UserError(f"step={args['step']} must be a checkpoint's step number")
     return args
@@ -156,10 +162,13 @@ def mean_output(runs, outs: list):
     if len(outs) == 1:
         return outs[0]
     if runs[0].task == "regress":
-        y = np.mean([o * np.array(r.meta["target_std"]) + np.array(r.meta["target_mean"]) for r, o in zip(runs, outs)], 0)
-        return (y - np.array(runs[0].meta["target_mean"])) / np.array(runs[0].meta["target_std"])
-    probs = [np.exp(o - o.max(-1, keepdims=True)) for o in outs]
-    return np.log(np.mean([p / p.sum(-1, keepdims=True) for p in probs], 0))
+        mean, std = ([np.array(r.meta[k]) for r in runs] for k in ("target_mean", "target_std"))
+        y = np.mean([o * s + m for o, s, m in zip(outs, std, mean)], 0)
+        return (y - mean[0]) / std[0]
+    logp_KNY = np.stack([o - o.max(-1, keepdims=True) for o in outs])
+    logp_KNY -= np.log(np.exp(logp_KNY).sum(-1, keepdims=True))
+    top_NY = logp_KNY.max(0)  # log-mean-exp over the runs: no log(0) where every run is sure
+    return top_NY + np.log(np.exp(logp_KNY - top_NY).mean(0))
 
 
 def main(argv: list[str]) -> None:
@@ -173,9 +182,9 @@ def main(argv: list[str]) -> None:
         from core.state import load_run
         from serving.predictor import results, to_rows
 
-        out_dirs = [d for d in args["out_dir"].split(",") if d]
+        out_dirs = args["out_dirs"]
         if len(out_dirs) > 1 and "step" in args:
-            raise UserError("step= picks one run's checkpoint; with several runs in out_dir, drop it")
+            raise UserError("step= picks one run's checkpoint; with several out_dir= runs, drop it")
         runs = [load_run(d, int(args["step"]) if "step" in args else None) for d in out_dirs]
         kind, path = ensemble_kind(runs, out_dirs), args.get("path") and os.path.expanduser(args["path"])
         if kind == "text":

@@ -45,7 +45,7 @@ def default_out_dir(cfg) -> str:
     named = [HydraConfig.get().job.override_dirname]
     for key in ("init_from", "distill.teacher", "data.tokenizer_from"):  # paths: named by the directory's name
         paths = OmegaConf.select(cfg, key)
-        paths = [paths] if isinstance(paths, str) else paths or []  # an ensemble of teachers is a list
+        paths = list(paths) if OmegaConf.is_list(paths) else [paths] if paths else []  # teachers: a list
         if paths:
             named.append(f"{key}=" + "+".join(os.path.basename(os.path.normpath(str(p))) for p in paths))
     return os.path.join("runs", ",".join([cfg.name, *filter(None, named)]))

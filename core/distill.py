@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from omegaconf import OmegaConf
 
 from core import checkpoint
 from errors import UserError
@@ -30,7 +31,7 @@ from errors import UserError
 @dataclass
 class DistillConfig:
     teacher: Any = None  # a trained run directory, or a list of them (an ensemble); None is off
-    teacher_step: Optional[int] = None  # None: each teacher's newest checkpoint
+    teacher_step: Optional[int] = None  # every teacher's checkpoint at this step; None: each one's newest
     alpha: float = 0.5  # the soft (teacher) term's weight; 0 is the task loss alone
     temperature: float = 2.0
 
@@ -47,16 +48,20 @@ def enabled(cfg) -> bool:
 
 
 def teachers(cfg) -> list[str]:
-    """distill.teacher as a list of run directories (one string is one teacher)."""
+    """distill.teacher as a list of run directories (one path is one teacher)."""
     t = cfg.distill.get("teacher")
-    if t is None or isinstance(t, str):
-        return [t] if t else []
-    return [str(x) for x in t]
+    if t is None or t == "":
+        return []
+    items = list(t) if OmegaConf.is_list(t) or isinstance(t, (list, tuple)) else [t]
+    if not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in items):
+        raise UserError(f"distill.teacher={t} must be a run directory or a list of them: "
+                        f"distill.teacher=RUN or distill.teacher=[RUN_A,RUN_B]")
+    return [str(x) for x in items]
 
 
 def check(cfg) -> None:
     d = cfg.distill
-    if not enabled(cfg):
+    if not enabled(cfg):  # reads distill.teacher: a value that names no runs is an error here
         return
     if not 0.0 <= d.alpha <= 1.0:
         raise UserError(f"distill.alpha={d.alpha} must be in [0, 1]")
@@ -83,14 +88,21 @@ def teacher_meta(cfg) -> dict:
     data reads); UserError for a teacher without one, or an ensemble whose runs read other tokens or classes."""
     first, *others = teachers(cfg)
     meta = _meta(cfg, first)
+    # The student's data is built from the first teacher's meta, and every teacher reads its batches:
+    # all of what the data contributed (tokenizer, labels, features and scaling, image statistics) must agree.
+    inputs = lambda m: {k: v for k, v in m.items() if k not in ("config", "compression")}  # noqa: E731
     for path in others:
-        check_match(cfg, _meta(cfg, path), meta, path)
+        other = inputs(_meta(cfg, path))
+        differ = sorted(k for k in inputs(meta).keys() | other.keys() if inputs(meta).get(k) != other.get(k))
+        if differ:
+            raise UserError(f"distill.teacher: {path} was trained on other data than {first} ({', '.join(differ)}); "
+                            f"an ensemble's teachers must read the same inputs and predict the same classes")
     return meta
 
 
-def check_match(cfg, teacher: dict, student: dict, name: str | None = None) -> None:
+def check_match(cfg, teacher: dict, student: dict) -> None:
     """The teacher (its meta from teacher_meta: the same task) must predict the student's tokens or classes."""
-    name = name or ",".join(teachers(cfg))
+    name = ",".join(teachers(cfg))
     for key, what in (("vocab", "vocabulary"), ("tokenizer", "tokenizer"), ("labels", "labels"),
                       ("num_classes", "class count")):
         if key in teacher and key in student and teacher[key] != student[key]:
@@ -111,10 +123,13 @@ def distill_loss(outputs: Callable, alpha: float, temperature: float) -> Callabl
         s_NV, y_N, w_N = outputs(student, batch, key)
         n = jnp.maximum(w_N.sum(), 1.0)
         hard = (optax.softmax_cross_entropy_with_integer_labels(s_NV, y_N) * w_N).sum() / n
-        t_logp_KNV = jnp.stack([jax.nn.log_softmax(jax.lax.stop_gradient(outputs(t, batch, None)[0]) / temperature)
-                                for t in teachers])
-        # log of the mean probability; for one teacher exactly its log-softmax
-        t_logp_NV = jax.nn.logsumexp(t_logp_KNV, axis=0) - jnp.log(len(teachers))
+        # log of the mean probability, summed one teacher at a time (N x V live, not K x N x V);
+        # for one teacher exactly its log-softmax
+        t_logp_NV = None
+        for t in teachers:
+            logp_NV = jax.nn.log_softmax(jax.lax.stop_gradient(outputs(t, batch, None)[0]) / temperature)
+            t_logp_NV = logp_NV if t_logp_NV is None else jnp.logaddexp(t_logp_NV, logp_NV)
+        t_logp_NV = t_logp_NV - jnp.log(len(teachers))
         s_logp_NV = jax.nn.log_softmax(s_NV / temperature)
         kl_N = (jnp.exp(t_logp_NV) * (t_logp_NV - s_logp_NV)).sum(-1)
         soft = (kl_N * w_N).sum() / n

@@ -120,9 +120,10 @@ def run(cfg) -> dict:
         # The data reads what the source gave (tokenizer, labels): from the source when starting, from
         # this run's own checkpoint when resuming a run that started from another.
         inherited = init_from.source_meta(cfg) if starting else \
-            checkpoint.peek_meta(out_dir) if own and cfg.init_from else \
+            checkpoint.peek_meta(out_dir) if own and (cfg.init_from or cfg.data.get("tokenizer_from")) else \
             distill.teacher_meta(cfg) if distill.enabled(cfg) else None  # a student reads the teacher's tokens
-        inherited = init_from.with_tokenizer(cfg, inherited)
+        if not own:  # a resumed run reads its own checkpoint's tokenizer, whatever became of the source
+            inherited = init_from.with_tokenizer(cfg, inherited)
         task = tasks.load(cfg, inherited)
         meta = {"config": OmegaConf.to_container(cfg, resolve=True), "task": task.name, "dims": task.dims,
                 **task.meta}

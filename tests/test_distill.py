@@ -125,11 +125,15 @@ def test_an_ensemble_of_teachers_is_distilled_through_its_mean_probability():
 def test_a_student_distils_from_a_list_of_runs_which_must_read_the_same_tokens(teacher, tmp_path, text_file):
     second = str(tmp_path / "second")
     run(compose(TINY + STUDENT + [f"data.path={text_file}", f"out_dir={second}", "steps=10"]))
-    out = str(tmp_path / "student")
-    run(compose(TINY + STUDENT + [f"data.path={text_file}", f"out_dir={out}", "steps=10", "log_every=5",
-                                  f"distill.teacher=[{teacher},{second}]"]))
-    rows = metrics.read(os.path.join(out, "metrics.jsonl"))
-    assert [r["step"] for r in rows if "train_kl" in r] == [5, 10] and load_run(out).cfg.distill.teacher[1] == second
+    first_kl = {}
+    for name, teachers in (("one", teacher), ("twice", f"[{teacher},{teacher}]"), ("both", f"[{teacher},{second}]")):
+        out = str(tmp_path / name)
+        run(compose(TINY + STUDENT + [f"data.path={text_file}", f"out_dir={out}", "steps=1", "log_every=1",
+                                      f"distill.teacher={teachers}"]))
+        first_kl[name] = metrics.read(os.path.join(out, "metrics.jsonl"))[0]["train_kl"]
+    assert first_kl["twice"] == pytest.approx(first_kl["one"], rel=1e-5)  # the same student, the same batch
+    assert first_kl["both"] != pytest.approx(first_kl["one"], rel=1e-3)  # the second teacher is read
+    assert load_run(str(tmp_path / "both")).cfg.distill.teacher[1] == second
     other = tmp_path / "other.txt"
     other.write_text(make_text(seed=3).upper())
     upper = str(tmp_path / "upper")
@@ -137,4 +141,9 @@ def test_a_student_distils_from_a_list_of_runs_which_must_read_the_same_tokens(t
     proc = run_cli("train.py", *TINY, *STUDENT, f"data.path={text_file}", f"out_dir={tmp_path / 's2'}",
                    f"distill.teacher=[{teacher},{upper}]")
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert f"distill.teacher={upper} has another vocabulary" in proc.stderr and not (tmp_path / "s2").exists()
+    assert f"distill.teacher: {upper} was trained on other data than {teacher} (dims, vocab)" in proc.stderr
+    assert not (tmp_path / "s2").exists()
+    proc = run_cli("train.py", *TINY, *STUDENT, f"data.path={text_file}", "distill.teacher=2024")
+    assert proc.returncode == 2 and "holds no checkpoint" in proc.stderr, proc.stderr  # a number is a path
+    proc = run_cli("train.py", *TINY, *STUDENT, f"data.path={text_file}", "distill.teacher={a:1}")
+    assert proc.returncode == 2 and "must be a run directory or a list of them" in proc.stderr, proc.stderr

@@ -143,18 +143,24 @@ def test_an_lstm_reads_an_encoders_tokenizer_and_an_encoder_distils_from_both(tm
                                 "steps=1", f"out_dir={tmp_path / 'bad'}"]))
     assert not (tmp_path / "bad").exists()
 
+    # a resumed run reads its own checkpoint's tokenizer: the source may have moved on
+    os.rename(enc, enc + ".moved")
+    assert run(compose(RNN_TEXT + ["model.bidirectional=true", f"data.path={train}", "steps=6", "data.vocab_size=90",
+                                   f"data.tokenizer_from={enc}", f"out_dir={lstm}"]))["step"] == 6
+    os.rename(enc + ".moved", enc)
+
     # predict.py averages the class probabilities of runs that read their own tokens
     texts = tmp_path / "texts.txt"
     texts.write_text("the movie was wonderful\nawful and boring plot\n")
     probs = []
-    for runs in (enc, own, f"{enc},{own}"):
-        proc = run_cli("predict.py", f"out_dir={runs}", f"path={texts}")
+    for runs in ([enc], [own], [enc, own]):
+        proc = run_cli("predict.py", *(f"out_dir={r}" for r in runs), f"path={texts}")
         assert proc.returncode == 0, proc.stderr[-2000:]
         probs.append([json.loads(line)["probs"] for line in proc.stdout.splitlines()])
     for a, b, both in zip(*probs, strict=True):
         for label in ("0", "1"):
             assert both[label] == pytest.approx((a[label] + b[label]) / 2, abs=1e-6)
-    for runs, extra, message in ((f"{enc},{lm}", [], "predict.py serves regressors and classifiers"),
-                                 (f"{enc},{own}", ["step=4"], "step= picks one run's checkpoint")):
-        proc = run_cli("predict.py", f"out_dir={runs}", f"path={texts}", *extra)
+    for runs, extra, message in (([enc, lm], [], "predict.py serves regressors and classifiers"),
+                                 ([enc, own], ["step=4"], "step= picks one run's checkpoint")):
+        proc = run_cli("predict.py", *(f"out_dir={r}" for r in runs), f"path={texts}", *extra)
         assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr

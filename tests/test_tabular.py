@@ -275,11 +275,20 @@ def test_predict_py_gives_target_units_labels_and_refuses_other_columns(tmp_path
     assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1
     assert "missing age" in bad.stderr and "not in training colour" in bad.stderr
 
-    with open(path) as f:  # an ensemble reads stdin once and averages in target units
-        twice = run_cli("predict.py", f"out_dir={out},{out}", stdin=f)
-    assert twice.returncode == 0, twice.stderr[-2000:]
-    np.testing.assert_allclose([json.loads(line)["prediction"] for line in twice.stdout.splitlines()], pred, rtol=1e-6)
-    mixed = run_cli("predict.py", f"out_dir={out},{cls}", f"path={rows}")
+    # an ensemble reads stdin once and averages in target units; run directories may hold commas
+    short = str(tmp_path / "reg,steps=30")
+    run(compose(TAB + [f"data.path={path}", "data.target=price", "data.features=[rooms,age]", f"out_dir='{short}'",
+                       "steps=30", "eval_every=30", "ckpt_every=30"]))
+    alone = run_cli("predict.py", f"out_dir={short}", f"path={path}")
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    other = np.array([json.loads(line)["prediction"] for line in alone.stdout.splitlines()])
+    assert np.abs(other - pred).mean() > 100  # a worse model: the mean below is not either run's
+    with open(path) as f:
+        both = run_cli("predict.py", f"out_dir={out}", f"out_dir={short}", stdin=f)
+    assert both.returncode == 0, both.stderr[-2000:]
+    np.testing.assert_allclose([json.loads(line)["prediction"] for line in both.stdout.splitlines()],
+                               (pred + other) / 2, rtol=1e-5)
+    mixed = run_cli("predict.py", f"out_dir={out}", f"out_dir={cls}", f"path={rows}")
     assert mixed.returncode == 2 and "predict different things" in mixed.stderr, mixed.stderr
 
 
