@@ -226,7 +226,7 @@ def test_init_from_loads_the_body_and_leaves_a_fresh_classifier(mlm_run, tmp_pat
     logged = capsys.readouterr().err
     assert "fresh: classifier/bias, classifier/kernel" in logged and "not used: mlm_head/" in logged
     src, new = load_run(mlm_run), load_run(out)
-    assert new.meta["tokenizer"] == src.meta["tokenizer"] and "(from init_from)" in logged
+    assert new.meta["tokenizer"] == src.meta["tokenizer"] and "(read from another run)" in logged
     s, n = src.state["params"], new.state["params"]
     for k in ("wte", "wpe", "blocks", "ln_f"):
         for x, y in zip(jax.tree.leaves(s[k]), jax.tree.leaves(n[k]), strict=True):
