@@ -46,6 +46,8 @@ def parse(argv: list[str]) -> dict:
     args["out_dirs"] = out_dirs
     if "step" in args and not args["step"].isdigit():
         raise UserError(f"step={args['step']} must be a checkpoint's step number")
+    if "step" in args and len(out_dirs) > 1:
+        raise UserError("step= picks one run's checkpoint; with several out_dir= runs, drop it")
     return args
 
 
@@ -140,18 +142,19 @@ def ensemble_kind(runs, out_dirs: list[str]) -> str:
     """The input kind every run reads; UserError for a run predict.py does not serve, or runs that disagree."""
     from serving.predictor import kind_of
 
-    first = runs[0]
+    def predicts(run) -> tuple:
+        return (kind_of(run), run.task, *(run.meta.get(k) for k in ("labels", "num_classes", "target")))
+
+    first = predicts(runs[0])
     for run, d in zip(runs, out_dirs):
-        kind = kind_of(run)
-        if kind is None:
+        mine = predicts(run)
+        if mine[0] is None:
             raise UserError(f"{d} holds a task={run.task} model on data={run.cfg.data.kind}; predict.py serves "
                             f"regressors and classifiers of table rows, images or texts (sample.py: language models)")
-        if (kind, run.task, run.meta.get("labels"), run.meta.get("num_classes"), run.meta.get("target")) != (
-                kind_of(first), first.task, first.meta.get("labels"), first.meta.get("num_classes"),
-                first.meta.get("target")):
+        if mine != first:
             raise UserError(f"{d} and {out_dirs[0]} predict different things (task, labels or targets, inputs); "
                             f"an ensemble averages runs trained on the same task")
-    return kind_of(first)
+    return first[0]
 
 
 def mean_output(runs, outs: list):
@@ -183,10 +186,8 @@ def main(argv: list[str]) -> None:
         from serving.predictor import results, to_rows
 
         out_dirs = args["out_dirs"]
-        if len(out_dirs) > 1 and "step" in args:
-            raise UserError("step= picks one run's checkpoint; with several out_dir= runs, drop it")
         runs = [load_run(d, int(args["step"]) if "step" in args else None) for d in out_dirs]
-        kind, path = ensemble_kind(runs, out_dirs), args.get("path") and os.path.expanduser(args["path"])
+        kind = ensemble_kind(runs, out_dirs)
         if kind == "text":
             texts = text_inputs(args.get("text"), path)
             xs = [to_rows(run, kind, texts) for run in runs]

@@ -91,9 +91,10 @@ def teacher_meta(cfg) -> dict:
     # The student's data is built from the first teacher's meta, and every teacher reads its batches:
     # all of what the data contributed (tokenizer, labels, features and scaling, image statistics) must agree.
     inputs = lambda m: {k: v for k, v in m.items() if k not in ("config", "compression")}  # noqa: E731
+    want = inputs(meta)
     for path in others:
         other = inputs(_meta(cfg, path))
-        differ = sorted(k for k in inputs(meta).keys() | other.keys() if inputs(meta).get(k) != other.get(k))
+        differ = sorted(k for k in want.keys() | other.keys() if want.get(k) != other.get(k))
         if differ:
             raise UserError(f"distill.teacher: {path} was trained on other data than {first} ({', '.join(differ)}); "
                             f"an ensemble's teachers must read the same inputs and predict the same classes")
@@ -139,13 +140,13 @@ def distill_loss(outputs: Callable, alpha: float, temperature: float) -> Callabl
     return loss
 
 
-def load(cfg, mesh, task_module, student_meta: dict, task: str, log) -> Teacher | None:
-    """The runs' Teacher, restored onto `mesh`; None without distillation."""
+def load(cfg, mesh, task_module, teachers_meta: dict | None, student_meta: dict, task: str, log) -> Teacher | None:
+    """The runs' Teacher, restored onto `mesh`; None without distillation. teachers_meta: teacher_meta's."""
     if not enabled(cfg):
         return None
     from core.state import load_run
 
-    check_match(cfg, teacher_meta(cfg), student_meta)
+    check_match(cfg, teachers_meta, student_meta)
     if not hasattr(task_module, "outputs"):
         raise UserError(f"task={task} has no logits to distil (distillation covers lm, classify and mlm)")
     graphdefs, states = [], []

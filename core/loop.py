@@ -120,15 +120,16 @@ def run(cfg) -> dict:
         # The data reads what the source gave (tokenizer, labels): from the source when starting, from
         # this run's own checkpoint when resuming a run that started from another.
         inherited = init_from.source_meta(cfg) if starting else \
-            checkpoint.peek_meta(out_dir) if own and (cfg.init_from or cfg.data.get("tokenizer_from")) else \
-            distill.teacher_meta(cfg) if distill.enabled(cfg) else None  # a student reads the teacher's tokens
+            checkpoint.peek_meta(out_dir) if own and (cfg.init_from or cfg.data.get("tokenizer_from")) else None
+        teachers = distill.teacher_meta(cfg) if distill.enabled(cfg) else None  # read (and checked) once
+        inherited = inherited or teachers  # a student reads the teachers' tokens unless a source gave them
         if not own:  # a resumed run reads its own checkpoint's tokenizer, whatever became of the source
             inherited = init_from.with_tokenizer(cfg, inherited)
         task = tasks.load(cfg, inherited)
         meta = {"config": OmegaConf.to_container(cfg, resolve=True), "task": task.name, "dims": task.dims,
                 **task.meta}
         mesh = mesh_lib.make_mesh(cfg.mesh)
-        teacher = distill.load(cfg, mesh, config.module("task", cfg.task.name), meta, task.name, log)
+        teacher = distill.load(cfg, mesh, config.module("task", cfg.task.name), teachers, meta, task.name, log)
         built = setup(cfg, task.dims, task.loss_fn, mesh, teacher)
         loaded = init_from.load(cfg, built.spec, built.mesh, meta, log) if starting else None
         _prepare_out_dir(out_dir, fresh=not cfg.resume)
