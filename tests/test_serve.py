@@ -204,7 +204,13 @@ def test_auth_queue_limit_and_sigterm_drain(trained_run):
                 return err.status_code
 
         with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(long, [1000] * 4))  # one decodes, one waits, the rest find the queue full
+            base, deadline = server.metric("serve_generated_tokens"), time.time() + 60
+            first = pool.submit(long, 1000)
+            # Only once it decodes has it left the queue: otherwise the next one may find the queue full.
+            while server.metric("serve_generated_tokens") == base and time.time() < deadline:
+                time.sleep(0.01)
+            rest = list(pool.map(long, [1000] * 3))  # one waits, the rest find the queue full
+            answers = [first.result(), *rest]
         assert 429 in answers and sum(a != 429 for a in answers) >= 2
 
         with ThreadPoolExecutor(1) as pool:
