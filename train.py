@@ -4,7 +4,7 @@ A run's directory defaults to runs/<name>, plus the overrides that name it (core
 RESUME_SAFE), so rerunning a command resumes it and a different command is a different run.
 `-m` sweeps (Hydra's basic launcher) run every job in this process, each in its own directory
 under runs/sweeps/<name>/; a failing job is recorded there (FAILED), a job another process holds
-is skipped, and the sweep goes on; the exit status is the number of failed and skipped jobs.
+is skipped, and the sweep goes on; the exit status is the number of failed and skipped jobs (at most 100).
 """
 from core import runtime
 

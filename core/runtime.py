@@ -1,4 +1,4 @@
-"""Process-wide settings, in one place, applied by the mains (train.py, sample.py, the benchmarks) only.
+"""Process-wide settings, in one place, applied by the main scripts and the benchmarks only.
 
 - Huge pages: the process re-executes itself once with glibc's `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
   (read only at process start), so XLA-CPU's large per-call buffers are not faulted in and zeroed

@@ -1,4 +1,5 @@
-"""Character-level text: a corpus tokenised once into arrays; windows are pure functions of (seed, step).
+"""LM text (characters, byte-level BPE or a tokenizer file): a corpus tokenised once into arrays;
+windows are pure functions of (seed, step).
 
 There is no iterator state: the window starts of the global batch at `step` come from a
 counter-based RNG keyed on (seed, step), and each process gathers only its own rows. Resume,

@@ -2,8 +2,9 @@
 
 Inputs are read from the run's meta alone, as the training rows were: table rows as objects
 ({"feature": value}), images as nested lists (H x W x C or H x W, the training pixels' units) or
-base64 PNG strings, texts as strings (WordPiece runs). Concurrent requests are gathered for a short
-window into one batch, run in fixed row buckets compiled at start-up, and split back.
+base64 PNG strings, texts as strings (WordPiece runs). Concurrent requests are gathered into one
+batch (what queued meanwhile, or for `batch_wait_ms`), run in fixed row buckets compiled at
+start-up, and split back.
 """
 import base64
 import io

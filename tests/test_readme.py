@@ -8,7 +8,7 @@ from core.loop import run
 
 README = open(os.path.join(ROOT, "README.md")).read()
 DOCS = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
-PAGES = [os.path.join(ROOT, "README.md")] + DOCS
+PAGES = [os.path.join(ROOT, "README.md")] + DOCS + sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.md")))
 MAIN_COMMAND = "python train.py +experiment=shakespeare_char_cpu"
 
 
