@@ -172,14 +172,18 @@ def prepare(cfg, progress=None) -> tuple[dict, bool]:
     source = _Source(cfg)
     file_tokenizer = "" if cfg.tokenizer in ("char", "bpe") else tokenizers.from_files(cfg.tokenizer)
     fp = fingerprint(source.described, cfg, file_tokenizer)
-    existing = read_meta(dest) if os.path.isdir(dest) else None
+    existing = _dataset_meta(dest)
     if existing is not None and existing.get("fingerprint") == fp:
         print(f"{dest} is up to date ({existing['train_tokens']:,} + {existing['val_tokens']:,} tokens); nothing to do",
               file=sys.stderr)
         return existing, False
-    if os.path.exists(dest) and not cfg.overwrite:
-        what = "a dataset of other input or settings" if existing is not None else "other files"
-        raise UserError(f"dest={dest} holds {what}; pass overwrite=true to replace it, or another dest")
+    if existing is None and os.path.exists(dest) and not (os.path.isdir(dest) and not os.listdir(dest)):
+        # overwrite=true replaces a dataset, never a run or anything else a mistyped dest names
+        raise UserError(f"dest={dest} holds other files than a prepared dataset; not replacing them, even with "
+                        f"overwrite=true: pass another dest")
+    if existing is not None and not cfg.overwrite:
+        raise UserError(f"dest={dest} holds a dataset of other input or settings; pass overwrite=true to replace "
+                        f"it, or another dest")
     parent = os.path.dirname(dest)
     if not os.access(parent if os.path.isdir(parent) else os.path.dirname(parent), os.W_OK):
         raise UserError(f"cannot write beside dest={dest}; pass a dest in a writable directory")
@@ -204,12 +208,14 @@ def prepare(cfg, progress=None) -> tuple[dict, bool]:
                             f"{meta['val_tokens']} validation tokens; give more text or another val_fraction")
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        if os.path.exists(dest):  # overwrite: the old dataset goes only once the new one is complete
+        if existing is not None:  # overwrite: the old dataset goes only once the new one is complete
             old = f"{dest}.old-{os.getpid()}"
             os.rename(dest, old)
             os.rename(tmp, dest)
             shutil.rmtree(old)
         else:
+            if os.path.isdir(dest):  # an empty directory
+                os.rmdir(dest)
             os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -269,6 +275,15 @@ def _write(cfg, source: _Source, codec, dtype, tmp: str, progress) -> dict:
         for f in outs.values():
             f.close()
     return counts
+
+
+def _dataset_meta(dest: str) -> dict | None:
+    """dest's meta when dest is a prepared dataset (a meta.json of this format), else None."""
+    try:
+        meta = read_meta(dest) if os.path.isdir(dest) else None
+    except (OSError, ValueError):  # unreadable or not JSON: not a dataset of ours
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
 def read_meta(directory: str) -> dict | None:

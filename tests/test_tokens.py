@@ -118,6 +118,15 @@ def test_char_prepare_round_trips_and_a_rerun_is_a_no_op(corpus_dir, tmp_path):
     assert prepare(f"input={corpus_dir}/*.txt", "tokenizer=char", "val_fraction=0.2", f"dest={dest}",
                    "overwrite=true").returncode == 0
     assert sorted(os.listdir(tmp_path)) == ["char"]
+    # overwrite=true replaces datasets only: a run directory or a file at dest stays as it was
+    run_dir, note = tmp_path / "run", tmp_path / "note.txt"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    note.write_text("keep")
+    for target in (run_dir, note):
+        proc = prepare(f"input={corpus_dir}/*.txt", "tokenizer=char", f"dest={target}", "overwrite=true")
+        assert "holds other files than a prepared dataset" in one_line_error(proc)
+    assert sorted(os.listdir(tmp_path)) == ["char", "note.txt", "run"] and note.read_text() == "keep"
+    assert os.listdir(run_dir) == ["checkpoints"]
 
 
 def test_a_prepare_killed_midway_then_rerun_writes_what_an_uninterrupted_one_does(corpus_dir, bpe_dataset, tmp_path):
