@@ -194,15 +194,15 @@ def _check_layout(mngr: ocp.CheckpointManager, step: int, target) -> None:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, target, check_meta=None, step: int | None = None,
-                   set_aside: bool = True):
-    """(step, state, meta) of the newest readable checkpoint (or of `step`); None if there is none.
+                   set_aside: bool = True, newest: int | None = None):
+    """(step, state, meta) of the newest readable checkpoint (or of `step`; none above `newest`); None if none.
 
     check_meta(meta) runs before the state is read and may raise UserError (e.g. another model).
     A checkpoint that fails to read is reported with a warning and the previous one is tried (the
     unreadable ones are then moved aside if `set_aside`, so training can save those steps again);
     if checkpoints exist but none reads, that is an error, never a silent fresh start.
     """
-    steps = sorted(mngr.all_steps(), reverse=True)
+    steps = sorted((s for s in mngr.all_steps() if newest is None or s <= newest), reverse=True)
     if step is not None:
         if step not in steps:
             raise UserError(f"no checkpoint at step {step} in {mngr.directory}; available: {sorted(steps)}")

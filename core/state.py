@@ -5,6 +5,7 @@ checkpoint carries its config and what the data contributed (vocab; class count,
 normalisation), so nothing else is needed.
 """
 import os
+import sys
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import Any, Callable
@@ -18,7 +19,7 @@ import model as models
 from core import checkpoint, mesh as mesh_lib, prune
 from core.optim import make_optimizer, schedule
 from core.step import Runner, compile_steps, init_state
-from errors import UserError
+from errors import UserError, first_line
 
 
 @dataclass
@@ -121,12 +122,21 @@ def load_run(out_dir: str, step: int | None = None, mesh=None) -> Run:
         raise UserError(f"{out_dir} holds no complete checkpoint; train first or wait for the first save")
     if step is not None and step not in steps:
         raise UserError(f"no checkpoint at step {step} in {out_dir}; available: {steps}")
-    meta = checkpoint.read_meta(mngr, step if step is not None else steps[-1])
+    for newest in [step] if step is not None else steps[::-1]:  # the newest checkpoint whose meta reads
+        try:
+            meta = checkpoint.read_meta(mngr, newest)
+            break
+        except Exception as e:  # noqa: BLE001 - a damaged file surfaces as many error types
+            print(f"warning: checkpoint step {newest} in {out_dir} is unreadable ({type(e).__name__}: "
+                  f"{first_line(e, 160)}); falling back to an earlier one", file=sys.stderr)
+    else:
+        raise UserError(f"no readable checkpoint in {out_dir} (tried steps {steps[::-1] if step is None else [step]}); "
+                        f"pass another step= or retrain")
     cfg = OmegaConf.create(meta["config"])
     mesh = mesh or mesh_lib.make_mesh(OmegaConf.create({"data": -1, "fsdp": 1}))
     spec = state_spec(cfg, run_dims(meta), mesh)
     restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(spec.abstract, spec.shardings), step=step,
-                                          set_aside=False)
+                                          set_aside=False, newest=newest)
     mngr.close()
     step_found, state, meta = restored
     return Run(cfg, meta, step_found, nnx.merge(spec.graphdef, state["params"], state["rest"]), state)

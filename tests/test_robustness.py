@@ -106,6 +106,19 @@ def test_damaged_latest_checkpoint_falls_back_with_a_warning_then_all_damaged_is
     assert loop.run(compose(base + ["steps=10", "resume=false"]))["step"] == 10  # explicit fresh start
 
 
+def test_reloading_a_run_whose_newest_meta_is_damaged_uses_the_one_before(tmp_path, text_file, capsys):
+    from core.state import load_run
+
+    out = str(tmp_path / "run")
+    loop.run(compose(TINY + [f"data.path={text_file}", f"out_dir={out}", "ckpt_every=10", "steps=20"]))
+    with open(os.path.join(out, "checkpoints", "20", "meta", "metadata"), "r+") as f:
+        f.truncate(5)  # sample.py, predict.py, serve.py, export.py and compress.py all reload with load_run
+    assert load_run(out).step == 10
+    assert "checkpoint step 20" in capsys.readouterr().err
+    with pytest.raises(UserError, match="no readable checkpoint .* pass another step="):
+        load_run(out, step=20)
+
+
 def test_config_changes_between_runs(tmp_path, text_file):
     out = str(tmp_path / "run")
     base = TINY + [f"data.path={text_file}", f"out_dir={out}"]
