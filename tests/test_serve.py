@@ -267,6 +267,27 @@ def scheduled(model, prompts, n_tokens, samplings, *, slots=4, chunk=3):
     return out, (params, rest)
 
 
+@pytest.mark.parametrize("stop", [[], ["本b"]])
+def test_streamed_text_holds_back_a_character_until_its_last_byte_token(stop):
+    """Byte-level BPE can split one character over tokens: the stream must not send U+FFFD for it."""
+    from serving.scheduler import Choice, Job, Scheduler
+
+    scheduler = Scheduler.__new__(Scheduler)  # _report alone: no programs, no thread
+    scheduler.decode_text, scheduler._free = (lambda tokens: bytes(tokens).decode("utf-8", "replace")), (lambda c: None)
+    sent = []
+    choice = Choice(0, np.zeros(1, np.int32), 0)
+    job = Job([choice], 100, 1.0, 0, 1.0, stop, True, lambda kind, i, payload: sent.append((kind, payload)))
+    for byte in "a日本bc\u00e9".encode():  # one token per byte
+        choice.tokens.append(byte)
+        scheduler._report(choice, job)
+        if choice.finish:
+            break
+    texts = [payload for kind, payload in sent if kind == "text"]
+    assert "".join(texts) == ("a日" if stop else "a日本bcé") and "\ufffd" not in "".join(texts)
+    assert len(texts) >= 2  # streamed as it decodes, not at the end
+    assert sent[-1] == ("done", ("stop", 8)) if stop else all(kind == "text" for kind, _ in sent)
+
+
 @pytest.mark.parametrize("family", ["rnn", "transformer"])
 def test_the_scheduler_equals_the_scan_sampler_for_each_family_and_mixed_prompt_lengths(family):
     """The RNN's carry, and the transformer's reference attention (the GPU/TPU path), batched over slots."""
