@@ -171,7 +171,7 @@ def create_app(service: Service) -> FastAPI:
                                  f"{service.limits.max_prompt_tokens}", "prompt")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         seed = c.seed if c.seed is not None else int.from_bytes(os.urandom(4), "little") >> 2
-        choices = [Choice(i * c.n + j, p, seed + j) for i, p in enumerate(prompts)
+        choices = [Choice(i * c.n + j, p, seed + i * c.n + j) for i, p in enumerate(prompts)  # each its own seed
                    for j in range(c.n)]
         job = Job(choices, c.max_tokens, c.temperature, c.top_k, c.top_p, c.stop, c.stream,
                   emit=lambda *event: loop.call_soon_threadsafe(events.put_nowait, event))

@@ -94,6 +94,9 @@ def test_streaming_yields_the_non_streaming_text(lm):
             finish[ch.index] = ch.finish_reason or finish.get(ch.index)
     assert [pieces[i] for i in (0, 1)] == [ch.text for ch in whole.choices]
     assert finish == {0: "length", 1: "length"} and whole.choices[0].text != whole.choices[1].text
+    # several prompts: the choice with index k uses seed + k, the same prompt twice samples twice
+    twice = c.completions.create(model="run", prompt=["Good", "Good"], max_tokens=30, temperature=1.0, seed=11)
+    assert [ch.text for ch in twice.choices] == [ch.text for ch in whole.choices]
 
 
 def test_a_stop_string_ends_the_choice_and_is_not_returned(lm):
