@@ -5,7 +5,8 @@ Writes DIR, a new run directory whose dense weights are int8 with per-output-cha
 the weights only; int8_dynamic the activations too (per token). embeddings=true quantizes the token
 embedding (a transformer's output head too). DIR/compression.json holds the validation metrics, weight
 bytes and speed before and after. Options: step=N (default: the latest checkpoint), overwrite=true
-(replace an earlier compressed run at dest), cpu_threads=N (for the speed figures). The run is written
+(replace an earlier compressed run at dest), cpu_threads=N (for the speed figures), data_path=FILE
+(evaluate on this copy of the training data when the run's has moved). The run is written
 beside dest and renamed onto it only once complete.
 """
 from core import runtime

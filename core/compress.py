@@ -117,17 +117,29 @@ def refuse_training(out_dir: str) -> None:
                         f"or pick another out_dir=")
 
 
+def data_config(run_cfg, data_path: str | None):
+    """The run's config to evaluate with: its data.path replaced by data_path, or a one-line error if it is gone."""
+    path = run_cfg.data.get("path")
+    if data_path:
+        run_cfg = OmegaConf.merge(run_cfg, {"data": {"path": os.path.abspath(os.path.expanduser(data_path))}})
+    elif path and not os.path.exists(os.path.expanduser(path)):
+        raise UserError(f"the run trained on data.path={path}, which is gone; pass data_path=FILE (the same "
+                        f"data) to evaluate the compressed run")
+    return run_cfg
+
+
 def run(cfg) -> dict:
     """Quantize `cfg.out_dir` into `cfg.dest` (CompressConfig); returns the report written to compression.json."""
     dest = check_dest(cfg.dest, cfg.overwrite, marker=REPORT, what="compressed run")
     source = os.path.abspath(os.path.expanduser(cfg.out_dir))
     src = load_run(source, cfg.step)
     qcfg = quantized_config(src.cfg, cfg.method, cfg.embeddings, source, dest)
-    task = tasks.load(src.cfg, src.meta)  # the run's own data and validation batches, its tokens and labels
-    changed = sorted(k for k, v in task.meta.items() if src.meta.get(k) != v)
+    task = tasks.load(data_config(src.cfg, cfg.data_path), src.meta)  # the run's data, its tokens and labels
+    # an imported run's meta has only its tokenizer: what it lacks cannot differ
+    changed = sorted(k for k, v in task.meta.items() if k in src.meta and src.meta[k] != v)
     if changed:
         raise UserError(f"the data the run's config names differs from what it trained on ({', '.join(changed)}); "
-                        f"put the training data back at data.path to evaluate the compressed run")
+                        f"pass data_path= the file it trained on to evaluate the compressed run")
     built, qbuilt = setup(src.cfg, task.dims, task.loss_fn), setup(qcfg, task.dims, task.loss_fn)
     params, done = quant.quantize_params(src.state["params"], qbuilt.spec.abstract["params"])
     qstate = {**src.state, "params": params, "opt_state": qbuilt.spec.tx.init(params)}

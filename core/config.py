@@ -161,6 +161,7 @@ class CompressConfig:
     dest: Optional[str] = None  # the run directory to write: complete or not there at all
     overwrite: bool = False  # replace dest if it holds an earlier compressed run
     embeddings: bool = False  # quantize the token embedding too (a transformer's is its output head as well)
+    data_path: Optional[str] = None  # evaluate on this file, not the run's data.path (the data moved)
     # XLA-CPU threads while measuring both models' speed: None picks as sample.py does for the float run.
     cpu_threads: Optional[int] = None
     compile_cache: Optional[str] = "auto"

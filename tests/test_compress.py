@@ -169,6 +169,21 @@ def test_an_mlp_classifier_compresses_with_its_accuracy_reported(tmp_path, monke
     assert np.max(np.abs(np.asarray(q_run.model(x_BF)) - want)) <= 0.05 * np.max(np.abs(want))
 
 
+def test_a_run_whose_data_moved_is_evaluated_on_data_path(tmp_path, text_file, monkeypatch):
+    from conftest import TINY
+
+    moved, src = tmp_path / "input.txt", str(tmp_path / "run")
+    moved.write_text(open(text_file).read())
+    run(compose(TINY + [f"data.path={moved}", f"out_dir={src}", "steps=2", "eval_every=2"]))
+    moved.unlink()
+    monkeypatch.setattr(compress, "MIN_SECONDS", 0.0)
+    with pytest.raises(UserError, match="which is gone; pass data_path=FILE"):
+        compress.run(compose([f"out_dir={src}", f"dest={tmp_path / 'q'}"], "compress"))
+    assert not (tmp_path / "q").exists()
+    report = compress.run(compose([f"out_dir={src}", f"dest={tmp_path / 'q'}", f"data_path={text_file}"], "compress"))
+    assert abs(report["val_loss_after"] - report["val_loss_before"]) < 0.01
+
+
 @pytest.mark.parametrize("case, expected", [
     ("no_checkpoint", "holds no checkpoints"),
     ("method", "method=int4 is not one of int8, int8_dynamic"),

@@ -106,6 +106,17 @@ def test_imported_runs_are_normal_runs(runs):
     assert sorted(os.listdir(runs)) == ["bf16", "hf", "hf_bin", "nano"]  # nothing staged is left beside them
 
 
+def test_an_imported_gpt2_run_compresses(runs, tmp_path, monkeypatch):
+    """Its meta holds only the tokenizer: evaluated on the config's text (tiny Shakespeare) in its BPE."""
+    from core import compress
+    from conftest import compose
+
+    monkeypatch.setattr(compress, "MIN_SECONDS", 0.0)
+    report = compress.run(compose([f"out_dir={runs / 'hf'}", f"dest={tmp_path / 'q'}"], "compress"))
+    assert np.isfinite(report["val_loss_before"]) and abs(report["val_loss_after"] - report["val_loss_before"]) < 0.05
+    assert load_run(str(tmp_path / "q")).meta["tokenizer"] == load_run(str(runs / "hf")).meta["tokenizer"]
+
+
 @pytest.mark.parametrize("name,prompt", [("nano", "ROMEO:"), ("hf", "To be")])
 def test_sample_py_reads_an_imported_run(runs, name, prompt):
     out = run_cli("sample.py", f"out_dir={runs / name}", "max_new_tokens=8", "num_samples=2", f"prompt={prompt}")
