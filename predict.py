@@ -95,8 +95,11 @@ def image_inputs(meta: dict, path: str | None):
     except (ValueError, OSError) as e:
         raise UserError(f"{path} is not a readable .npy array ({e})") from None
     x = x[..., None] if x.ndim == 3 else x
-    if list(x.shape[1:]) != list(meta["image_shape"]):
-        raise UserError(f"{path} holds images of shape {x.shape[1:]}; the model reads {tuple(meta['image_shape'])}")
+    if list(x.shape[1:]) != list(meta["image_shape"]) or not len(x):
+        raise UserError(f"{path} holds {len(x)} images of shape {x.shape[1:]}; the model reads N >= 1 of "
+                        f"{tuple(meta['image_shape'])}")
+    if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
+        raise UserError(f"{path} holds values that are not finite numbers (NaN, inf); pass pixel values")
     return normalise(x, meta["mean"], meta["std"])
 
 

@@ -57,6 +57,8 @@ async def read_json(request: Request, limit: int):
         return json.loads(b"".join(chunks) or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise req.BadRequest(f"the body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise req.BadRequest("the body's JSON is nested too deeply") from None
 
 
 async def next_event(queue: asyncio.Queue, request: Request):

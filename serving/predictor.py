@@ -45,6 +45,8 @@ def _image(item, shape: list, i: int) -> np.ndarray:
         except (ValueError, TypeError):
             raise UserError(f"inputs[{i}] is not a rectangular array of numbers") from None
     img = img[..., None] if img.ndim == 2 else img
+    if not np.isfinite(img).all():
+        raise UserError(f"inputs[{i}] holds values that are not finite numbers (NaN, inf); send pixel values")
     if list(img.shape) != list(shape):
         raise UserError(f"inputs[{i}] has shape {list(img.shape)}; the model reads images of {shape} (H x W x C)")
     return img

@@ -106,9 +106,9 @@ def completion(body, limits: Limits) -> Completion:
         raise BadRequest("stream_options may hold only include_usage", "stream_options")
     seed = body.get("seed")
     if seed is not None:
-        seed = _int(body, "seed", None, -(2 ** 31), 2 ** 31 - 1 - n)
+        seed = _int(body, "seed", None, -(2 ** 31), 2 ** 31 - len(prompts) * n)  # choice k samples with seed + k
     return Completion(prompts, _int(body, "max_tokens", 16, 1, limits.max_tokens), temperature, top_p,
-                      _int(body, "top_k", 0, 0), n, stop, seed, _bool(body, "stream"),
+                      _int(body, "top_k", 0, 0, 2 ** 31 - 1), n, stop, seed, _bool(body, "stream"),
                       bool(options.get("include_usage")), _bool(body, "echo"))
 
 

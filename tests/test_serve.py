@@ -143,6 +143,9 @@ BAD = [  # (body, status, words the message must hold)
     ({"prompt": "a" * 17}, 400, "17 tokens"),
     ({"prompt": "a", "model": "gpt-4"}, 404, "gpt-4"),
     ({"prompt": "a" * 5000}, 413, "bytes"),
+    (b"[" * 2000 + b"]" * 2000, 400, "nested too deeply"),
+    ({"prompt": "a", "top_k": 2 ** 31}, 400, "top_k"),
+    ({"prompt": "a", "seed": 2 ** 31 - 1, "n": 2}, 400, "seed"),
 ]
 
 

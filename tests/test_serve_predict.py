@@ -100,7 +100,7 @@ def png(image_HWC: np.ndarray) -> str:
 
 def test_images_as_lists_or_png_and_texts_predict_as_the_model_does(tmp_path_factory):
     images = quadrant_images(tmp_path_factory.mktemp("img") / "q.npz")
-    cnn, _ = train(tmp_path_factory, CNN_TINY + [f"data.path={images}"], "cnn")
+    cnn, cnn_dir = train(tmp_path_factory, CNN_TINY + [f"data.path={images}"], "cnn")
     x = np.load(images)["x"][:3]
     assert kind_of(cnn) == "image"
     as_lists, as_png = to_rows(cnn, "image", x.tolist()), to_rows(cnn, "image", [png(i) for i in x])
@@ -114,6 +114,14 @@ def test_images_as_lists_or_png_and_texts_predict_as_the_model_does(tmp_path_fac
         to_rows(cnn, "image", [np.zeros((5, 5, 3)).tolist()])
     with pytest.raises(UserError, match="base64 PNG"):
         to_rows(cnn, "image", ["not an image"])
+    with pytest.raises(UserError, match="not finite numbers"):  # JSON's 1e999 is inf: no NaN probabilities back
+        to_rows(cnn, "image", [np.full(x.shape[1:], np.inf).tolist()])
+    folder = tmp_path_factory.mktemp("npy")
+    for name, bad in (("inf.npy", np.full((2, *x.shape[1:]), np.inf, np.float32)), ("empty.npy", x[:0])):
+        np.save(folder / name, bad)
+        cli = run_cli("predict.py", f"out_dir={cnn_dir}", f"path={folder / name}")
+        assert cli.returncode == 2 and not cli.stdout and len(cli.stderr.strip().splitlines()) == 1, cli.stderr
+        assert ("not finite numbers" if name == "inf.npy" else "holds 0 images") in cli.stderr
 
     d = tmp_path_factory.mktemp("sst")
     train_tsv, dev_tsv = write_sentiment(d / "train.tsv", 300, 0), write_sentiment(d / "dev.tsv", 50, 1)
