@@ -21,11 +21,33 @@ def find_runs(root: str) -> list[str]:
     return sorted(runs)
 
 
+HIGHER_IS_BETTER = ("acc", "f1", "r2")  # metric names holding these rank descending, the rest ascending
+
+
 def _rows(path: str) -> list[dict]:
+    """A run's metrics.jsonl; a torn line (a killed writer, or a run still being written) is skipped."""
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def _steps_wanted(run_dir: str):
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return None
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.load(path).get("steps")
+    except Exception:  # noqa: BLE001 - an unparsable config only leaves the status unknown ("partial")
+        return None
 
 
 def summarize(run_dir: str, root: str, metric: str, higher_is_better: bool) -> dict:
@@ -33,12 +55,8 @@ def summarize(run_dir: str, root: str, metric: str, higher_is_better: bool) -> d
     evals = [(r["step"], r[metric]) for r in rows if r.get(metric) is not None]
     rate_key = next((k for r in rows for k in r if k.endswith("_per_s")), "tokens_per_s")  # tokens, images...
     speeds = [r[rate_key] for r in rows if r.get(rate_key)]
-    steps_wanted = None
-    if os.path.exists(os.path.join(run_dir, "config.yaml")):
-        from omegaconf import OmegaConf
-
-        steps_wanted = OmegaConf.load(os.path.join(run_dir, "config.yaml")).get("steps")
-    last_step = max((r["step"] for r in rows), default=0)
+    steps_wanted = _steps_wanted(run_dir)
+    last_step = max((r["step"] for r in rows if isinstance(r.get("step"), int)), default=0)
     if os.path.exists(os.path.join(run_dir, "FAILED")):
         status = "failed"
     else:
@@ -66,6 +84,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dir", help="a sweep directory (runs/sweeps/NAME) or any folder of run directories")
     parser.add_argument("--metric", default="val_loss", help="the eval metric to rank by (default val_loss)")
+    parser.add_argument("--mode", choices=("auto", "min", "max"), default="auto",
+                        help="rank ascending (min) or descending (max); auto: max for accuracy, F1 and R2")
     parser.add_argument("--out", default=None, help="where to write report.csv/.md and val_curves.png (default DIR)")
     args = parser.parse_args(argv)
     root = os.path.abspath(args.dir)
@@ -76,22 +96,33 @@ def main(argv=None) -> int:
     if not runs:
         print(f"error: no runs under {root} (no metrics.jsonl or FAILED files); train first", file=sys.stderr)
         return 2
-    higher = "acc" in args.metric
+    higher = args.mode == "max" or (args.mode == "auto" and any(h in args.metric for h in HIGHER_IS_BETTER))
     table = [summarize(r, root, args.metric, higher) for r in runs]
+    if not any(t["curve"] for t in table):
+        logged = sorted({k for r in runs for row in _rows(os.path.join(r, "metrics.jsonl")) for k in row
+                         if k.startswith("val_")})
+        if logged:
+            print(f"error: no run logged {args.metric}; pass --metric one of {', '.join(logged)}", file=sys.stderr)
+            return 2
     best = f"best_{args.metric}"
     table.sort(key=lambda t: (t[best] is None, -(t[best] or 0) if higher else (t[best] or 0)))
     columns = [c for c in table[0] if c != "curve"]
 
     out = os.path.abspath(args.out or root)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "report.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(table)
     markdown = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     markdown += ["| " + " | ".join(_fmt(t[c]) for c in columns) + " |" for t in table]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(markdown) + "\n")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "report.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(table)
+        with open(os.path.join(out, "report.md"), "w") as f:
+            f.write("\n".join(markdown) + "\n")
+    except OSError as e:
+        print(f"error: cannot write the report to {out} ({e.strerror}); pass --out DIR, a writable directory",
+              file=sys.stderr)
+        return 2
     print("\n".join(markdown))
 
     import matplotlib

@@ -1,5 +1,6 @@
 """Sweeps: Hydra multirun jobs get their own directories, failures are recorded, reruns skip, reports read."""
 import csv
+import json
 import os
 
 import pytest
@@ -72,6 +73,27 @@ def test_report_ranks_the_runs_and_plots_their_curves(sweep):
     with Image.open(os.path.join(root, "val_curves.png")) as image:
         assert image.size == (800, 500)
     assert run_cli("report.py", os.path.join(root, "nope")).returncode == 2
+    typo = run_cli("report.py", root, "--metric", "val_los", "--out", os.path.join(root, "typo"))
+    assert typo.returncode == 2 and "pass --metric one of val_bpb, val_loss" in typo.stderr
+    assert not os.path.exists(os.path.join(root, "typo"))
+    unwritable = run_cli("report.py", root, "--out", "/proc/no_report")
+    assert unwritable.returncode == 2 and len(unwritable.stderr.strip().splitlines()) == 1, unwritable.stderr
+
+
+def test_report_ranks_higher_is_better_metrics_descending_and_skips_a_torn_line(tmp_path):
+    import report
+
+    for name, r2s in (("a", [-0.5, 0.1]), ("b", [0.3, 0.2]), ("c", [0.05])):
+        (tmp_path / name).mkdir()
+        lines = [json.dumps({"step": 10 * (i + 1), "val_r2": v, "val_loss": 1 - v}) for i, v in enumerate(r2s)]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 30, "val_r')  # killed mid-line
+    assert report.main([str(tmp_path), "--metric", "val_r2"]) == 0
+    with open(tmp_path / "report.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["run"], float(r["best_val_r2"])) for r in table] == [("b", 0.3), ("a", 0.1), ("c", 0.05)]
+    assert report.main([str(tmp_path), "--metric", "val_loss", "--mode", "max"]) == 0
+    with open(tmp_path / "report.csv") as f:
+        assert [r["run"] for r in csv.DictReader(f)] == ["a", "c", "b"]  # best (max) losses 1.5, 0.95, 0.8
 
 
 # Run a sweep, but have the second job's process get SIGTERM while it builds the batch of step 3.
