@@ -111,10 +111,10 @@ def text_inputs(text: str | None, path: str | None) -> list[str]:
         raise UserError(f"pass text=\"...\", path=FILE (one text per line), or pipe lines into stdin; usage: {USAGE}")
     try:
         if path:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 lines = f.read().splitlines()
         else:
-            lines = sys.stdin.buffer.read().decode("utf-8").splitlines()
+            lines = sys.stdin.buffer.read().decode("utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         why = "is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"cannot be read ({e.strerror or e})"
         raise UserError(f"{path or 'stdin'} {why}; a text classifier reads one text per line") from None

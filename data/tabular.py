@@ -50,7 +50,7 @@ class Config:
 
 def read_csv(stream, name: str) -> tuple[list, np.ndarray]:
     """(header, cells N x C as strings) of a delimited text stream whose first line names the columns."""
-    text = stream.read()
+    text = stream.read().removeprefix("\ufeff")  # a BOM, as spreadsheet programs save UTF-8 CSV
     rows = [r for r in csv.reader(io.StringIO(text), delimiter=delimiter(name, text[:65536])) if any(c.strip() for c in r)]
     if not rows:
         raise UserError(f"{name} is empty; give a table whose first line names the columns")
@@ -71,7 +71,7 @@ def read_csv(stream, name: str) -> tuple[list, np.ndarray]:
 def read_file(path: str) -> tuple[list, np.ndarray]:
     """(header, cells) of a CSV/TSV file."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             return read_csv(f, path)
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text; save it as UTF-8 CSV") from None

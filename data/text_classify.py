@@ -139,7 +139,7 @@ def _read(path: str, key: str, header: bool) -> tuple[list, list]:
     if not os.path.isfile(path):
         raise UserError(f"{key}={path} does not exist; pass a TSV/CSV file (e.g. GLUE's SST-2 train.tsv)")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             text = f.read()
     except UnicodeDecodeError:
         raise UserError(f"{key}={path} is not UTF-8 text; save it as UTF-8") from None
@@ -275,7 +275,7 @@ def _lines(path: str, key: str) -> list:
     if not os.path.isfile(path):
         raise UserError(f"{key}={path} does not exist; pass a text file with one sentence per line")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             lines = [line.strip() for line in f]
     except UnicodeDecodeError:
         raise UserError(f"{key}={path} is not UTF-8 text; save it as UTF-8") from None

@@ -269,6 +269,12 @@ def test_predict_py_gives_target_units_labels_and_refuses_other_columns(tmp_path
     first, second = (json.loads(line) for line in labelled.stdout.splitlines())
     assert (first["label"], second["label"]) == ("big", "small")
     assert first["probs"].keys() == {"big", "small"} and sum(first["probs"].values()) == pytest.approx(1.0)
+    excel = tmp_path / "excel.csv"  # saved with a byte-order mark, as spreadsheet programs do
+    excel.write_text(open(rows).read(), encoding="utf-8-sig")
+    with open(excel) as f:
+        for source in ([f"path={excel}"], []):  # the file, then stdin
+            again = run_cli("predict.py", f"out_dir={cls}", *source, stdin=None if source else f)
+            assert again.returncode == 0 and again.stdout == labelled.stdout, again.stderr[-2000:]
 
     wrong = write_csv(tmp_path / "wrong.csv", ["rooms", "colour"], [[1, "red"]])
     bad = run_cli("predict.py", f"out_dir={out}", f"path={wrong}")
