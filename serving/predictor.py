@@ -76,6 +76,10 @@ def to_rows(run, kind: str, inputs: list) -> np.ndarray:
         lacking = [f for f in features if f not in row]
         if lacking:
             raise UserError(f"inputs[{i}] lacks {', '.join(lacking)} (the model reads {', '.join(features)})")
+        extra = [k for k in row if k not in meta.get("columns", features)]  # the training file's others may stay
+        if extra:  # a misspelt feature, as predict.py refuses it
+            raise UserError(f"inputs[{i}] has {', '.join(map(repr, extra))}, not a column of the training file "
+                            f"(the model reads {', '.join(features)})")
         odd = [f for f in features if not isinstance(row[f], (int, float, str, type(None))) or isinstance(row[f], bool)]
         if odd:
             raise UserError(f"inputs[{i}][{odd[0]!r}] must be a number, a string or null")

@@ -68,6 +68,7 @@ def test_table_rows_over_http_equal_the_model_and_mistakes_are_400(table_run):
 
         for body, words in [({"inputs": [{"x1": 1}]}, "lacks x2"), ({"inputs": [[1, 2]]}, "object of feature"),
                             ({"inputs": [{"x1": [1], "x2": 2}]}, "number, a string or null"),
+                            ({"inputs": [{"x1": 1, "x2": 2, "x3": 3}]}, "'x3', not a column"),
                             ({"inputs": []}, "non-empty"), ({"inputs": [rows[0]] * 9}, "at most 8"),
                             ({"rows": rows}, "unknown field")]:
             r = httpx.post(f"{server.url}/v1/predict", json=body)
