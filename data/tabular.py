@@ -337,7 +337,7 @@ def _inherit(source: dict, target: list, features: list, kind: str) -> dict:
     """The preprocessing of the run this one starts from (init_from), so its params read the same inputs."""
     ours, theirs = (target, features, kind), (source["target"], [c["name"] for c in source["features"]], source["target_kind"])
     if ours != theirs:
-        raise UserError(f"the init_from run predicts {', '.join(theirs[0])} ({theirs[2]}) from {', '.join(theirs[1])}; "
+        raise UserError(f"the source run (init_from or distill.teacher) predicts {', '.join(theirs[0])} ({theirs[2]}) from {', '.join(theirs[1])}; "
                         f"this run's data.target, data.features or data.target_kind differ: make them the same")
     return {k: source[k] for k in ("features", "target", "target_kind", "target_mean", "target_std", "labels") if k in source}
 
@@ -364,7 +364,8 @@ def load(cfg, inherited: dict | None = None) -> Rows:
     prep = _inherit(source, target, features, kind) if source else fit(train, numeric, features, target, kind, cfg.scale)
     (x_tr, _), (y_tr, unknown) = encode(train, prep, "training"), targets(train, prep, "training")
     if unknown.any():  # only inherited labels can miss a training class
-        raise UserError(f"the training rows hold classes the init_from run's labels ({prep['labels']}) lack")
+        raise UserError(f"the training rows hold classes the source run's labels ({prep['labels']}) lack (init_from or "
+                        f"distill.teacher)")
     (x_va, x_gone), (y_va, y_gone) = encode(val, prep, "validation"), targets(val, prep, "validation")
     keep = ~(y_gone | (x_gone if cfg.missing == "drop" else False))
     _dropped(keep, "validation", cfg, kind)

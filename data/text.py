@@ -126,8 +126,8 @@ def load(cfg, inherited: dict | None = None) -> Corpus:
     if inherited and "vocab" in inherited:  # a run started from another (init_from) keeps its tokens
         extra = sorted(set(vocab) - set(inherited["vocab"]))
         if extra:
-            raise UserError(f"the text holds characters {''.join(extra)!r} that the init_from run's vocabulary "
-                            f"lacks; start from a run trained on such text, or drop init_from")
+            raise UserError(f"the text holds characters {''.join(extra)!r} that the source run's vocabulary "
+                            f"(init_from or distill.teacher) lacks; use a run trained on such text, or drop it")
         vocab = inherited["vocab"]
     unseen = set(val_text) - set(vocab)
     if unseen:  # rare characters that only occur in the validation tail cannot be scored
@@ -145,7 +145,8 @@ def _subword(cfg, train_text: str, val_text: str, inherited: dict | None) -> Cor
     if inherited and inherited.get("tokenizer"):  # a run started from another keeps its tokens
         tok = inherited["tokenizer"]
     elif inherited and inherited.get("vocab"):
-        raise UserError("the init_from run is character-level; drop data.tokenizer (or set data.tokenizer=char)")
+        raise UserError("the source run (init_from or distill.teacher) is character-level; drop data.tokenizer (or set "
+                        "data.tokenizer=char)")
     elif cfg.tokenizer == "bpe":
         tok = tokenizers.train_bpe(pieces(iter([train_text])), cfg.vocab_size)
     else:

@@ -69,7 +69,7 @@ def test_mismatched_sources_are_one_line_errors(trained_run, tmp_path, text_file
         run(compose(base + [f"out_dir={tmp_path}/d", f"init_from={trained_run}", "init_from_step=7"]))
     other = tmp_path / "other.txt"
     other.write_text("0123456789 abcdefghij\n" * 200)
-    with pytest.raises(UserError, match=r"characters '0123456789.*' that the init_from run's vocabulary lacks"):
+    with pytest.raises(UserError, match=r"characters '0123456789.*' that the source run's vocabulary \(init_from or distill.teacher\) lacks"):
         run(compose(TINY + [f"data.path={other}", "steps=2", f"out_dir={tmp_path}/e", f"init_from={trained_run}"]))
     assert not any(os.path.exists(tmp_path / d) for d in "abcdef")
 

@@ -240,7 +240,7 @@ def test_init_from_a_table_run_keeps_its_preprocessing(tmp_path):
     a, b = load_run(src).meta, load_run(out).meta
     assert b["features"] == a["features"] and b["target_std"] == a["target_std"]
     assert b["target_val_var"] != a["target_val_var"]  # the validation rows are the new file's
-    with pytest.raises(UserError, match=r"the init_from run predicts y \(values\) from x1, x2"):
+    with pytest.raises(UserError, match=r"the source run \(init_from or distill.teacher\) predicts y \(values\) from x1, x2"):
         run(compose(TAB + short + [f"data.path={other}", "data.features=[x1]", f"out_dir={tmp_path / 'bad'}",
                                    f"init_from={src}"]))
 
