@@ -48,6 +48,8 @@ def parse(argv: list[str]) -> dict:
         raise UserError(f"step={args['step']} must be a checkpoint's step number")
     if "step" in args and len(out_dirs) > 1:
         raise UserError("step= picks one run's checkpoint; with several out_dir= runs, drop it")
+    if "text" in args and "path" in args:
+        raise UserError("pass text=\"...\" or path=FILE, not both")
     return args
 
 

@@ -37,6 +37,8 @@ def check(cfg) -> None:
         raise UserError("batch_wait_ms and drain_timeout must be >= 0")
     if not 0 <= cfg.port <= 65535:
         raise UserError(f"port={cfg.port} must be in 0..65535 (0: any free port)")
+    if cfg.cpu_threads is not None and cfg.cpu_threads < 0:
+        raise UserError(f"cpu_threads={cfg.cpu_threads} must be >= 0 (0 is one per core)")
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -113,7 +113,8 @@ def load_run(out_dir: str, step: int | None = None, mesh=None) -> Run:
     """Reload a run directory (latest checkpoint, or `step`) onto `mesh` (default: all local devices)."""
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if not os.path.isdir(out_dir):
-        raise UserError(f"out_dir={out_dir} does not exist; pass the directory of a training run")
+        raise UserError(f"out_dir={out_dir} {'is a file' if os.path.exists(out_dir) else 'does not exist'}; "
+                        f"pass the directory of a training run")
     if not os.path.isdir(checkpoint.ckpt_dir(out_dir)):
         raise UserError(f"{out_dir} holds no checkpoints; train first (python train.py out_dir={out_dir})")
     mngr = checkpoint.manager(out_dir, read_only=True)

@@ -120,7 +120,8 @@ def _corrupt(path: str, what: str, e: Exception) -> UserError:
 def read_torch(path: str):
     """The object torch.save wrote to `path`, its tensors as numpy arrays (bfloat16 as ml_dtypes.bfloat16)."""
     if not os.path.isfile(path):
-        raise UserError(f"path={path} does not exist; pass the checkpoint file")
+        raise UserError(f"path={path} {'is a directory' if os.path.isdir(path) else 'does not exist'}; pass the "
+                        f"checkpoint file (nanoGPT's ckpt.pt)")
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path} is not a PyTorch zip checkpoint: it is truncated, or was saved by torch < 1.6 in "
                         f"the legacy format (load it in torch and torch.save it again)")

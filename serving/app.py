@@ -112,7 +112,8 @@ class Guard:
 
 
 def create_app(service: Service) -> FastAPI:
-    app = FastAPI(title="jaxlab", docs_url=None, redoc_url=None, openapi_url=None)
+    # no redirect from /v1/completions/ to /v1/completions: a client gets a JSON 404 naming the routes
+    app = FastAPI(title="jaxlab", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     m = service.metrics
 
     app.add_middleware(Guard, service=service)

@@ -161,6 +161,7 @@ def test_an_lstm_reads_an_encoders_tokenizer_and_an_encoder_distils_from_both(tm
         for label in ("0", "1"):
             assert both[label] == pytest.approx((a[label] + b[label]) / 2, abs=1e-6)
     for runs, extra, message in (([enc, lm], [], "predict.py serves regressors and classifiers"),
-                                 ([enc, own], ["step=4"], "step= picks one run's checkpoint")):
+                                 ([enc, own], ["step=4"], "step= picks one run's checkpoint"),
+                                 ([enc], ["text=great"], "text=\"...\" or path=FILE, not both")):
         proc = run_cli("predict.py", *(f"out_dir={r}" for r in runs), f"path={texts}", *extra)
         assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr

@@ -117,6 +117,8 @@ def test_reloading_a_run_whose_newest_meta_is_damaged_uses_the_one_before(tmp_pa
     assert "checkpoint step 20" in capsys.readouterr().err
     with pytest.raises(UserError, match="no readable checkpoint .* pass another step="):
         load_run(out, step=20)
+    with pytest.raises(UserError, match="config.yaml is a file; pass the directory of a training run"):
+        load_run(os.path.join(out, "config.yaml"))
 
 
 def test_config_changes_between_runs(tmp_path, text_file):

@@ -159,6 +159,8 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(lm, body, sta
 
 def test_unknown_routes_methods_and_the_predict_route_of_an_lm_are_4xx(lm):
     assert httpx.get(f"{lm.url}/v2/nothing").status_code == 404
+    slash = httpx.post(f"{lm.url}/v1/completions/", json={"prompt": "a"})
+    assert slash.status_code == 404 and "/v1/completions" in slash.json()["error"]["message"]
     assert httpx.get(f"{lm.url}/v1/completions").status_code == 405
     r = httpx.post(f"{lm.url}/v1/predict", json={"inputs": [1]})
     assert r.status_code == 404 and "/v1/completions" in r.json()["error"]["message"]
@@ -242,6 +244,8 @@ def test_cli_mistakes_are_one_line_errors(tmp_path, trained_run):
     assert out.returncode == 2 and "cannot listen" in out.stderr and len(out.stderr.splitlines()) == 1
     out = run_cli("serve.py", f"out_dir={trained_run}", "slots=0")
     assert out.returncode == 2 and "slots=0" in out.stderr
+    out = run_cli("serve.py", f"out_dir={trained_run}", "cpu_threads=-1")
+    assert out.returncode == 2 and "cpu_threads=-1 must be >= 0" in out.stderr
 
 
 def scheduled(model, prompts, n_tokens, samplings, *, slots=4, chunk=3):
