@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 from core import checkpoint
 from errors import UserError
+from tasks import WEIGHT
 
 
 @dataclass
@@ -136,7 +137,7 @@ def distill_loss(outputs: Callable, alpha: float, temperature: float) -> Callabl
         soft = (kl_N * w_N).sum() / n
         total = alpha * soft * temperature ** 2 + (1 - alpha) * hard
         return total, {"loss": total, "task_loss": hard, "kl": soft,
-                       "accuracy": ((s_NV.argmax(-1) == y_N) * w_N).sum() / n}
+                       "accuracy": ((s_NV.argmax(-1) == y_N) * w_N).sum() / n, WEIGHT: w_N.sum()}
     return loss
 
 

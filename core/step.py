@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from core import mesh as mesh_lib, prune
+from tasks import WEIGHT
 
 
 def init_state(model_fn, tx, seed: int, prune_tensors=None) -> dict:
@@ -33,16 +34,30 @@ def init_state(model_fn, tx, seed: int, prune_tensors=None) -> dict:
     return state
 
 
+def _pool(tree, weight, axis_name):
+    """Shards' means (and gradients of means) pooled over pmap's devices: weighted by what each averaged
+    over (tasks.WEIGHT), or equally without a weight. (pooled tree, the total weight)."""
+    if weight is None:
+        return jax.lax.pmean(tree, axis_name), None
+    total = jax.lax.psum(weight, axis_name)
+    return jax.tree.map(lambda x: jax.lax.psum(x * weight, axis_name) / jnp.maximum(total, 1e-12), tree), total
+
+
 def _loss_and_grads(state, batch, key, *, graphdef, loss_fn, axis_name=None, teacher=None):
+    """(grads, metrics, rest, weight): weight is what the means were over (tasks.WEIGHT), or None."""
     def loss_of(params, rest):
         model = nnx.merge(graphdef, params, rest)
         loss, metrics = loss_fn(model, batch, key) if teacher is None else loss_fn(model, batch, key, teacher)
         return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
 
     (loss, (metrics, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"], state["rest"])
-    if axis_name is not None:  # pmap: every device saw B/n rows; the mean over devices is the global mean
-        grads, metrics, rest = jax.lax.pmean((grads, metrics, rest), axis_name)
-    return grads, metrics, rest
+    metrics = dict(metrics)
+    weight = metrics.pop(WEIGHT, None)
+    weight = None if weight is None else jnp.asarray(weight, jnp.float32)
+    if axis_name is not None:  # pmap: each device saw its rows; pooled, the means are the global batch's
+        (grads, metrics), weight = _pool((grads, metrics), weight, axis_name)
+        rest = jax.lax.pmean(rest, axis_name)
+    return grads, metrics, rest, weight
 
 
 def train_step(state, batch, teacher_state=None, *, graphdef, tx, loss_fn, lr_fn, seed: int, grad_accum: int = 1,
@@ -64,22 +79,24 @@ def train_step(state, batch, teacher_state=None, *, graphdef, tx, loss_fn, lr_fn
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     grads_of = partial(_loss_and_grads, graphdef=graphdef, loss_fn=loss_fn, axis_name=axis_name, teacher=teacher)
     if grad_accum == 1:
-        grads, metrics, rest = grads_of(state, batch, key)
+        grads, metrics, rest, _ = grads_of(state, batch, key)
     else:
         # Micro-batch i takes rows i, i+A, i+2A...: every device keeps feeding from its own shard.
         micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
-        def body(carry, xs):
-            grads_acc, metrics_acc, rest = carry
+        def body(carry, xs):  # sums weighted by each micro-batch's weight (1 without one)
+            grads_acc, metrics_acc, weight_acc, rest = carry
             mb, i = xs
-            grads, metrics, rest = grads_of({**state, "rest": rest}, mb, jax.random.fold_in(key, i))
-            return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, metrics_acc, metrics), rest), None
+            grads, metrics, rest, weight = grads_of({**state, "rest": rest}, mb, jax.random.fold_in(key, i))
+            w = jnp.float32(1.0) if weight is None else weight
+            add = lambda acc, x: jax.tree.map(lambda a, b: a + b * w, acc, x)  # noqa: E731
+            return (add(grads_acc, grads), add(metrics_acc, metrics), weight_acc + w, rest), None
 
         zeros = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
         shapes = jax.eval_shape(grads_of, state, jax.tree.map(lambda x: x[0], micro), key)
-        init = (zeros(shapes[0]), zeros(shapes[1]), state["rest"])
-        (grads, metrics, rest), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum)))
-        grads, metrics = jax.tree.map(lambda g: g / grad_accum, (grads, metrics))
+        init = (zeros(shapes[0]), zeros(shapes[1]), jnp.float32(0.0), state["rest"])
+        (grads, metrics, weight, rest), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum)))
+        grads, metrics = jax.tree.map(lambda g: g / jnp.maximum(weight, 1e-12), (grads, metrics))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient skips the update, so no NaN ever reaches params or checkpoints;
@@ -104,7 +121,9 @@ def train_step(state, batch, teacher_state=None, *, graphdef, tx, loss_fn, lr_fn
 def eval_step(params, rest, batch, *, graphdef, loss_fn, axis_name=None):
     """Metrics of the deterministic model (no dropout, running statistics) on one batch."""
     _, metrics = loss_fn(nnx.merge(graphdef, params, rest), batch, None)
-    return metrics if axis_name is None else jax.lax.pmean(metrics, axis_name)
+    metrics = dict(metrics)
+    weight = metrics.pop(WEIGHT, None)
+    return metrics if axis_name is None else _pool(metrics, weight, axis_name)[0]
 
 
 def _many(state, batches, teacher_state=None, *, step):

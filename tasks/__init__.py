@@ -16,6 +16,18 @@ from typing import Callable, NamedTuple
 import jax.numpy as jnp
 
 
+# A loss whose means are over a number of items that differs between shards of one batch (real rows
+# of a padded batch, masked tokens) adds that number as metrics[WEIGHT]: pmap's devices and gradient
+# accumulation's micro-batches are then pooled by it (core/step.py), so they give the whole batch's
+# means as jit does. It is never logged. Without it, shards count equally.
+WEIGHT = "_weight"
+
+
+def real_rows(batch):
+    """The number of rows weighted_mean averages over (WEIGHT)."""
+    return batch["mask"].sum() if "mask" in batch else jnp.float32(batch["y"].shape[0])
+
+
 def weighted_mean(x_B, batch):
     """Mean of x_B over the rows whose `mask` is 1 (all rows when the batch has no mask)."""
     if "mask" not in batch:

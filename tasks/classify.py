@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tasks import examples_feed, weighted_mean
+from tasks import WEIGHT, examples_feed, real_rows, weighted_mean
 
 feed = examples_feed
 READS = "classes"
@@ -34,7 +34,7 @@ def loss(model, batch, key):
     loss = weighted_mean(optax.softmax_cross_entropy_with_integer_labels(logits_BY, batch["y"]), batch)
     pred_B = logits_BY.argmax(-1)
     accuracy = weighted_mean((pred_B == batch["y"]).astype(jnp.float32), batch)
-    metrics = {"loss": loss, "accuracy": accuracy}
+    metrics = {"loss": loss, "accuracy": accuracy, WEIGHT: real_rows(batch)}
     Y = logits_BY.shape[-1]
     if key is None and Y > 2:  # evaluation: the counts macro F1 needs
         pred_BY, true_BY = jax.nn.one_hot(pred_B, Y), jax.nn.one_hot(batch["y"], Y)

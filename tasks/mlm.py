@@ -26,7 +26,7 @@ import optax
 from data import examples
 from data.wordpiece import CLS, MASK, PAD, SEP, SPECIALS
 from errors import UserError
-from tasks import Feed
+from tasks import WEIGHT, Feed
 
 READS = "sentences"
 MASK_PROB, MASK_TOKEN, RANDOM_TOKEN = 0.15, 0.8, 0.1  # BERT's: chosen; of those [MASK], random (the rest kept)
@@ -214,7 +214,7 @@ def loss(model, batch, key):
     n = jnp.maximum(w_BP.sum(), 1.0)
     loss = (optax.softmax_cross_entropy_with_integer_labels(logits_BPV, y_BP) * w_BP).sum() / n
     accuracy = ((logits_BPV.argmax(-1) == y_BP) * w_BP).sum() / n
-    return loss, {"loss": loss, "accuracy": accuracy}
+    return loss, {"loss": loss, "accuracy": accuracy, WEIGHT: w_BP.sum()}  # shards pool by masked tokens
 
 
 def _loss_with_nsp(model, batch, key):
@@ -230,7 +230,7 @@ def _loss_with_nsp(model, batch, key):
     correct_B = (nsp_B2.argmax(-1) == batch["is_next"]).astype(jnp.float32)
     rows = jnp.maximum(row_B.sum(), 1.0)
     nsp_loss = (nsp_loss_B * row_B).sum() / rows
-    metrics = {"loss": mlm_loss + nsp_loss, "accuracy": accuracy, "mlm_loss": mlm_loss}
+    metrics = {"loss": mlm_loss + nsp_loss, "accuracy": accuracy, "mlm_loss": mlm_loss, WEIGHT: w_BP.sum()}
     if key is None:
         metrics |= {"nsp_rows": row_B.sum() / n, "nsp_correct": (correct_B * row_B).sum() / n,
                     "nsp_loss_sum": (nsp_loss_B * row_B).sum() / n}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
-from tasks import examples_feed, weighted_mean
+from tasks import WEIGHT, examples_feed, real_rows, weighted_mean
 
 feed = examples_feed
 READS = "values"
@@ -24,7 +24,8 @@ def loss(model, batch, key):
     err = pred - batch["y"]
     B = pred.shape[0]
     loss = weighted_mean((err ** 2).reshape(B, -1).mean(axis=-1), batch)
-    metrics = {"loss": loss, "abs_err": weighted_mean(jnp.abs(err).reshape(B, -1).mean(axis=-1), batch)}
+    metrics = {"loss": loss, "abs_err": weighted_mean(jnp.abs(err).reshape(B, -1).mean(axis=-1), batch),
+               WEIGHT: real_rows(batch)}
     if err.ndim == 2 and err.shape[1] > 1:  # several targets (table rows): each in its own units later
         for i in range(err.shape[1]):
             metrics[f"sq_err_{i}"] = weighted_mean(err[:, i] ** 2, batch)

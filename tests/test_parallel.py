@@ -184,3 +184,29 @@ def test_pmap_runs_an_experiment_as_configured_steps_per_call_included(tmp_path,
     assert "parallel=pmap: 10 steps per call run as a lax.scan" in capsys.readouterr().err
     assert pmap["val_loss"] == pytest.approx(jit["val_loss"], abs=1e-3)
     np.testing.assert_allclose(losses(f"{tmp_path}/pmap"), losses(f"{tmp_path}/jit"), atol=1e-3)
+
+
+@pytest.mark.parametrize("task", ["mlm", "classify"])
+def test_pmap_and_grad_accum_pool_shards_by_their_weight_as_jit_does(task, tmp_path):
+    """Masked-token counts differ between devices and micro-batches, and padded eval batches leave some
+    devices only padding: pooled means that count every shard alike are off (tasks.WEIGHT)."""
+    from test_encoder import ENC_TINY, write_sentiment
+
+    train, dev = write_sentiment(tmp_path / "train.tsv", 400, 0), write_sentiment(tmp_path / "dev.tsv", 37, 1)
+    base = ENC_TINY + [f"task={task}", f"data.path={train}", f"data.val_path={dev}", "model.dropout=0",
+                       "steps=4", "eval_every=4", "ckpt_every=4", "log_every=1", "eval_batches=4"]
+    layouts = {"jit": ["mesh.data=4"], "pmap": ["mesh.data=4", "parallel=pmap"]}
+    if task == "mlm":
+        layouts["accumulated"] = ["mesh.data=1", "optim.grad_accum=4"]
+    results = {name: run(compose(base + extra + [f"out_dir={tmp_path / name}"])) for name, extra in layouts.items()}
+    ref = metrics.read(os.path.join(tmp_path, "jit", "metrics.jsonl"))
+    for name in layouts:
+        rows = metrics.read(os.path.join(tmp_path, name, "metrics.jsonl"))
+        assert results[name]["val_loss"] == pytest.approx(results["jit"]["val_loss"], abs=1e-5), name
+        np.testing.assert_allclose(losses(tmp_path / name), losses(tmp_path / "jit"), atol=2e-5, err_msg=name)
+        val = [{k: v for k, v in r.items() if k.startswith("val_")} for r in rows if "val_loss" in r]
+        want = [{k: v for k, v in r.items() if k.startswith("val_")} for r in ref if "val_loss" in r]
+        for got_row, want_row in zip(val, want, strict=True):
+            assert got_row.keys() == want_row.keys() and "val__weight" not in got_row
+            for k in got_row:
+                assert got_row[k] == pytest.approx(want_row[k], abs=1e-5), (name, k)
