@@ -51,6 +51,26 @@ def default_out_dir(cfg) -> str:
     return os.path.join("runs", ",".join([cfg.name, *filter(None, named)]))
 
 
+def sweep_job_dir() -> str:
+    """The job's directory: Hydra's (named by the overrides that name runs), plus each swept key that names
+    no run (a path: its basename), or jobs that differ only in those would share one directory."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hc = HydraConfig.get()
+    swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(
+        [a for a in sys.argv[1:] if not a.startswith("-")]) if o.is_sweep_override()}
+    mine = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(list(hc.overrides.task))}
+    extra = [f"{k}={os.path.basename(os.path.normpath(str(v))) if k in config.UNNAMED_PATHS else v}"
+             for k, v in sorted(mine.items()) if k in swept and k in config.UNNAMED_KEYS]
+    if not extra:
+        return hc.runtime.output_dir
+    try:
+        os.rmdir(hc.runtime.output_dir)  # the shared directory Hydra made for the job, if empty
+    except OSError:
+        pass
+    return os.path.join(hc.sweep.dir, ",".join(filter(None, [hc.job.override_dirname, *extra])))
+
+
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg) -> float | None:
     from core.compress import refuse_training
@@ -67,7 +87,7 @@ def main(cfg) -> float | None:
         except UserError as e:
             cli.fail(e)
     if cfg.out_dir is None:
-        cfg.out_dir = HydraConfig.get().runtime.output_dir
+        cfg.out_dir = sweep_job_dir()
     out_dir = resolve_out_dir(cfg)
     print(f"sweep job {HydraConfig.get().job.num}: {' '.join(HydraConfig.get().overrides.task)} -> {out_dir}",
           file=sys.stderr)

@@ -60,6 +60,8 @@ def describe(e: Exception, config_name: str) -> str:
     if "LexerNoViableAltException" in text or "mismatched input" in text:
         return (f"could not parse the override {text.split(': ', 1)[-1].splitlines()[0]!r}; quote values with "
                 f"spaces or special characters, e.g. 'prompt=\"To be\"'")
+    if "hydra/sweeper/optuna" in text:
+        return "the Optuna sweeper is not installed: pip install hydra-optuna-sweeper"
     if "No match in the defaults list" in text:
         group = text.split("'")[1]
         return f"{group} is not in the defaults list: write +{group}=NAME (available: {', '.join(config.choices(group))})"
@@ -70,11 +72,40 @@ def describe(e: Exception, config_name: str) -> str:
     return f"{detail}" + (f" (key '{full_key}')" if full_key else "")
 
 
+def first_job(overrides: list[str]) -> list[str]:
+    """A sweep's overrides with each swept key at its first value: the first job's, to check before any runs.
+    UserError for out_dir=, which would put every job in one directory."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.key_or_group == "out_dir":
+            raise UserError("out_dir= names one run, and a sweep's jobs each get their own directory: drop it "
+                            "(hydra.sweep.dir=DIR chooses where the jobs go)")
+        if o.is_sweep_override():
+            try:
+                first = next(iter(o.sweep_string_iterator()))
+            except Exception:  # noqa: BLE001 - a search space (interval(...)) has no first value: not checked
+                continue
+            out.append(o.input_line.split("=", 1)[0] + "=" + first)
+        else:
+            out.append(o.input_line)
+    return out
+
+
 def preflight(config_name: str, argv: list[str]) -> None:
-    """Compose once before Hydra runs so a bad override fails with one line (single runs only)."""
-    if any(a in ("-m", "--multirun", "--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg")
-           or a.startswith("-") for a in argv):
+    """Compose once before Hydra runs so a bad override fails with one line (a sweep: its first job's)."""
+    sweep = any(a in ("-m", "--multirun") for a in argv)
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):  # --help, --cfg, -cp DIR...
         return
-    error = compose_error(config_name, [a for a in argv if not a.startswith("hydra.") or a.startswith("hydra.searchpath")])
+    overrides = [a for a in argv if a not in ("-m", "--multirun")]
+    overrides = [a for a in overrides if not a.startswith("hydra.") or a.startswith("hydra.searchpath")]
+    try:
+        overrides = first_job(overrides) if sweep else overrides
+    except UserError as e:
+        fail(e)
+    except Exception:  # noqa: BLE001 - what Hydra cannot parse, its own run reports
+        return
+    error = compose_error(config_name, overrides)
     if error:
         fail(UserError(error))
