@@ -194,9 +194,14 @@ def _module(cfg, group: str):
 def check(cfg) -> None:
     """Semantic checks compose cannot do; raise UserError naming the key, before anything compiles."""
     check_keys(cfg)
-    for key in ("steps", "batch_size", "eval_every", "eval_batches", "ckpt_every", "log_every", "steps_per_call"):
+    for key in ("steps", "batch_size", "eval_every", "eval_batches", "ckpt_every", "log_every", "steps_per_call",
+                "keep_checkpoints"):
         if cfg[key] <= 0:
             raise UserError(f"{key}={cfg[key]} must be a positive integer")
+    for key in ("seed", "data.seed", "data.eval_seed", "data.split_seed"):  # counter-based RNG keys are unsigned
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, int) and value < 0:
+            raise UserError(f"{key}={value} must be >= 0")
     if cfg.parallel not in ("jit", "pmap"):
         raise UserError(f"parallel={cfg.parallel} must be 'jit' or 'pmap'")
     if cfg.parallel == "pmap" and cfg.mesh.fsdp != 1:
@@ -226,6 +231,9 @@ def check(cfg) -> None:
         raise UserError(f"model.dropout={m.dropout} must be in [0, 1)")
     if m.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype={m.dtype} must be float32, bfloat16 or float16")
+    for key in ("n_layers", "n_heads", "d_model", "mlp_ratio", "block_size", "d_hidden", "d_ff"):  # sizes
+        if isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool) and m[key] <= 0:
+            raise UserError(f"model.{key}={m[key]} must be positive")
     if hasattr(family, "check"):
         family.check(m)
     if hasattr(family, "check_task"):  # options that only some of its tasks read

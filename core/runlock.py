@@ -9,7 +9,7 @@ import shutil
 import socket
 import time
 
-from errors import UserError
+from errors import Diverged, UserError
 
 LOCK = ".lock"
 
@@ -54,6 +54,13 @@ class RunLock:
         os.ftruncate(self.fd, 0)
         os.close(self.fd)  # releases the lock; the file stays, so no second inode can be locked meanwhile
         self.fd = None
-        if self.created and os.listdir(self.out_dir) == [LOCK]:  # nothing was written: leave nothing behind
+        if self.created and (os.listdir(self.out_dir) == [LOCK] or (exc[0] is not None and not self._saved()
+                                                                    and not issubclass(exc[0], Diverged))):
+            # nothing was written, or a new run failed before its first checkpoint (a bad value, out of
+            # memory): leave nothing half-written behind. A diverged run keeps its metrics to look at.
             shutil.rmtree(self.out_dir, ignore_errors=True)
         return False
+
+    def _saved(self) -> bool:
+        ckpts = os.path.join(self.out_dir, "checkpoints")
+        return os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))

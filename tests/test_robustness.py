@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY, compose, curve, run_cli
-from core import checkpoint, loop, metrics
+from core import checkpoint, config, loop, metrics
 from core.state import load_run
 from data import text
 from errors import Diverged, UserError
@@ -119,6 +119,27 @@ def test_reloading_a_run_whose_newest_meta_is_damaged_uses_the_one_before(tmp_pa
         load_run(out, step=20)
     with pytest.raises(UserError, match="config.yaml is a file; pass the directory of a training run"):
         load_run(os.path.join(out, "config.yaml"))
+
+
+def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tmp_path):
+    from core.runlock import RunLock
+
+    for error, kept in ((MemoryError, False), (UserError, False), (Diverged, True)):
+        out = tmp_path / error.__name__
+        with pytest.raises(error):
+            with RunLock(str(out)):
+                (out / "tb").mkdir()
+                (out / "config.yaml").write_text("steps: 5\n")
+                raise error("failed at the first step")
+        assert out.exists() == kept, error  # a diverged run keeps its metrics to look at
+    with pytest.raises(MemoryError):  # a run that has a checkpoint, or that existed before, is kept
+        with RunLock(str(tmp_path / "saved")):
+            (tmp_path / "saved" / "checkpoints" / "10").mkdir(parents=True)
+            raise MemoryError
+    assert (tmp_path / "saved" / "checkpoints" / "10").is_dir()
+    for bad in (["model.n_heads=0"], ["model.mlp_ratio=0"], ["seed=-1"], ["keep_checkpoints=0"]):
+        with pytest.raises(UserError, match="must be (positive|>= 0|a positive integer)"):
+            config.check(compose(TINY + bad))
 
 
 def test_config_changes_between_runs(tmp_path, text_file):
