@@ -10,6 +10,7 @@ training split's per-channel mean and std, which the checkpoint's meta carries f
 """
 import os
 import sys
+import zipfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -102,7 +103,7 @@ def _from_npz(path: str, val_fraction: float) -> tuple:
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, AttributeError, TypeError) as e:  # empty, cut short
         raise UserError(f"data.path={path} is not a readable .npz file ({e}); {_HINT}") from None
     if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
         parts = [arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")]

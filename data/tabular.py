@@ -14,6 +14,7 @@ import csv
 import io
 import os
 import sys
+import zipfile
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, List, Optional
@@ -110,7 +111,7 @@ def _table(path: str, key: str) -> tuple[dict, Optional[dict], list]:
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, AttributeError, TypeError) as e:  # empty, cut short
         raise UserError(f"{key}={path} is not a readable .npz file ({e})") from None
     names = [("x_train", "y_train"), ("x_test", "y_test")] if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys() \
         else [("x", "y")] if {"x", "y"} <= arrays.keys() else None
