@@ -24,6 +24,15 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def shell_arg(key: str, value) -> str:
+    """`key=value` as a user pastes it into a shell: quoted for Hydra and the shell where the value holds
+    what Hydra parses (a run directory named by its overrides holds `,` and `=`)."""
+    value = str(value)
+    if any(c in value for c in ",=[]{}()'\" \\$*?~:;&|<>"):
+        return f"\"{key}='{value}'\""
+    return f"{key}={value}"
+
+
 def compose_error(config_name: str, overrides: list[str]) -> str | None:
     """None if the overrides compose; else a one-line description of what is wrong and what to do."""
     from hydra import compose, initialize_config_dir

@@ -7,6 +7,7 @@ SIGTERM/SIGINT (checkpoint, exit 0) and on a non-finite loss (on_nan=stop), and 
 checkpoint holding a NaN.
 """
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from core import checkpoint, config, distill, distributed, init_from, mesh as mesh_lib, metrics, task as tasks
 from core.metrics import MetricsLog
 from core.preempt import StopRequests
+from core.cli import shell_arg
 from core.runlock import RunLock
 from core.state import Setup, setup
 from core.step import first
@@ -112,7 +114,7 @@ def run(cfg) -> dict:
         done = _finished_step(cfg, out_dir)
         if done is not None:
             log(f"run in {out_dir} is already at step {done} (steps={cfg.steps}); to train it further pass "
-                f"out_dir={out_dir} steps=N")
+                f"{shell_arg('out_dir', out_dir)} steps=N")
             return {"out_dir": out_dir, "step": done, "val_loss": _last_val_loss(out_dir), "stopped_by": None}
         own = cfg.resume and checkpoint.has_checkpoints(out_dir)
         # A run with checkpoints resumes them; a new one reads (and so checks) its source before writing.
@@ -302,7 +304,10 @@ def _train(loop: Loop) -> dict:
     finally:
         bar.close()
         loop.metrics_log.close()
-    use = "sample with: python sample.py" if task.name == "lm" else "predict with: python predict.py"
-    log(f"done: step {cfg.steps}, val_loss {loop.val_loss:.4f}, {time.perf_counter() - loop.t_run:.1f}s; "
-        f"{use} out_dir={cfg.out_dir}")
+    run_arg = shell_arg("out_dir", cfg.out_dir)
+    use = {"lm": f"; sample with: python sample.py {run_arg}",
+           "mlm": f"; fine-tune from it with: python train.py ... {shell_arg('init_from', cfg.out_dir)}"}.get(
+        task.name, "" if cfg.data.kind == "series" else
+        f"; predict with: python predict.py {shlex.quote('out_dir=' + cfg.out_dir)}")  # not Hydra: shell quotes
+    log(f"done: step {cfg.steps}, val_loss {loop.val_loss:.4f}, {time.perf_counter() - loop.t_run:.1f}s{use}")
     return {"out_dir": cfg.out_dir, "step": cfg.steps, "val_loss": loop.val_loss, "stopped_by": None}
