@@ -6,6 +6,7 @@ are left behind (an old head). The optimizer starts fresh. `init_from_skip` name
 their prefixes, `head` for head/kernel and head/bias) to leave fresh although both models have them.
 """
 import os
+import sys
 
 import jax
 from omegaconf import OmegaConf
@@ -25,18 +26,27 @@ def _skipped(path: str, skip) -> bool:
 
 
 def _source(cfg):
-    """(directory, manager, step) of the run to start from; UserError if it has no such checkpoint."""
+    """(directory, manager, step, meta) of the run to start from: init_from_step, else the newest checkpoint
+    whose meta reads (a damaged one is skipped with a warning); UserError if it has no such checkpoint."""
     src = os.path.abspath(os.path.expanduser(cfg.init_from))
     if not os.path.isdir(checkpoint.ckpt_dir(src)):
         raise UserError(f"init_from={src} holds no checkpoints; pass the directory of a trained run")
     mngr = checkpoint.manager(src, read_only=True)
-    steps = mngr.all_steps()
-    step = cfg.init_from_step if cfg.init_from_step is not None else max(steps, default=None)
-    if step is None or step not in steps:
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if cfg.init_from_step is not None and cfg.init_from_step not in steps:
         mngr.close()
-        raise UserError(f"init_from={src} holds no complete checkpoint; train it first" if step is None else
-                        f"init_from={src} has no checkpoint at step {step}; available: {sorted(steps)}")
-    return src, mngr, step
+        raise UserError(f"init_from={src} has no checkpoint at step {cfg.init_from_step}; available: {sorted(steps)}")
+    for step in [cfg.init_from_step] if cfg.init_from_step is not None else steps:
+        try:
+            return src, mngr, step, checkpoint.read_meta(mngr, step)
+        except Exception as e:  # noqa: BLE001 - a damaged file surfaces as many error types
+            print(f"warning: init_from={src}: checkpoint step {step} is unreadable ({type(e).__name__}); "
+                  f"trying an earlier one", file=sys.stderr)
+    mngr.close()
+    tried = steps if cfg.init_from_step is None else [cfg.init_from_step]
+    raise UserError(f"init_from={src} holds no complete checkpoint; train it first" if not steps else
+                    f"init_from={src}: no readable checkpoint (tried steps {tried}); pass init_from_step= a "
+                    f"readable one, or another init_from=")
 
 
 def _check_model(cfg, src: str, src_meta: dict) -> None:
@@ -56,11 +66,8 @@ def _check_model(cfg, src: str, src_meta: dict) -> None:
 def source_meta(cfg) -> dict:
     """The meta of the run to start from (its config, tokenizer, labels): what the data inherits. Checked
     first against this run's model, whose mismatch says more than the data's would."""
-    src, mngr, step = _source(cfg)
-    try:
-        meta = checkpoint.read_meta(mngr, step)
-    finally:
-        mngr.close()
+    src, mngr, _, meta = _source(cfg)
+    mngr.close()
     _check_model(cfg, src, meta)
     return meta
 
@@ -89,9 +96,8 @@ def load(cfg, spec, mesh, meta: dict, log) -> dict:
     """The params of a fresh state with every matching param replaced by the source run's."""
     from core.state import run_dims, state_spec
 
-    src, mngr, step = _source(cfg)
+    src, mngr, step, src_meta = _source(cfg)
     try:
-        src_meta = checkpoint.read_meta(mngr, step)
         src_cfg = OmegaConf.create(src_meta["config"])  # source_meta, read first, checked it against the model
         for key in ("vocab", "tokenizer"):
             if key in src_meta and key in meta and src_meta[key] != meta[key]:
@@ -102,13 +108,23 @@ def load(cfg, spec, mesh, meta: dict, log) -> dict:
             raise UserError(f"init_from={src} classified labels {src_meta['labels']} and this run's data has "
                             f"{meta.get('labels')}: start from a run of the same labels")
         src_spec = state_spec(src_cfg, run_dims(src_meta), mesh)
-        restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(src_spec.abstract, src_spec.shardings),
-                                             step=step, set_aside=False)
+        try:  # the newest readable state at or below the meta's step (never the source's newer ones)
+            restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(src_spec.abstract, src_spec.shardings),
+                                                 step=cfg.init_from_step, newest=step, set_aside=False)
+        except UserError:
+            raise UserError(f"init_from={src}: no readable checkpoint at or below step {step}; pass "
+                            f"init_from_step= a readable one, or another init_from=") from None
+        step = restored[0]
     finally:
         mngr.close()
     source = paths(restored[1]["params"])
     target = paths(spec.abstract["params"])
     skip = list(cfg.init_from_skip)
+    unmatched = [s for s in skip if not any(_skipped(p, [s]) for p in target)]
+    if unmatched:  # a misspelt path would silently load what it meant to leave fresh
+        tops = sorted({p.split("/")[0] for p in target})
+        raise UserError(f"init_from_skip: {', '.join(unmatched)} matches no param of this model; name a path or "
+                        f"prefix such as {', '.join(tops[:8])}")
     clash = [p for p in target if p in source and not _skipped(p, skip) and source[p].shape != target[p].shape]
     if clash:
         shapes = ", ".join(f"{p} {tuple(source[p].shape)} vs {tuple(target[p].shape)}" for p in clash[:3])

@@ -1,5 +1,6 @@
 """init_from: a new run starts from another run's params (all, or the matching ones), then is a run of its own."""
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -53,7 +54,7 @@ def test_a_different_head_is_a_one_line_error_or_left_fresh_with_init_from_skip(
     assert new["head"]["kernel"].shape == (16, 3)
 
 
-def test_mismatched_sources_are_one_line_errors(trained_run, tmp_path, text_file):
+def test_mismatched_sources_are_one_line_errors(trained_run, tmp_path, text_file, capsys):
     base = TINY + [f"data.path={text_file}", "steps=2"]
     with pytest.raises(UserError, match=r"params differ in shape \(blocks/attn/proj/kernel \(2, 16, 16\) vs "):
         run(compose(base + [f"out_dir={tmp_path}/a", f"init_from={trained_run}", "model.d_model=32"]))
@@ -67,11 +68,20 @@ def test_mismatched_sources_are_one_line_errors(trained_run, tmp_path, text_file
         run(compose(base + [f"out_dir={tmp_path}/c", f"init_from={tmp_path}"]))
     with pytest.raises(UserError, match=r"no checkpoint at step 7; available: \[10, 20\]"):
         run(compose(base + [f"out_dir={tmp_path}/d", f"init_from={trained_run}", "init_from_step=7"]))
+    with pytest.raises(UserError, match=r"init_from_skip: haed matches no param of this model; .* such as "):
+        run(compose(base + [f"out_dir={tmp_path}/d", f"init_from={trained_run}", "init_from_skip=[haed]"]))
+    damaged = tmp_path / "damaged"  # its newest checkpoint's meta cut short: start from the one before
+    shutil.copytree(trained_run, damaged)
+    with open(damaged / "checkpoints" / "20" / "meta" / "metadata", "r+") as f:
+        f.truncate(5)
+    run(compose(base + [f"out_dir={tmp_path}/g", f"init_from={damaged}"]))
+    assert "init_from " + str(damaged) + " step 10: loaded" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "g")
     other = tmp_path / "other.txt"
     other.write_text("0123456789 abcdefghij\n" * 200)
     with pytest.raises(UserError, match=r"characters '0123456789.*' that the source run's vocabulary \(init_from or distill.teacher\) lacks"):
         run(compose(TINY + [f"data.path={other}", "steps=2", f"out_dir={tmp_path}/e", f"init_from={trained_run}"]))
-    assert not any(os.path.exists(tmp_path / d) for d in "abcdef")
+    assert not any(os.path.exists(tmp_path / d) for d in "abcdefg")
 
 
 def test_the_new_run_resumes_itself_after_sigkill(trained_run, tmp_path, text_file):
