@@ -254,6 +254,17 @@ def check(cfg) -> None:
         raise UserError(f"optim.layer_decay={o.layer_decay} must be in (0, 1]: 1 is off, 0.8 ELECTRA's fine-tuning value")
     if o.schedule not in ("cosine", "linear", "constant"):
         raise UserError(f"optim.schedule={o.schedule} must be cosine, linear or constant")
+    if o.min_lr > o.lr:
+        raise UserError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}: the schedule decays from lr to min_lr")
+    if o.decay_steps is not None and o.decay_steps <= 0:
+        raise UserError(f"optim.decay_steps={o.decay_steps} must be positive (leave it unset to decay over steps)")
+    for key in ("b1", "b2"):
+        if not 0.0 <= o[key] < 1.0:
+            raise UserError(f"optim.{key}={o[key]} must be in [0, 1)")
+    if o.eps <= 0 or o.weight_decay < 0 or o.grad_clip < 0:
+        raise UserError("optim.eps must be > 0, optim.weight_decay and optim.grad_clip >= 0 (grad_clip 0 is off)")
+    if cfg.get("distill") and cfg.distill.get("teacher_step") is not None and not distill.enabled(cfg):
+        raise UserError("distill.teacher_step picks a teacher's checkpoint: pass distill.teacher=RUN too, or drop it")
     if cfg.init_from_step is not None and not cfg.init_from:
         raise UserError("init_from_step needs init_from=RUN_DIR, the run to start from")
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from errors import UserError
+
 PROVIDES = ("values",)
 INPUT = "sequences"
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
@@ -49,6 +51,8 @@ class Sines:
 
 
 def load(cfg, inherited: dict | None = None) -> Sines:
+    if cfg.noise < 0 or cfg.seq_len <= 0:
+        raise UserError(f"data.noise={cfg.noise} must be >= 0 and data.seq_len={cfg.seq_len} positive")
     return Sines(cfg.seq_len, cfg.noise, cfg.eval_seed)
 
 

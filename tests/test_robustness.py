@@ -137,9 +137,14 @@ def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tm
             (tmp_path / "saved" / "checkpoints" / "10").mkdir(parents=True)
             raise MemoryError
     assert (tmp_path / "saved" / "checkpoints" / "10").is_dir()
-    for bad in (["model.n_heads=0"], ["model.mlp_ratio=0"], ["seed=-1"], ["keep_checkpoints=0"]):
-        with pytest.raises(UserError, match="must be (positive|>= 0|a positive integer)"):
+    for bad in (["model.n_heads=0"], ["model.mlp_ratio=0"], ["seed=-1"], ["keep_checkpoints=0"],
+                ["optim.decay_steps=0"], ["optim.b1=1.5"], ["optim.grad_clip=-1"]):
+        with pytest.raises(UserError, match="must be (positive|>= 0|> 0|a positive integer|in)"):
             config.check(compose(TINY + bad))
+    with pytest.raises(UserError, match="optim.min_lr=0.1 is above optim.lr=0.01"):
+        config.check(compose(TINY + ["optim.lr=0.01", "optim.min_lr=0.1"]))
+    with pytest.raises(UserError, match="pass distill.teacher=RUN too"):
+        config.check(compose(TINY + ["distill.teacher_step=5"]))
 
 
 def test_config_changes_between_runs(tmp_path, text_file):
