@@ -350,10 +350,10 @@ def load(cfg, inherited: dict | None = None) -> Rows:
     """
     if not cfg.path:
         raise UserError("pass data.path=FILE.csv (a header line, then rows) or FILE.npz, and data.target=COLUMN")
-    if cfg.target_kind not in ("auto", "values", "classes") or cfg.missing not in ("drop", "mean") or \
-            cfg.scale not in ("standard", "quantile"):
-        raise UserError(f"data.target_kind={cfg.target_kind} must be auto, values or classes, data.missing="
-                        f"{cfg.missing} drop or mean, and data.scale={cfg.scale} standard or quantile")
+    for key, allowed in (("target_kind", ("auto", "values", "classes")), ("missing", ("drop", "mean")),
+                         ("scale", ("standard", "quantile"))):
+        if cfg[key] not in allowed:
+            raise UserError(f"data.{key}={cfg[key]} must be {', '.join(allowed[:-1])} or {allowed[-1]}")
     table, test, default_target = _table(cfg.path, "data.path")
     source = inherited if inherited and "features" in inherited else None
     target, features, numeric, kind = _columns(cfg, table, source["target"] if source else default_target,

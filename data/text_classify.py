@@ -364,7 +364,8 @@ def load(cfg, inherited: dict | None = None) -> Sentences:
     # any, were never learnt.
     kept = inherited.get("labels") if inherited.get("task", "classify") == "classify" else None
     labels = kept or _sorted_labels(cells)
-    known = "the training labels" if not kept else "the labels of the classifier it starts from"
+    known = "the training labels" if not kept else \
+        "the labels of the run it starts from or distils (init_from, distill.teacher)"
     y_train = _label_ids(cells, labels, "the training data", known)
     y_val = _label_ids(val_cells, labels, "the validation data", known)
     tokenizer = _tokenizer(inherited, texts, cfg.vocab_size)

@@ -286,5 +286,5 @@ def test_a_fine_tune_keeps_its_own_labels_whatever_the_pretraining_file_had(tmp_
         out = str(tmp_path / f"ft_{name}")
         run(compose(tiny + ["task=classify", f"data.path={ids}", f"init_from={mlm_run}", f"out_dir={out}"]))
         assert load_run(out).meta["labels"] == [0, 1]
-    with pytest.raises(UserError, match=r"the training data has labels 'neg', 'pos' that the labels of the classifier it starts from \(0, 1\)"):
+    with pytest.raises(UserError, match=r"the training data has labels 'neg', 'pos' that the labels of the run it starts from or distils \(init_from, distill.teacher\) \(0, 1\)"):
         run(compose(tiny + ["task=classify", f"data.path={table}", f"init_from={out}", f"out_dir={tmp_path}/x"]))
