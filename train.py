@@ -42,7 +42,10 @@ def default_out_dir(cfg) -> str:
     A run started from (or distilled from) another one is named by that run's directory name too, so
     it never lands in its source's directory or its undistilled twin's.
     """
-    named = [HydraConfig.get().job.override_dirname]
+    # a path value (data.tokenizer=/x/tokenizer.json) names the run by its basename, never nested folders
+    named = [",".join(f"{k}={os.path.basename(os.path.normpath(v))}" if "/" in v else item
+                      for item in HydraConfig.get().job.override_dirname.split(",") if item
+                      for k, _, v in [item.partition("=")])]
     for key in ("init_from", "distill.teacher", "data.tokenizer_from"):  # paths: named by the directory's name
         paths = OmegaConf.select(cfg, key)
         paths = list(paths) if OmegaConf.is_list(paths) else [paths] if paths else []  # teachers: a list

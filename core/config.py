@@ -194,6 +194,8 @@ def _module(cfg, group: str):
 def check(cfg) -> None:
     """Semantic checks compose cannot do; raise UserError naming the key, before anything compiles."""
     check_keys(cfg)
+    if not str(cfg.name).strip() or "/" in str(cfg.name):
+        raise UserError(f"name={cfg.name!r} names the run's directory: give a non-empty name without '/'")
     for key in ("steps", "batch_size", "eval_every", "eval_batches", "ckpt_every", "log_every", "steps_per_call",
                 "keep_checkpoints"):
         if cfg[key] <= 0:

@@ -2,6 +2,8 @@
 import itertools
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -195,3 +197,22 @@ def test_every_other_family_data_and_task_combination_is_a_one_line_error():
                     any((m, data, name) in TRAINABLE for m in choices("model"))
                 assert fits, (combo, str(e))
     assert passed == TRAINABLE
+
+
+def test_a_default_named_run_prints_commands_that_paste_as_they_are(tmp_path, text_file):
+    """Run directories named by overrides hold ',' and '='; a path value names them by its basename."""
+    import shlex
+
+    tok = os.path.join(ROOT, "tests", "fixtures", "import", "hf_gpt2", "tokenizer.json")
+    train = [sys.executable, os.path.join(ROOT, "train.py"), "+experiment=debug", f"data.path={text_file}",
+             f"data.tokenizer={tok}", "steps=2", "eval_every=2", "optim.lr=3e-3", "progress=false"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert os.listdir(tmp_path / "runs") == ["debug,data.tokenizer=tokenizer.json,optim.lr=3e-3,steps=2"]
+    hint = done.stderr.strip().splitlines()[-1].split("sample with: ")[1]
+    argv = shlex.split(hint)
+    assert argv[:2] == ["python", "sample.py"]
+    sampled = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *argv[2:], "num_samples=1",
+                              "max_new_tokens=4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert sampled.returncode == 0 and sampled.stdout.strip(), sampled.stderr[-2000:]
