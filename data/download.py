@@ -23,6 +23,7 @@ def prepare(cfg, hint: str):
 
     tfds.disable_progress_bar()
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # offline, it logs every retry
+    logging.getLogger("absl").setLevel(logging.ERROR)  # "Variant folder ... has no dataset_info.json": not news
     try:
         builder = tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir)
     except Exception as e:  # noqa: BLE001 - an unknown or misspelt dataset name
