@@ -9,7 +9,7 @@ import shutil
 import socket
 import time
 
-from errors import Diverged, UserError
+from errors import UserError
 
 LOCK = ".lock"
 
@@ -51,16 +51,29 @@ class RunLock:
     def __exit__(self, *exc):
         if self.fd is None:
             return False
-        os.ftruncate(self.fd, 0)
+        # A new run that wrote nothing, or failed before logging a metric or saving a checkpoint (a bad
+        # value, out of memory at the first step): leave nothing half-written behind. Cleared while the
+        # lock is held, so a relaunch meanwhile cannot start writing into what is being removed.
+        remove = self.created and (os.listdir(self.out_dir) == [LOCK] or (exc[0] is not None and not self._wrote()))
+        if remove:
+            for entry in os.listdir(self.out_dir):
+                path = os.path.join(self.out_dir, entry)
+                if entry != LOCK:
+                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            os.remove(os.path.join(self.out_dir, LOCK))
+        else:
+            os.ftruncate(self.fd, 0)
         os.close(self.fd)  # releases the lock; the file stays, so no second inode can be locked meanwhile
         self.fd = None
-        if self.created and (os.listdir(self.out_dir) == [LOCK] or (exc[0] is not None and not self._saved()
-                                                                    and not issubclass(exc[0], Diverged))):
-            # nothing was written, or a new run failed before its first checkpoint (a bad value, out of
-            # memory): leave nothing half-written behind. A diverged run keeps its metrics to look at.
-            shutil.rmtree(self.out_dir, ignore_errors=True)
+        if remove:
+            try:
+                os.rmdir(self.out_dir)
+            except OSError:  # another launch has just made its own lock here: the directory is its now
+                pass
         return False
 
-    def _saved(self) -> bool:
-        ckpts = os.path.join(self.out_dir, "checkpoints")
-        return os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
+    def _wrote(self) -> bool:
+        """Whether the run has anything to keep: a checkpoint, or a logged metric."""
+        ckpts, metrics = os.path.join(self.out_dir, "checkpoints"), os.path.join(self.out_dir, "metrics.jsonl")
+        return (os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))) or \
+            (os.path.isfile(metrics) and os.path.getsize(metrics) > 0)

@@ -124,14 +124,15 @@ def test_reloading_a_run_whose_newest_meta_is_damaged_uses_the_one_before(tmp_pa
 def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tmp_path):
     from core.runlock import RunLock
 
-    for error, kept in ((MemoryError, False), (UserError, False), (Diverged, True)):
-        out = tmp_path / error.__name__
+    for error, logged in ((MemoryError, False), (UserError, False), (MemoryError, True), (Diverged, True)):
+        out = tmp_path / f"{error.__name__}{logged}"
         with pytest.raises(error):
             with RunLock(str(out)):
                 (out / "tb").mkdir()
                 (out / "config.yaml").write_text("steps: 5\n")
+                (out / "metrics.jsonl").write_text('{"step": 1, "train_loss": 4.2}\n' if logged else "")
                 raise error("failed at the first step")
-        assert out.exists() == kept, error  # a diverged run keeps its metrics to look at
+        assert out.exists() == logged, error  # logged metrics are kept to look at (a diverged run's too)
     with pytest.raises(MemoryError):  # a run that has a checkpoint, or that existed before, is kept
         with RunLock(str(tmp_path / "saved")):
             (tmp_path / "saved" / "checkpoints" / "10").mkdir(parents=True)
