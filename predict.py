@@ -33,8 +33,8 @@ def parse(argv: list[str]) -> dict:
     args, out_dirs = {}, []
     for arg in argv:
         key, eq, value = arg.partition("=")
-        if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":  # Hydra-style quoting, as train.py prints
-            value = value[1:-1]
+        if key in ("out_dir", "path") and len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]  # Hydra-style quoting, as train.py prints run directories
         if not eq or key not in ("out_dir", "path", "text", "step"):
             raise UserError(f"unknown argument {arg!r}; usage: {USAGE}")
         if key == "out_dir":  # run directories may hold commas (runs/NAME,seed=1): each run is its own argument

@@ -11,6 +11,7 @@ from core import runtime
 if __name__ == "__main__":
     runtime.configure()  # before JAX is imported: core/runtime.py
 
+import hashlib
 import os
 import sys
 import traceback
@@ -43,8 +44,7 @@ def default_out_dir(cfg) -> str:
     it never lands in its source's directory or its undistilled twin's.
     """
     # a path value (data.tokenizer=/x/tokenizer.json) names the run by its basename, never nested folders
-    named = [",".join(f"{k}={os.path.basename(os.path.normpath(v))}" if "/" in v else item
-                      for item in HydraConfig.get().job.override_dirname.split(",") if item
+    named = [",".join(_named(k, v) for item in HydraConfig.get().job.override_dirname.split(",") if item
                       for k, _, v in [item.partition("=")])]
     for key in ("init_from", "distill.teacher", "data.tokenizer_from"):  # paths: named by the directory's name
         paths = OmegaConf.select(cfg, key)
@@ -54,24 +54,43 @@ def default_out_dir(cfg) -> str:
     return os.path.join("runs", ",".join([cfg.name, *filter(None, named)]))
 
 
+def _named(key: str, value, others=()) -> str:
+    """`key=value` for a directory name: a path by its basename, plus a short hash of the path where another
+    value of the key has the same basename (a sweep over a/train.txt and b/train.txt)."""
+    value = str(value)
+    if "/" not in value:
+        return f"{key}={value}"
+    base = os.path.basename(os.path.normpath(value))
+    clash = any(o != value and os.path.basename(os.path.normpath(o)) == base for o in others)
+    return f"{key}={base}" + (f"-{hashlib.sha1(os.path.abspath(value).encode()).hexdigest()[:6]}" if clash else "")
+
+
 def sweep_job_dir() -> str:
     """The job's directory: Hydra's (named by the overrides that name runs), plus each swept key that names
     no run (a path: its basename), or jobs that differ only in those would share one directory."""
+    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     hc = HydraConfig.get()
-    swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(
-        [a for a in sys.argv[1:] if not a.startswith("-")]) if o.is_sweep_override()}
-    mine = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(list(hc.overrides.task))}
-    extra = [f"{k}={os.path.basename(os.path.normpath(str(v))) if k in config.UNNAMED_PATHS else v}"
-             for k, v in sorted(mine.items()) if k in swept and k in config.UNNAMED_KEYS]
-    if not extra:
+    try:
+        parser = OverridesParser.create()
+        swept = {o.key_or_group: [str(v) for v in o.sweep_string_iterator()]
+                 for o in parser.parse_overrides(get_args_parser().parse_args(sys.argv[1:]).overrides)
+                 if o.is_sweep_override()}
+        mine = {o.key_or_group: o.value() for o in parser.parse_overrides(list(hc.overrides.task))}
+    except Exception:  # noqa: BLE001 - a search space (Optuna's interval) has no values to list: Hydra's name
+        return hc.runtime.output_dir
+    named = [_named(k, v, swept.get(k, ())) for item in hc.job.override_dirname.split(",") if item
+             for k, _, v in [item.partition("=")]]  # a path value (nested folders else) by its basename
+    extra = [_named(k, v, swept[k]) for k, v in sorted(mine.items()) if k in swept and k in config.UNNAMED_KEYS]
+    name = ",".join(named + extra)
+    if name == hc.job.override_dirname:
         return hc.runtime.output_dir
     try:
         os.rmdir(hc.runtime.output_dir)  # the shared directory Hydra made for the job, if empty
     except OSError:
         pass
-    return os.path.join(hc.sweep.dir, ",".join(filter(None, [hc.job.override_dirname, *extra])))
+    return os.path.join(hc.sweep.dir, name)
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")

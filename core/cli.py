@@ -1,5 +1,6 @@
 """Command-line front: compose errors and user mistakes become one line on stderr and exit 2."""
 import os
+import shlex
 import sys
 
 from core import config
@@ -28,9 +29,12 @@ def shell_arg(key: str, value) -> str:
     """`key=value` as a user pastes it into a shell: quoted for Hydra and the shell where the value holds
     what Hydra parses (a run directory named by its overrides holds `,` and `=`)."""
     value = str(value)
-    if any(c in value for c in ",=[]{}()'\" \\$*?~:;&|<>"):
-        return f"\"{key}='{value}'\""
-    return f"{key}={value}"
+    if not any(c in value for c in ",=[]{}()'\" \\$*?~:;&|<>`!#"):
+        return f"{key}={value}"
+    hydra_value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if any(c in value for c in "$`\"\\!"):  # what a shell's double quotes would still expand
+        return shlex.quote(f"{key}={hydra_value}")
+    return f"\"{key}={hydra_value}\""
 
 
 def compose_error(config_name: str, overrides: list[str]) -> str | None:
@@ -88,15 +92,12 @@ def first_job(overrides: list[str]) -> list[str]:
 
     out = []
     for o in OverridesParser.create().parse_overrides(overrides):
-        if o.key_or_group == "out_dir":
+        value = o.input_line.split("=", 1)[-1]
+        if o.key_or_group == "out_dir" and value not in ("null", "") and "${" not in value:
             raise UserError("out_dir= names one run, and a sweep's jobs each get their own directory: drop it "
-                            "(hydra.sweep.dir=DIR chooses where the jobs go)")
-        if o.is_sweep_override():
-            try:
-                first = next(iter(o.sweep_string_iterator()))
-            except Exception:  # noqa: BLE001 - a search space (interval(...)) has no first value: not checked
-                continue
-            out.append(o.input_line.split("=", 1)[0] + "=" + first)
+                            "(hydra.sweep.dir=DIR chooses where the jobs go, or out_dir='DIR/${seed}' one each)")
+        if o.is_sweep_override():  # glob() and search spaces (interval) have no first value: raises, unchecked
+            out.append(o.input_line.split("=", 1)[0] + "=" + next(iter(o.sweep_string_iterator())))
         else:
             out.append(o.input_line)
     return out
@@ -104,7 +105,7 @@ def first_job(overrides: list[str]) -> list[str]:
 
 def preflight(config_name: str, argv: list[str]) -> None:
     """Compose once before Hydra runs so a bad override fails with one line (a sweep: its first job's)."""
-    sweep = any(a in ("-m", "--multirun") for a in argv)
+    sweep = any(a in ("-m", "--multirun") or a.replace(" ", "") == "hydra.mode=MULTIRUN" for a in argv)
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):  # --help, --cfg, -cp DIR...
         return
     overrides = [a for a in argv if a not in ("-m", "--multirun")]
@@ -113,7 +114,7 @@ def preflight(config_name: str, argv: list[str]) -> None:
         overrides = first_job(overrides) if sweep else overrides
     except UserError as e:
         fail(e)
-    except Exception:  # noqa: BLE001 - what Hydra cannot parse, its own run reports
+    except Exception:  # noqa: BLE001 - what Hydra cannot parse or list (glob, interval), its own run reports
         return
     error = compose_error(config_name, overrides)
     if error:

@@ -216,3 +216,14 @@ def test_a_default_named_run_prints_commands_that_paste_as_they_are(tmp_path, te
     sampled = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *argv[2:], "num_samples=1",
                               "max_new_tokens=4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert sampled.returncode == 0 and sampled.stdout.strip(), sampled.stderr[-2000:]
+
+
+def test_shell_arg_pastes_back_to_the_same_value_through_a_shell_and_hydra():
+    import shlex
+
+    from core.cli import shell_arg
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for value in ("runs/plain", "runs/a,optim.lr=3e-4", "runs/x$HOME,y", "runs/a`id`", "runs/it's,a=1"):
+        (arg,) = shlex.split(shell_arg("out_dir", value))  # what the shell hands the script
+        assert OverridesParser.create().parse_override(arg).value() == value, (value, arg)
