@@ -118,13 +118,17 @@ def refuse_training(out_dir: str) -> None:
 
 
 def data_config(run_cfg, data_path: str | None):
-    """The run's config to evaluate with: its data.path replaced by data_path, or a one-line error if it is gone."""
-    path = run_cfg.data.get("path")
+    """The run's config to evaluate with: its data (data.path, or data.dir for prepared tokens) replaced by
+    data_path; a one-line error if what it reads is gone."""
+    key = "dir" if run_cfg.data.get("kind") == "tokens" else "path"
     if data_path:
-        run_cfg = OmegaConf.merge(run_cfg, {"data": {"path": os.path.abspath(os.path.expanduser(data_path))}})
-    elif path and not os.path.exists(os.path.expanduser(path)):
-        raise UserError(f"the run trained on data.path={path}, which is gone; pass data_path=FILE (the same "
-                        f"data) to evaluate the compressed run")
+        run_cfg = OmegaConf.merge(run_cfg, {"data": {key: os.path.abspath(os.path.expanduser(data_path))}})
+    for k in (key, "val_path"):
+        path = run_cfg.data.get(k)
+        if path and not os.path.exists(os.path.expanduser(path)):
+            fix = "pass data_path=FILE (the same data)" if k == key else "put it back there"
+            raise UserError(f"the run trained on data.{k}={path}, which is gone; {fix} to evaluate the "
+                            f"compressed run")
     return run_cfg
 
 

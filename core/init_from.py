@@ -111,7 +111,9 @@ def load(cfg, spec, mesh, meta: dict, log) -> dict:
         try:  # the newest readable state at or below the meta's step (never the source's newer ones)
             restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(src_spec.abstract, src_spec.shardings),
                                                  step=cfg.init_from_step, newest=step, set_aside=False)
-        except UserError:
+        except UserError as e:
+            if not str(e).startswith("no readable checkpoint"):  # e.g. another code version's params: as it is
+                raise
             raise UserError(f"init_from={src}: no readable checkpoint at or below step {step}; pass "
                             f"init_from_step= a readable one, or another init_from=") from None
         step = restored[0]
