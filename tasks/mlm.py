@@ -230,6 +230,8 @@ def _loss_with_nsp(model, batch, key):
     correct_B = (nsp_B2.argmax(-1) == batch["is_next"]).astype(jnp.float32)
     rows = jnp.maximum(row_B.sum(), 1.0)
     nsp_loss = (nsp_loss_B * row_B).sum() / rows
+    # Shards pool by masked tokens: exact for the masked-LM terms and the eval sums below; the training
+    # NSP term, a mean over rows, is then weighted by masked tokens rather than rows (nearly proportional).
     metrics = {"loss": mlm_loss + nsp_loss, "accuracy": accuracy, "mlm_loss": mlm_loss, WEIGHT: w_BP.sum()}
     if key is None:
         metrics |= {"nsp_rows": row_B.sum() / n, "nsp_correct": (correct_B * row_B).sum() / n,
