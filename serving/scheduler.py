@@ -206,8 +206,8 @@ class Scheduler:
         elif len(c.tokens) >= job.max_tokens:
             c.finish = "length"
         hold = 0 if c.finish or not job.stop else max(map(len, job.stop)) - 1
-        if not c.finish:  # a character whose bytes span tokens decodes as U+FFFD until its last byte comes
-            hold = max(hold, len(c.text) - len(c.text.rstrip("\ufffd")))
+        if not c.finish and isinstance(c.text, str):  # a character whose bytes span tokens decodes as U+FFFD
+            hold = max(hold, len(c.text) - len(c.text.rstrip("\ufffd")))  # until its last byte comes
         ready = max(c.sent, len(c.text) - hold)
         if ready > c.sent and (job.stream or c.finish):
             job.emit("text", c.index, c.text[c.sent:ready])
