@@ -190,6 +190,9 @@ def compile_steps(mesh, state_sharding, *, graphdef, tx, loss_fn, lr_fn, seed, g
     ev = jax.pmap(partial(evaluate, axis_name=axis), axis_name=axis)
     put = jax.jit(lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), t), out_shardings=batch_sh)
     get = jax.jit(lambda t: jax.tree.map(lambda x: x[0], t), out_shardings=repl)
+    if jax.process_count() > 1:  # pmap's outputs span this host's devices only: the first replica, made global
+        get = lambda t: jax.tree.map(  # noqa: E731
+            lambda x: jax.make_array_from_process_local_data(repl, np.asarray(x.addressable_shards[0].data)[0]), t)
     if teacher is not None:  # one replica per device, like the student's state
         t_replicas = put(t_state)
         train, train_many = (partial(lambda f, s, b: f(s, b, t_replicas), f) for f in (train, train_many))

@@ -146,6 +146,10 @@ def test_two_processes_follow_the_same_curve_as_one_process_with_as_many_devices
                             env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert single.returncode == 0, single.stderr[-1500:]
     np.testing.assert_allclose(losses(out), losses(tmp_path / "single"), atol=5e-6, rtol=0)
+    # pmap across the two processes: each keeps replicas on its own devices; checkpoints hold one
+    pmap = two_processes(*args, "parallel=pmap", "steps_per_call=1", f"out_dir={tmp_path / 'pmap'}")
+    assert all(rc == 0 for rc, _ in pmap), pmap[0][1][-1500:] + pmap[1][1][-1500:]
+    np.testing.assert_allclose(losses(tmp_path / "pmap"), losses(out), atol=5e-6, rtol=0)
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(two_process_run, tmp_path):
