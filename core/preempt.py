@@ -5,6 +5,7 @@ that save runs only set the flag again, so they cannot interrupt (and corrupt) t
 With several processes, every host must stop at the same step: JAX's preemption sync point
 (set up by `jax.distributed.initialize`) agrees on it; a local signal alone would not.
 """
+import os
 import signal
 import threading
 
@@ -21,13 +22,19 @@ class StopRequests:
         self._previous = {}
 
     def __enter__(self):
-        # Under jax.distributed the runtime's own SIGTERM handler feeds the preemption sync point,
-        # and a Ctrl-C on one host must not leave the others waiting in a collective.
-        signals = () if jax.process_count() > 1 else self.SIGNALS
+        # Under jax.distributed the runtime's own SIGTERM handler feeds the preemption sync point, so
+        # every host stops at one step; a Ctrl-C is turned into that SIGTERM, never an exception that
+        # would leave the other hosts waiting in a collective.
+        handlers = {signal.SIGINT: self._as_sigterm} if jax.process_count() > 1 else \
+            {sig: self._handle for sig in self.SIGNALS}
         if threading.current_thread() is threading.main_thread():
-            for sig in signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
+            for sig, handler in handlers.items():
+                self._previous[sig] = signal.signal(sig, handler)
         return self
+
+    def _as_sigterm(self, signum, frame):
+        self._handle(signum, frame)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -43,7 +50,7 @@ class StopRequests:
             from jax.experimental import multihost_utils
 
             if multihost_utils.reached_preemption_sync_point(step):
-                self.signal = self.signal or "preemption"
+                self.signal = self.signal or "preemption"  # SIGINT where it was this host's Ctrl-C
                 return True
             return False
         return self.signal is not None

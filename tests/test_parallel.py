@@ -119,7 +119,7 @@ from data import text
 orig, me = text.train_windows, [a for a in sys.argv if a.startswith("distributed.process_id=")][0][-1]
 def train_windows(corpus, seed, step, *a, **k):
     if me == "1" and step == 7:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGNAL)
     time.sleep(0.2)
     return orig(corpus, seed, step, *a, **k)
 text.train_windows = train_windows
@@ -152,9 +152,10 @@ def test_two_processes_follow_the_same_curve_as_one_process_with_as_many_devices
     np.testing.assert_allclose(losses(tmp_path / "pmap"), losses(out), atol=5e-6, rtol=0)
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(two_process_run, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])  # a preemption notice, or a Ctrl-C on one host
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(two_process_run, tmp_path, sig):
     whole, args, _ = two_process_run
-    stopped = two_processes(*args, f"out_dir={tmp_path / 'run'}", harness=SIGTERM_PROCESS_1)
+    stopped = two_processes(*args, f"out_dir={tmp_path / 'run'}", harness=SIGTERM_PROCESS_1.replace("SIGNAL", sig))
     assert all(rc == 0 for rc, _ in stopped), stopped[0][1][-1500:] + stopped[1][1][-1500:]
     step = int(stopped[0][1].split("stopped by preemption at step ")[1].split(";")[0])
     assert 7 <= step < 16 and os.listdir(tmp_path / "run" / "checkpoints") == [str(step)]
