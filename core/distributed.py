@@ -49,3 +49,40 @@ def check_shared_dir(out_dir: str) -> None:
         missing = [i for i, s in enumerate(np.ravel(all_seen)) if not s]
         raise UserError(f"processes {missing} cannot see out_dir={out_dir}; put out_dir on a filesystem every "
                         f"host mounts (NFS, GCS via gcsfuse)")
+
+
+# What may differ between the processes of one run: their ids, and paths to each host's copy of the data.
+PER_PROCESS = ("distributed", "progress", "compile_cache", "data.path", "data.val_path", "data.dir",
+               "data.tfds_data_dir", "init_from", "distill.teacher", "data.tokenizer_from")
+
+
+def check_same_config(cfg) -> None:
+    """Every process must train the same config: a process started with another seed or size would train
+    silently on its own (its rows, its state) and give a run that matches neither."""
+    if jax.process_count() == 1:
+        return
+    import hashlib
+
+    from jax.experimental import multihost_utils
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in PER_PROCESS:
+        *parents, leaf = key.split(".")
+        node = plain
+        for p in parents:
+            node = node.get(p) or {}
+        node.pop(leaf, None)
+    digest = hashlib.sha256(repr(sorted(_flat(plain).items())).encode()).digest()[:8]
+    every = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.uint32)))
+    differ = [i for i in range(every.shape[0]) if not np.array_equal(every[i], every[0])]
+    if differ:
+        raise UserError(f"processes {differ} were started with another config than process 0; start every "
+                        f"process with the same command, only distributed.process_id differing")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": repr(v)})
+    return out

@@ -107,6 +107,7 @@ def run(cfg) -> dict:
     """Train as the composed config says; returns {"out_dir", "step", "val_loss", "stopped_by"}."""
     config.check(cfg)
     distributed.initialize(cfg.distributed)
+    distributed.check_same_config(cfg)
     cfg.out_dir = out_dir = resolve_out_dir(cfg)
     if cfg.parallel == "pmap" and cfg.steps_per_call > 1:
         log(f"parallel=pmap: {cfg.steps_per_call} steps per call run as a lax.scan inside the pmapped step")

@@ -167,6 +167,21 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exac
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+ANOTHER_SEED_ON_PROCESS_1 = """
+import sys
+sys.argv = sys.argv[1:] + (["seed=1"] if "distributed.process_id=1" in sys.argv else [])
+exec(open("train.py").read())
+"""
+
+
+def test_processes_started_with_different_configs_all_refuse_in_one_line(text_file, tmp_path):
+    results = two_processes(*BASE, f"data.path={text_file}", f"out_dir={tmp_path / 'run'}",
+                            harness=ANOTHER_SEED_ON_PROCESS_1)
+    for rc, err in results:
+        assert rc == 2 and "error: processes [1] were started with another config than process 0" in err, err[-1500:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_layout_mistakes_are_user_errors(text_file, tmp_path):
     BASE = globals()["BASE"] + [f"out_dir={tmp_path}/run"]  # noqa: N806
     with pytest.raises(UserError, match="not divisible by the 8 data-parallel devices"):
