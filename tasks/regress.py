@@ -30,14 +30,21 @@ def loss(model, batch, key):
         for i in range(err.shape[1]):
             metrics[f"sq_err_{i}"] = weighted_mean(err[:, i] ** 2, batch)
             metrics[f"abs_err_{i}"] = weighted_mean(jnp.abs(err[:, i]), batch)
+    if key is None and err.ndim == 2:  # the evaluated rows' target moments: R² over exactly those rows
+        for i in range(err.shape[1]):
+            metrics[f"y_{i}"] = weighted_mean(batch["y"][:, i], batch)
+            metrics[f"y2_{i}"] = weighted_mean(batch["y"][:, i] ** 2, batch)
     return loss, metrics
 
 
 def finish(val: dict, meta: dict) -> dict:
     """Validation means plus RMSE, MAE and R² in target units, where meta has the targets' scale."""
     std, var, names = meta.get("target_std"), meta.get("target_val_var"), meta.get("target")
+    moments = [(val.pop(f"val_y_{i}"), val.pop(f"val_y2_{i}")) for i in range(len(std or [])) if f"val_y_{i}" in val]
     if not std or not var:
         return val
+    if len(moments) == len(std):  # the variance of the rows evaluated (eval_batches may cover part of the split)
+        var = [(m2 - m * m) * s * s for (m, m2), s in zip(moments, std)]
     if len(std) == 1:
         pairs = [("", val["val_loss"], val["val_abs_err"])]
     else:

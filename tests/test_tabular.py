@@ -198,6 +198,11 @@ def test_finish_reports_errors_in_target_units_and_leaves_series_alone():
                           "val_sq_err_1": 1.0, "val_abs_err_1": 1.0},
                          {"target": ["a", "b"], "target_std": [1.0, 10.0], "target_val_var": [1.0, 400.0]})
     assert two["val_rmse_b"] == pytest.approx(10.0) and two["val_r2"] == pytest.approx((0.75 + 0.75) / 2)
+    # With the evaluated rows' moments (eval_batches may cover part of the split), R² is over those rows:
+    # their variance is 0.5 - 0.5**2 = 0.25 scaled units, 1.0 in target units, not the split's 4.0.
+    part = regress.finish({**val, "val_y_0": 0.5, "val_y2_0": 0.5},
+                          {"target": ["y"], "target_std": [2.0], "target_val_var": [4.0]})
+    assert part == {**val, "val_rmse": pytest.approx(1.0), "val_mae": pytest.approx(0.8), "val_r2": pytest.approx(0.0)}
 
 
 def test_an_mlp_beats_the_linear_baseline_on_a_nonlinear_function(tmp_path):
