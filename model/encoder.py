@@ -132,6 +132,7 @@ class Encoder(nnx.Module):
 
     def encode(self, ids_BL, *, key=None, segments_BL=None):
         """(x_BLD: the final LN's output, real_BL: True where the token is not [PAD])."""
+        ids_BL = jnp.asarray(ids_BL)  # numpy ids too, as the other families take them
         B, L = ids_BL.shape
         k_emb, k_blocks = (None, None) if key is None else jax.random.split(key)
         if key is not None and self.word_dropout > 0:  # its own stream: other keys stay as without it

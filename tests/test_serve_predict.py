@@ -130,6 +130,7 @@ def test_images_as_lists_or_png_and_texts_predict_as_the_model_does(tmp_path_fac
                 "enc")
     assert kind_of(enc) == "text"
     ids = to_rows(enc, "text", ["a good movie", "the plot was awful"])
+    np.testing.assert_allclose(np.asarray(enc.model(ids)), direct(enc, ids), rtol=1e-6)  # numpy ids, as reload.md
     got = predicted(enc, ids, max_rows=2)
     assert [g["label"] for g in got] == [enc.meta["labels"][i] for i in direct(enc, ids).argmax(-1)]
     with pytest.raises(UserError, match="non-empty string"):
