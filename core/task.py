@@ -60,5 +60,7 @@ def load(cfg, inherited: dict | None = None) -> Task:
     unit = "tokens" if task.READS == "tokens" else getattr(source, "unit", "examples")
     finish = getattr(task, "finish", lambda val, meta: val)
     dims = getattr(task, "model_dims", lambda d: d)(source.dims)  # e.g. masked LM: no classifier head
-    return Task(cfg.task.name, task.loss, dims, source.meta, feed, unit, source.summary, finish,
-                getattr(source, "baseline", None))
+    baseline = getattr(source, "baseline", None)
+    if baseline and hasattr(task, "BASELINES"):  # a masked LM's data may hold labels it never predicts
+        baseline = {k: v for k, v in baseline.items() if k in task.BASELINES}
+    return Task(cfg.task.name, task.loss, dims, source.meta, feed, unit, source.summary, finish, baseline)

@@ -29,6 +29,7 @@ from errors import UserError
 from tasks import WEIGHT, Feed
 
 READS = "sentences"
+BASELINES = ("baseline_unigram_loss",)  # not the labels' majority accuracy a labelled TSV also gives
 MASK_PROB, MASK_TOKEN, RANDOM_TOKEN = 0.15, 0.8, 0.1  # BERT's: chosen; of those [MASK], random (the rest kept)
 _TRAIN_STREAM, _EVAL_STREAM, _PAIR_TRAIN_STREAM, _PAIR_EVAL_STREAM = 5, 6, 7, 8
 _NSP_COUNTS = ("val_nsp_rows", "val_nsp_correct", "val_nsp_loss_sum")
