@@ -40,7 +40,7 @@ def loss(model, batch, key):
 def finish(val: dict, meta: dict) -> dict:
     """Validation means plus RMSE, MAE and R² in target units, where meta has the targets' scale."""
     std, var, names = meta.get("target_std"), meta.get("target_val_var"), meta.get("target")
-    moments = [(val.pop(f"val_y_{i}"), val.pop(f"val_y2_{i}")) for i in range(len(std or [])) if f"val_y_{i}" in val]
+    moments = [(val.pop(f"val_y_{i}"), val.pop(f"val_y2_{i}")) for i in range(sum(k.startswith("val_y_") for k in val))]
     if not std or not var:
         return val
     if len(moments) == len(std):  # the variance of the rows evaluated (eval_batches may cover part of the split)
