@@ -43,15 +43,19 @@ def default_out_dir(cfg) -> str:
     A run started from (or distilled from) another one is named by that run's directory name too, so
     it never lands in its source's directory or its undistilled twin's.
     """
-    # a path value (data.tokenizer=/x/tokenizer.json) names the run by its basename, never nested folders
-    named = [",".join(_named(k, v) for item in HydraConfig.get().job.override_dirname.split(",") if item
-                      for k, _, v in [item.partition("=")])]
+    named = _overrides_named(HydraConfig.get().job.override_dirname)
     for key in ("init_from", "distill.teacher", "data.tokenizer_from"):  # paths: named by the directory's name
         paths = OmegaConf.select(cfg, key)
         paths = list(paths) if OmegaConf.is_list(paths) else [paths] if paths else []  # teachers: a list
         if paths:
             named.append(f"{key}=" + "+".join(os.path.basename(os.path.normpath(str(p))) for p in paths))
     return os.path.join("runs", ",".join([cfg.name, *filter(None, named)]))
+
+
+def _overrides_named(override_dirname: str, swept: dict | None = None) -> list[str]:
+    """Hydra's `key=value,...` with each path value by its basename (never nested folders), as `_named` says."""
+    return [_named(k, v, (swept or {}).get(k, ())) for item in override_dirname.split(",") if item
+            for k, _, v in [item.partition("=")]]
 
 
 def _named(key: str, value, others=()) -> str:
@@ -80,8 +84,7 @@ def sweep_job_dir() -> str:
         mine = {o.key_or_group: o.value() for o in parser.parse_overrides(list(hc.overrides.task))}
     except Exception:  # noqa: BLE001 - a search space (Optuna's interval) has no values to list: Hydra's name
         return hc.runtime.output_dir
-    named = [_named(k, v, swept.get(k, ())) for item in hc.job.override_dirname.split(",") if item
-             for k, _, v in [item.partition("=")]]  # a path value (nested folders else) by its basename
+    named = _overrides_named(hc.job.override_dirname, swept)
     extra = [_named(k, v, swept[k]) for k, v in sorted(mine.items()) if k in swept and k in config.UNNAMED_KEYS]
     name = ",".join(named + extra)
     if name == hc.job.override_dirname:

@@ -78,6 +78,18 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
+def first_readable_meta(mngr: ocp.CheckpointManager, steps: list[int], where: str):
+    """(step, meta) of the first of `steps` whose meta reads, warning of each damaged one; None if none reads.
+    For what must build its restore target from a meta (its config) before any state is read."""
+    for s in steps:
+        try:
+            return s, read_meta(mngr, s)
+        except Exception as e:  # noqa: BLE001 - a damaged file surfaces as many error types
+            print(f"warning: checkpoint step {s} in {where} is unreadable ({type(e).__name__}: "
+                  f"{first_line(e, 160)}); falling back to an earlier one", file=sys.stderr)
+    return None
+
+
 def peek_meta(out_dir: str, step: int | None = None) -> dict | None:
     """The meta of the newest checkpoint (or of `step`), read from its file without Orbax or a JAX backend.
 

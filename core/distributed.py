@@ -66,23 +66,14 @@ def check_same_config(cfg) -> None:
     from jax.experimental import multihost_utils
     from omegaconf import OmegaConf
 
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in PER_PROCESS:
-        *parents, leaf = key.split(".")
-        node = plain
-        for p in parents:
-            node = node.get(p) or {}
-        node.pop(leaf, None)
-    digest = hashlib.sha256(repr(sorted(_flat(plain).items())).encode()).digest()[:8]
+    from core.config import flatten
+
+    shared = {k: repr(v) for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
+              if not any(k == p or k.startswith(p + ".") for p in PER_PROCESS)}
+    digest = hashlib.sha256(repr(sorted(shared.items())).encode()).digest()[:8]
     every = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.uint32)))
     differ = [i for i in range(every.shape[0]) if not np.array_equal(every[i], every[0])]
     if differ:
         raise UserError(f"processes {differ} were started with another config than process 0; start every "
                         f"process with the same command, only distributed.process_id differing")
 
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": repr(v)})
-    return out

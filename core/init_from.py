@@ -6,7 +6,6 @@ are left behind (an old head). The optimizer starts fresh. `init_from_skip` name
 their prefixes, `head` for head/kernel and head/bias) to leave fresh although both models have them.
 """
 import os
-import sys
 
 import jax
 from omegaconf import OmegaConf
@@ -36,14 +35,11 @@ def _source(cfg):
     if cfg.init_from_step is not None and cfg.init_from_step not in steps:
         mngr.close()
         raise UserError(f"init_from={src} has no checkpoint at step {cfg.init_from_step}; available: {sorted(steps)}")
-    for step in [cfg.init_from_step] if cfg.init_from_step is not None else steps:
-        try:
-            return src, mngr, step, checkpoint.read_meta(mngr, step)
-        except Exception as e:  # noqa: BLE001 - a damaged file surfaces as many error types
-            print(f"warning: init_from={src}: checkpoint step {step} is unreadable ({type(e).__name__}); "
-                  f"trying an earlier one", file=sys.stderr)
-    mngr.close()
     tried = steps if cfg.init_from_step is None else [cfg.init_from_step]
+    found = checkpoint.first_readable_meta(mngr, tried, f"init_from={src}")
+    if found is not None:
+        return src, mngr, *found
+    mngr.close()
     raise UserError(f"init_from={src} holds no complete checkpoint; train it first" if not steps else
                     f"init_from={src}: no readable checkpoint (tried steps {tried}); pass init_from_step= a "
                     f"readable one, or another init_from=")

@@ -5,7 +5,6 @@ checkpoint carries its config and what the data contributed (vocab; class count,
 normalisation), so nothing else is needed.
 """
 import os
-import sys
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import Any, Callable
@@ -19,7 +18,7 @@ import model as models
 from core import checkpoint, mesh as mesh_lib, prune
 from core.optim import make_optimizer, schedule
 from core.step import Runner, compile_steps, init_state
-from errors import UserError, first_line
+from errors import UserError
 
 
 @dataclass
@@ -123,16 +122,11 @@ def load_run(out_dir: str, step: int | None = None, mesh=None) -> Run:
         raise UserError(f"{out_dir} holds no complete checkpoint; train first or wait for the first save")
     if step is not None and step not in steps:
         raise UserError(f"no checkpoint at step {step} in {out_dir}; available: {steps}")
-    for newest in [step] if step is not None else steps[::-1]:  # the newest checkpoint whose meta reads
-        try:
-            meta = checkpoint.read_meta(mngr, newest)
-            break
-        except Exception as e:  # noqa: BLE001 - a damaged file surfaces as many error types
-            print(f"warning: checkpoint step {newest} in {out_dir} is unreadable ({type(e).__name__}: "
-                  f"{first_line(e, 160)}); falling back to an earlier one", file=sys.stderr)
-    else:
-        raise UserError(f"no readable checkpoint in {out_dir} (tried steps {steps[::-1] if step is None else [step]}); "
-                        f"pass another step= or retrain")
+    tried = [step] if step is not None else steps[::-1]
+    found = checkpoint.first_readable_meta(mngr, tried, out_dir)
+    if found is None:
+        raise UserError(f"no readable checkpoint in {out_dir} (tried steps {tried}); pass another step= or retrain")
+    newest, meta = found
     cfg = OmegaConf.create(meta["config"])
     mesh = mesh or mesh_lib.make_mesh(OmegaConf.create({"data": -1, "fsdp": 1}))
     spec = state_spec(cfg, run_dims(meta), mesh)

@@ -34,6 +34,13 @@ def init_state(model_fn, tx, seed: int, prune_tensors=None) -> dict:
     return state
 
 
+def _split_weight(metrics: dict):
+    """(the metrics to log, what their means were over: tasks.WEIGHT as float32, or None)."""
+    metrics = dict(metrics)
+    weight = metrics.pop(WEIGHT, None)
+    return metrics, None if weight is None else jnp.asarray(weight, jnp.float32)
+
+
 def _pool(tree, weight, axis_name):
     """Shards' means (and gradients of means) pooled over pmap's devices: weighted by what each averaged
     over (tasks.WEIGHT), or equally without a weight. (pooled tree, the total weight)."""
@@ -51,9 +58,7 @@ def _loss_and_grads(state, batch, key, *, graphdef, loss_fn, axis_name=None, tea
         return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
 
     (loss, (metrics, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"], state["rest"])
-    metrics = dict(metrics)
-    weight = metrics.pop(WEIGHT, None)
-    weight = None if weight is None else jnp.asarray(weight, jnp.float32)
+    metrics, weight = _split_weight(metrics)
     if axis_name is not None:  # pmap: each device saw its rows; pooled, the means are the global batch's
         (grads, metrics), weight = _pool((grads, metrics), weight, axis_name)
         rest = jax.lax.pmean(rest, axis_name)
@@ -121,8 +126,7 @@ def train_step(state, batch, teacher_state=None, *, graphdef, tx, loss_fn, lr_fn
 def eval_step(params, rest, batch, *, graphdef, loss_fn, axis_name=None):
     """Metrics of the deterministic model (no dropout, running statistics) on one batch."""
     _, metrics = loss_fn(nnx.merge(graphdef, params, rest), batch, None)
-    metrics = dict(metrics)
-    weight = metrics.pop(WEIGHT, None)
+    metrics, weight = _split_weight(metrics)
     return metrics if axis_name is None else _pool(metrics, weight, axis_name)[0]
 
 

@@ -1,5 +1,5 @@
 """A labelled split held as arrays (x_train, y_train, x_val, y_val): the batches every example source reads;
-and the delimiter of the tables (CSV/TSV) such splits are read from.
+and the files such splits are read from (the delimiter of CSV/TSV tables, .npz arrays).
 
 The global batch at `step` takes examples step*B .. step*B+B-1 of an endless stream in which epoch
 e is a permutation of the training split keyed on (seed, e); validation runs in order, its last
@@ -9,8 +9,11 @@ batches of steps w*W .. w*W+W-1 hold the same examples, sorted by length, so eac
 import csv
 import functools
 import os
+import zipfile
 
 import numpy as np
+
+from errors import UserError
 
 _ORDER_STREAM = 2
 
@@ -79,3 +82,19 @@ def delimiter(name: str, sample: str) -> str:
         return csv.Sniffer().sniff(sample, delimiters=",\t;|").delimiter
     except csv.Error:
         return ","
+
+
+def read_npz(path: str, key: str, hint: str = "") -> dict:
+    """The arrays of an .npz file: x_train, y_train, x_test, y_test (or x, y). UserError for a missing,
+    unreadable (empty, cut short, pickled) file or one without those arrays; `hint` ends each message."""
+    tail = f"; {hint}" if hint else ""
+    if not os.path.isfile(path):
+        raise UserError(f"{key}={path} does not exist{tail}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, AttributeError, TypeError) as e:
+        raise UserError(f"{key}={path} is not a readable .npz file ({e}){tail}") from None
+    if not ({"x_train", "y_train", "x_test", "y_test"} <= arrays.keys() or {"x", "y"} <= arrays.keys()):
+        raise UserError(f"{path} holds arrays {sorted(arrays)}; it needs x_train, y_train, x_test, y_test (or x, y)")
+    return arrays

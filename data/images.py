@@ -10,7 +10,6 @@ training split's per-channel mean and std, which the checkpoint's meta carries f
 """
 import os
 import sys
-import zipfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -98,22 +97,14 @@ def _labels(y: np.ndarray, name: str, path: str) -> np.ndarray:
 
 def _from_npz(path: str, val_fraction: float) -> tuple:
     path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isfile(path):
-        raise UserError(f"data.path={path} does not exist; {_HINT}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, AttributeError, TypeError) as e:  # empty, cut short
-        raise UserError(f"data.path={path} is not a readable .npz file ({e}); {_HINT}") from None
+    arrays = examples.read_npz(path, "data.path", _HINT)
     if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
         parts = [arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")]
-    elif {"x", "y"} <= arrays.keys():
+    else:
         if not 0.0 < val_fraction < 1.0:
             raise UserError(f"data.val_fraction={val_fraction} must be in (0, 1)")
         cut = int(len(arrays["x"]) * (1.0 - val_fraction))
         parts = [arrays["x"][:cut], arrays["y"][:cut], arrays["x"][cut:], arrays["y"][cut:]]
-    else:
-        raise UserError(f"{path} holds arrays {sorted(arrays)}; it needs x_train, y_train, x_test, y_test (or x, y)")
     x_tr, x_va = _as_nhwc(parts[0], "x_train", path), _as_nhwc(parts[2], "x_test", path)
     y_tr, y_va = _labels(parts[1], "y_train", path), _labels(parts[3], "y_test", path)
     if len(x_tr) != len(y_tr) or len(x_va) != len(y_va) or x_tr.shape[1:] != x_va.shape[1:]:

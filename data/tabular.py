@@ -14,7 +14,6 @@ import csv
 import io
 import os
 import sys
-import zipfile
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, List, Optional
@@ -72,7 +71,7 @@ def read_csv(stream, name: str) -> tuple[list, np.ndarray]:
 def read_file(path: str) -> tuple[list, np.ndarray]:
     """(header, cells) of a CSV/TSV file."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with open(path, newline="", encoding="utf-8") as f:  # read_csv drops a BOM
             return read_csv(f, path)
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text; save it as UTF-8 CSV") from None
@@ -108,15 +107,8 @@ def _table(path: str, key: str) -> tuple[dict, Optional[dict], list]:
     if not path.endswith(".npz"):
         header, cells = read_file(path)
         return dict(zip(header, cells.T)), None, None
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, AttributeError, TypeError) as e:  # empty, cut short
-        raise UserError(f"{key}={path} is not a readable .npz file ({e})") from None
-    names = [("x_train", "y_train"), ("x_test", "y_test")] if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys() \
-        else [("x", "y")] if {"x", "y"} <= arrays.keys() else None
-    if names is None:
-        raise UserError(f"{path} holds arrays {sorted(arrays)}; it needs x_train, y_train, x_test, y_test (or x, y)")
+    arrays = examples.read_npz(path, key)
+    names = [("x_train", "y_train"), ("x_test", "y_test")] if "x_train" in arrays else [("x", "y")]
     tables = []
     for xk, yk in names:
         x, y = arrays[xk].reshape(len(arrays[xk]), -1), arrays[yk].reshape(len(arrays[yk]), -1)
