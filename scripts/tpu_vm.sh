@@ -16,6 +16,9 @@
 #   SPOT [1: preemptible spot capacity]  REPO_DIR [jaxlab]
 #   OUT_DIR [/mnt/runs/$TPU_NAME]: must be one directory every worker sees (a gcsfuse or
 #   Filestore mount); checkpoints go there, so `resume` after a preemption picks up from it.
+#   MOUNT_CMD [none]: a shell command `setup` runs on every worker after the install, e.g.
+#   'mkdir -p /mnt/runs && gcsfuse --implicit-dirs BUCKET /mnt/runs': a new VM (create, resume)
+#   mounts nothing by itself, and without OUT_DIR's mount a resumed run would start from step 0.
 # Example:
 #   scripts/tpu_vm.sh all -- +experiment=shakespeare_char data.path=/mnt/data/input.txt
 set -euo pipefail
@@ -54,6 +57,7 @@ RUNTIME="${RUNTIME:-tpu-ubuntu2204-base}"
 SPOT="${SPOT:-1}"
 REPO_DIR="${REPO_DIR:-jaxlab}"
 OUT_DIR="${OUT_DIR:-/mnt/runs/$TPU_NAME}"
+MOUNT_CMD="${MOUNT_CMD:-}"
 JAX_VERSION="$(sed -n 's/^jax==//p' "$(dirname "$0")/../requirements.txt")"
 
 run() {
@@ -85,6 +89,7 @@ setup() {
   run gcloud compute tpus tpu-vm scp --recurse "$(cd "$(dirname "$0")/.." && pwd)" "$TPU_NAME:~/$REPO_DIR" \
     --zone="$ZONE" --worker=all
   on_workers all "cd $REPO_DIR && pip install -r requirements.txt && pip install 'jax[tpu]==$JAX_VERSION'"
+  if [[ -n "$MOUNT_CMD" ]]; then on_workers all "$MOUNT_CMD"; fi
 }
 
 launch() { on_workers all "$(train_command)"; }

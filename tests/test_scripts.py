@@ -70,6 +70,17 @@ def test_tpu_dry_run_prints_every_step_and_launches_the_same_command_on_all_work
     assert "--spot" not in tpu("--dry-run", "create", SPOT="0").stdout
 
 
+def test_tpu_resume_mounts_out_dir_on_every_worker_before_launching(gcloud):
+    # A resumed spot VM is a new VM: without OUT_DIR's mount the run would start again from step 0.
+    proc = tpu("--dry-run", "resume", bin_dir=gcloud, MOUNT_CMD="gcsfuse --implicit-dirs b /mnt/runs")
+    assert proc.returncode == 0, proc.stderr
+    assert steps(proc.stdout) == ["delete", "create", "scp", "ssh", "ssh", "ssh", "ssh"]
+    mount, launch = (line.replace("\\", "") for line in proc.stdout.splitlines()[4:6])
+    assert "--worker=all" in mount and "gcsfuse --implicit-dirs b /mnt/runs" in mount
+    assert "python train.py" in launch
+    assert steps(tpu("--dry-run", "setup", bin_dir=gcloud).stdout) == ["scp", "ssh"]  # no MOUNT_CMD: no mount
+
+
 def test_tpu_options_go_anywhere_before_the_double_dash(gcloud):
     train = ["--", "+experiment=shakespeare_char", "--not-an-option-here"]
     placements = [["--dry-run", "all", *train], ["all", "--dry-run", *train], ["-y", "all", "--dry-run", *train],
