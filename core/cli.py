@@ -55,7 +55,10 @@ def compose_error(config_name: str, overrides: list[str]) -> str | None:
         with initialize_config_dir(config_dir=config.CONFIG_DIR, version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        return describe(e, config_name)
+        text = str(e)
+        broken = [config.problem(g, n) for g in config.PACKAGES for n in config.choices(g)
+                  if f"'{g}/{n}_schema'" in text and config.problem(g, n)]  # its schema was never registered
+        return broken[0] if broken else describe(e, config_name)
     if config_name == "train":
         try:
             config.check_keys(cfg)

@@ -30,7 +30,7 @@ MIN_CALLS, MIN_SECONDS = 3, 2.0  # each speed is the best call of at least this 
 
 def families() -> list[str]:
     """The model families with an int8 form: those whose schema has `quant`."""
-    return [n for n in config.choices("model")
+    return [n for n in config.usable("model")
             if "quant" in {f.name for f in dataclasses.fields(config.module("model", n).Config)}]
 
 

@@ -4,8 +4,10 @@ The trainer's own keys are `TrainConfig`; `model`, `data` and `task` are the sch
 family, source and task, each found by name beside its module (model/, data/, tasks/).
 """
 import dataclasses
+import functools
 import importlib
 import os
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -16,11 +18,16 @@ from core import distill, prune
 from core.distill import DistillConfig
 from core.prune import PruneConfig
 from data import shards
-from errors import UserError
+from errors import UserError, first_line
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 PACKAGES = {"model": "model", "data": "data", "task": "tasks"}  # config group -> the package of its modules
 NODES = {"model": "family", "data": "kind", "task": "name"}  # the key naming each group's choice
+
+
+# The names each group's module must define (docs/configuration.md, "Adding a model family...").
+REQUIRED = {"model": ("Config", "TASKS", "INPUTS", "Model"), "data": ("Config", "PROVIDES", "INPUT", "load"),
+            "task": ("Config", "READS", "feed", "loss")}
 
 
 def choices(group: str) -> list[str]:
@@ -28,8 +35,37 @@ def choices(group: str) -> list[str]:
     return sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, group)) if f.endswith(".yaml"))
 
 
+@functools.cache
+def problem(group: str, name: str) -> str | None:
+    """Why choice `name`'s module cannot serve (it fails to import, lacks a required name), else None."""
+    where = f"{PACKAGES[group]}/{name}.py"
+    try:
+        mod = importlib.import_module(f"{PACKAGES[group]}.{name}")
+    except Exception as e:  # noqa: BLE001 - a researcher's half-written file must not break the other choices
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.endswith(where)]
+        line = getattr(e, "lineno", None) if isinstance(e, SyntaxError) else frames[-1].lineno if frames else None
+        return (f"{where} fails to import{f' (line {line})' if line else ''}: {type(e).__name__}: "
+                f"{first_line(e)}; fix it, or remove configs/{group}/{name}.yaml")
+    missing = [n for n in REQUIRED[group] if not hasattr(mod, n)]
+    if missing:
+        return (f"{where} lacks {', '.join(missing)}: a {group} module defines {', '.join(REQUIRED[group])} "
+                f"(docs/configuration.md)")
+    default = next((f.default for f in dataclasses.fields(mod.Config) if f.name == NODES[group]), None)
+    if default != name:
+        return f"{where}: its Config needs `{NODES[group]}: str = \"{name}\"` (it has {default!r})"
+    return None
+
+
+def usable(group: str) -> list[str]:
+    """The choices whose modules serve (see `problem`)."""
+    return [n for n in choices(group) if problem(group, n) is None]
+
+
 def module(group: str, name: str):
-    """The module of choice `name` in `group` (model/NAME.py, data/NAME.py, tasks/NAME.py)."""
+    """The module of choice `name` in `group` (model/NAME.py, data/NAME.py, tasks/NAME.py); UserError if broken."""
+    error = problem(group, name) if name in choices(group) else None
+    if error:
+        raise UserError(error)
     return importlib.import_module(f"{PACKAGES[group]}.{name}")
 
 
@@ -178,7 +214,7 @@ def register() -> None:
     cs.store(name="prepare_schema", node=shards.Config)
     cs.store(group="optim", name="adamw_schema", node=OptimConfig)
     for group in PACKAGES:
-        for name in choices(group):
+        for name in usable(group):  # a broken module is reported when chosen (module(), cli.compose_error)
             cs.store(group=group, name=f"{name}_schema", node=module(group, name).Config)
     if not OmegaConf.has_resolver("unnamed_keys"):
         OmegaConf.register_new_resolver("unnamed_keys", lambda: sorted(UNNAMED_KEYS))
@@ -214,12 +250,12 @@ def check(cfg) -> None:
     distill.check(cfg)
     family, source, task = (_module(cfg, g) for g in ("model", "data", "task"))
     if task.READS not in source.PROVIDES:
-        fits = [n for n in choices("task") if module("task", n).READS in source.PROVIDES]
+        fits = [n for n in usable("task") if module("task", n).READS in source.PROVIDES]
         raise UserError(f"task={cfg.task.name} reads {task.READS}, and data={cfg.data.kind} provides "
                         f"{' or '.join(source.PROVIDES)}; use task={' or task='.join(fits)}")
 
     def fits() -> str:  # the families that train the task on this data's input (only errors import them all)
-        return " or model=".join(n for n in choices("model") if cfg.task.name in module("model", n).TASKS
+        return " or model=".join(n for n in usable("model") if cfg.task.name in module("model", n).TASKS
                                  and source.INPUT in module("model", n).INPUTS)
 
     if cfg.task.name not in family.TASKS:

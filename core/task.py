@@ -10,7 +10,7 @@ import jax
 
 import tasks
 from core import mesh as mesh_lib
-from core.config import choices, module
+from core.config import module, usable
 from core.step import first
 from errors import UserError
 
@@ -50,7 +50,7 @@ def load(cfg, inherited: dict | None = None) -> Task:
     task = module("task", cfg.task.name)
     provides = getattr(source, "provides", None)  # a source whose file decides what it gives (data=tabular)
     if provides is not None and provides != task.READS:
-        fits = [n for n in choices("task") if module("task", n).READS == provides]
+        fits = [n for n in usable("task") if module("task", n).READS == provides]
         hint = f", or data.target_kind={task.READS}" if "target_kind" in cfg.data else ""
         raise UserError(f"data={cfg.data.kind} gives {provides} here, and task={cfg.task.name} reads {task.READS}; "
                         f"use task={' or task='.join(fits)}{hint}")

@@ -1,0 +1,54 @@
+"""A family being written (model/NAME.py + configs/model/NAME.yaml) breaks no other choice, and choosing it
+while it is incomplete is one line naming what it lacks."""
+import os
+import shutil
+
+import pytest
+
+from conftest import ROOT, run_cli
+from test_cli import one_line_error
+
+GOOD = '''from dataclasses import dataclass
+TASKS = ("lm",)
+INPUTS = ("text",)
+
+
+@dataclass
+class Config:
+    family: str = "zz_half"
+    width: int = 4
+
+
+Model = object
+'''
+
+
+@pytest.fixture
+def half_family():
+    py, yaml = os.path.join(ROOT, "model", "zz_half.py"), os.path.join(ROOT, "configs", "model", "zz_half.yaml")
+    with open(yaml, "w") as f:
+        f.write("defaults:\n  - zz_half_schema\n  - _self_\n")
+
+    def write(text):
+        with open(py, "w") as f:
+            f.write(text)
+
+    yield write
+    for path in (py, yaml):
+        os.remove(path)
+    shutil.rmtree(os.path.join(ROOT, "model", "__pycache__"), ignore_errors=True)
+
+
+@pytest.mark.parametrize("source, expected", [
+    (GOOD.replace("Model = object", ""), "model/zz_half.py lacks Model"),
+    (GOOD.replace("class Config", "class Cfg"), "model/zz_half.py lacks Config"),
+    (GOOD.replace('"zz_half"', '"zz_halff"'), 'Config needs `family: str = "zz_half"`'),
+    (GOOD + "from errors import NoSuchName\n", "model/zz_half.py fails to import (line 13): ImportError"),
+])
+def test_an_incomplete_family_fails_in_one_line_and_breaks_no_other(half_family, source, expected, tmp_path):
+    half_family(source)
+    line = one_line_error(run_cli("train.py", "model=zz_half", f"out_dir={tmp_path}/run"))
+    assert expected in line, line
+    assert not os.path.exists(tmp_path / "run")
+    other = one_line_error(run_cli("train.py", "model=rnn", "model.n_layre=1", f"out_dir={tmp_path}/run"))
+    assert "unknown config key 'model.n_layre'" in other
