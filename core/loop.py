@@ -134,6 +134,7 @@ def run(cfg) -> dict:
         mesh = mesh_lib.make_mesh(cfg.mesh)
         teacher = distill.load(cfg, mesh, config.module("task", cfg.task.name), teachers, meta, task.name, log)
         built = setup(cfg, task.dims, task.loss_fn, mesh, teacher)
+        tasks.check_outputs(task, built.spec, cfg.model.family)
         loaded = init_from.load(cfg, built.spec, built.mesh, meta, log) if starting else None
         _prepare_out_dir(out_dir, fresh=not cfg.resume)
         distributed.check_shared_dir(out_dir)

@@ -64,3 +64,27 @@ def load(cfg, inherited: dict | None = None) -> Task:
     if baseline and hasattr(task, "BASELINES"):  # a masked LM's data may hold labels it never predicts
         baseline = {k: v for k, v in baseline.items() if k in task.BASELINES}
     return Task(cfg.task.name, task.loss, dims, source.meta, feed, unit, source.summary, finish, baseline)
+
+
+# The output a task's loss reads, from a batch's targets y: one score per class or token, or y's own shape.
+_OUTPUTS = {"classify": lambda y, dims: (*y.shape, dims.get("num_classes")),
+            "lm": lambda y, dims: (*y.shape, dims.get("vocab_size")),
+            "regress": lambda y, dims: tuple(y.shape)}
+
+
+def check_outputs(task: Task, spec, family: str) -> None:
+    """UserError if the model's output on a validation batch is not the shape the task's loss reads (a
+    classifier with the wrong number of outputs would broadcast or index silently), before anything compiles."""
+    from flax import nnx
+
+    expected = _OUTPUTS.get(task.name)
+    if expected is None:
+        return
+    batch, _ = task.feed.eval_batch(0)
+    want = expected(batch["y"], task.dims)
+    out = jax.eval_shape(lambda state, x: nnx.merge(spec.graphdef, state["params"], state["rest"])(x),
+                         spec.abstract, batch["x"])
+    if not hasattr(out, "shape") or tuple(out.shape) != want:
+        got = tuple(out.shape) if hasattr(out, "shape") else type(out).__name__
+        raise UserError(f"model={family} returns {got} for a batch of x {tuple(batch['x'].shape)}, and task={task.name} "
+                        f"reads {want} (dims {task.dims}); fix the Model's output in model/{family}.py")

@@ -52,3 +52,32 @@ def test_an_incomplete_family_fails_in_one_line_and_breaks_no_other(half_family,
     assert not os.path.exists(tmp_path / "run")
     other = one_line_error(run_cli("train.py", "model=rnn", "model.n_layre=1", f"out_dir={tmp_path}/run"))
     assert "unknown config key 'model.n_layre'" in other
+
+
+WRONG_WIDTH = '''from dataclasses import dataclass
+from flax import nnx
+TASKS = ("lm",)
+INPUTS = ("text",)
+
+
+@dataclass
+class Config:
+    family: str = "zz_half"
+    width: int = 4
+
+
+class Model(nnx.Module):
+    def __init__(self, cfg, *, vocab_size, rngs):
+        self.embed = nnx.Embed(vocab_size, cfg.width, rngs=rngs)
+
+    def __call__(self, x_BL, *, key=None):
+        return self.embed(x_BL)  # width scores per token where the loss reads vocab_size
+'''
+
+
+def test_a_family_whose_output_does_not_fit_the_task_fails_before_training(half_family, text_file, tmp_path):
+    half_family(WRONG_WIDTH)
+    line = one_line_error(run_cli("train.py", "model=zz_half", f"data.path={text_file}", "data.seq_len=8",
+                                  "batch_size=4", "steps=2", f"out_dir={tmp_path}/run"))
+    assert "model=zz_half returns (4, 8, 4)" in line and "task=lm reads (4, 8, " in line, line
+    assert not os.path.exists(tmp_path / "run")
