@@ -73,6 +73,10 @@ def describe(e: Exception, config_name: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     full_key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None)
     where = next((line.split("'")[1] for line in lines if line.startswith("In '")), None)
+    if where and where.startswith("experiment/") and (full_key == "experiment" or "@experiment." in text
+                                                     or str(full_key).startswith("experiment.")):
+        return (f"{where}.yaml puts its keys under experiment.: make its first line `# @package _global_`, "
+                f"as every shipped experiment's is")
     if "LexerNoViableAltException" in text or "mismatched input" in text:
         return (f"could not parse the override {text.split(': ', 1)[-1].splitlines()[0]!r}; quote values with "
                 f"spaces or special characters, e.g. 'prompt=\"To be\"'")

@@ -227,3 +227,12 @@ def test_shell_arg_pastes_back_to_the_same_value_through_a_shell_and_hydra():
     for value in ("runs/plain", "runs/a,optim.lr=3e-4", "runs/x$HOME,y", "runs/a`id`", "runs/it's,a=1"):
         (arg,) = shlex.split(shell_arg("out_dir", value))  # what the shell hands the script
         assert OverridesParser.create().parse_override(arg).value() == value, (value, arg)
+
+
+@pytest.mark.parametrize("body", ["steps: 3\n", "defaults:\n  - override /model: rnn\nsteps: 3\n"])
+def test_an_experiment_without_its_package_line_says_to_add_it(body, tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "zz_nopkg.yaml").write_text(body)
+    line = one_line_error(run_cli("train.py", "+experiment=zz_nopkg", f"hydra.searchpath=[file://{tmp_path}]",
+                                  f"out_dir={tmp_path}/run"))
+    assert "zz_nopkg.yaml" in line and "# @package _global_" in line, line
