@@ -47,17 +47,15 @@ def cpu_threads(cfg) -> int:
     """
     if cfg.cpu_threads is not None:
         return cfg.cpu_threads
-    from omegaconf import OmegaConf
-
     from core.checkpoint import peek_meta
     from core.sampler import cpu_threads_for
-    from core.state import model_bytes, run_dims
+    from core.state import model_bytes, run_dims, saved_config
 
     meta = peek_meta(os.path.expanduser(cfg.out_dir), cfg.step)
     if meta is None:
         return 0
     try:
-        return cpu_threads_for(model_bytes(OmegaConf.create(meta["config"]), run_dims(meta)))
+        return cpu_threads_for(model_bytes(saved_config(meta["config"]), run_dims(meta)))
     except Exception:  # noqa: BLE001 - a hint only: a meta load_run will reject with its own clear error
         return 0
 

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from core import checkpoint, config, runtime, task as tasks
 from core.export import check_dest, write_run
 from core.sampler import compile_generate, cpu_threads_for
-from core.state import Setup, load_run, model_bytes, run_dims, setup
+from core.state import Setup, load_run, model_bytes, run_dims, saved_config, setup
 from errors import UserError
 from model import quant
 
@@ -103,7 +103,7 @@ def cpu_threads(out_dir: str, step: int | None) -> int:
     """XLA-CPU threads as sample.py picks them for the float run (decided before JAX starts its backend)."""
     meta = checkpoint.peek_meta(os.path.expanduser(out_dir), step)
     try:
-        return cpu_threads_for(model_bytes(OmegaConf.create(meta["config"]), run_dims(meta)))
+        return cpu_threads_for(model_bytes(saved_config(meta["config"]), run_dims(meta)))
     except Exception:  # noqa: BLE001 - a hint only: load_run reports an unreadable run with its own error
         return 0
 

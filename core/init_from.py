@@ -8,7 +8,6 @@ their prefixes, `head` for head/kernel and head/bias) to leave fresh although bo
 import os
 
 import jax
-from omegaconf import OmegaConf
 
 from core import checkpoint
 from errors import UserError
@@ -47,7 +46,9 @@ def _source(cfg):
 
 def _check_model(cfg, src: str, src_meta: dict) -> None:
     """UserError if the source run's params cannot start this model."""
-    src_cfg = OmegaConf.create(src_meta["config"])
+    from core.state import saved_config
+
+    src_cfg = saved_config(src_meta["config"])
     if src_cfg.model.family != cfg.model.family:
         raise UserError(f"init_from={src} holds a model={src_cfg.model.family} run, and this run trains "
                         f"model={cfg.model.family}; start from a run of the same family")
@@ -90,11 +91,11 @@ def with_tokenizer(cfg, inherited: dict | None) -> dict | None:
 
 def load(cfg, spec, mesh, meta: dict, log) -> dict:
     """The params of a fresh state with every matching param replaced by the source run's."""
-    from core.state import run_dims, state_spec
+    from core.state import run_dims, saved_config, state_spec
 
     src, mngr, step, src_meta = _source(cfg)
     try:
-        src_cfg = OmegaConf.create(src_meta["config"])  # source_meta, read first, checked it against the model
+        src_cfg = saved_config(src_meta["config"])  # source_meta, read first, checked it against the model
         for key in ("vocab", "tokenizer"):
             if key in src_meta and key in meta and src_meta[key] != meta[key]:
                 raise UserError(f"init_from={src} was trained with another {key} than this run's data; its "

@@ -15,7 +15,7 @@ from flax import nnx
 from omegaconf import OmegaConf
 
 import model as models
-from core import checkpoint, mesh as mesh_lib, prune
+from core import checkpoint, config, mesh as mesh_lib, prune
 from core.optim import make_optimizer, schedule
 from core.step import Runner, compile_steps, init_state
 from errors import UserError
@@ -83,6 +83,32 @@ def run_dims(meta: dict) -> dict:
     return meta.get("dims") or {"vocab_size": len(meta["vocab"])}
 
 
+def _fill(saved: dict, defaults: dict) -> dict:
+    """`saved` plus, at any depth, the keys only `defaults` has."""
+    out = dict(saved)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(out[k], dict) and isinstance(v, dict):
+            out[k] = _fill(out[k], v)
+    return out
+
+
+def saved_config(saved: dict):
+    """A checkpoint's resolved config (OmegaConf), with the keys added to the schemas since it was saved
+    at their defaults (what the run had), so code reading `cfg.model.NEW_KEY` loads old runs."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(config.TrainConfig))
+    for group in config.PACKAGES:
+        choice = (saved.get(group) or {}).get(config.NODES[group])
+        if choice is None:  # not this group's config (a hand-made meta): as saved
+            continue
+        if choice not in config.choices(group):
+            raise UserError(f"the run was trained with {group}={choice}, which this code lacks ({config.PACKAGES[group]}/"
+                            f"{choice}.py and configs/{group}/{choice}.yaml): restore them to load it")
+        defaults[group] = OmegaConf.to_container(OmegaConf.structured(config.module(group, choice).Config))
+    return OmegaConf.create(_fill(saved, defaults))
+
+
 @dataclass
 class Run:
     cfg: Any  # the run's resolved config (OmegaConf)
@@ -127,7 +153,7 @@ def load_run(out_dir: str, step: int | None = None, mesh=None) -> Run:
     if found is None:
         raise UserError(f"no readable checkpoint in {out_dir} (tried steps {tried}); pass another step= or retrain")
     newest, meta = found
-    cfg = OmegaConf.create(meta["config"])
+    cfg = saved_config(meta["config"])
     mesh = mesh or mesh_lib.make_mesh(OmegaConf.create({"data": -1, "fsdp": 1}))
     spec = state_spec(cfg, run_dims(meta), mesh)
     restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(spec.abstract, spec.shardings), step=step,
