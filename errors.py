@@ -11,6 +11,13 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     return text.splitlines()[0][:limit] if text else type(error).__name__
 
 
+def missing(path: str) -> str:
+    """Why a file path cannot be read as a file: what a UserError says after `key=path`."""
+    import os
+
+    return "is a directory" if os.path.isdir(path) else "does not exist"
+
+
 class UserError(Exception):
     """A mistake the user can fix (bad config, missing file, wrong checkpoint); the message says how."""
 

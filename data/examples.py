@@ -13,7 +13,7 @@ import zipfile
 
 import numpy as np
 
-from errors import UserError
+from errors import UserError, missing
 
 _ORDER_STREAM = 2
 
@@ -89,7 +89,7 @@ def read_npz(path: str, key: str, hint: str = "") -> dict:
     unreadable (empty, cut short, pickled) file or one without those arrays; `hint` ends each message."""
     tail = f"; {hint}" if hint else ""
     if not os.path.isfile(path):
-        raise UserError(f"{key}={path} does not exist{tail}")
+        raise UserError(f"{key}={path} {missing(path)}{tail}")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}

@@ -22,7 +22,7 @@ import numpy as np
 
 from data import examples
 from data.examples import delimiter
-from errors import UserError
+from errors import UserError, missing
 
 PROVIDES = ("values", "classes")
 INPUT = "rows"
@@ -103,7 +103,7 @@ def _table(path: str, key: str) -> tuple[dict, Optional[dict], list]:
     """({column: cells} of the file, the same of its test split (.npz x_test/y_test) or None, default target)."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
-        raise UserError(f"{key}={path} does not exist; pass a CSV/TSV file with a header line, or a .npz")
+        raise UserError(f"{key}={path} {missing(path)}; pass a CSV/TSV file with a header line, or a .npz")
     if not path.endswith(".npz"):
         header, cells = read_file(path)
         return dict(zip(header, cells.T)), None, None

@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from data import download, examples, wordpiece
-from errors import UserError
+from errors import UserError, missing
 
 PROVIDES = ("classes", "sentences")
 INPUT = "text"
@@ -137,7 +137,7 @@ def _read(path: str, key: str, header: bool) -> tuple[list, list]:
     """(column names, rows of cells) of a delimited file; names are "0", "1", ... without a header."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
-        raise UserError(f"{key}={path} does not exist; pass a TSV/CSV file (e.g. GLUE's SST-2 train.tsv)")
+        raise UserError(f"{key}={path} {missing(path)}; pass a TSV/CSV file (e.g. GLUE's SST-2 train.tsv)")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             text = f.read()
@@ -273,7 +273,7 @@ def _lines(path: str, key: str) -> list:
     """The non-empty lines of a UTF-8 text file, stripped."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
-        raise UserError(f"{key}={path} does not exist; pass a text file with one sentence per line")
+        raise UserError(f"{key}={path} {missing(path)}; pass a text file with one sentence per line")
     try:
         with open(path, encoding="utf-8-sig") as f:
             lines = [line.strip() for line in f]

@@ -289,6 +289,7 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, tsvs, traine
         ("nolabel.tsv", "sentence\tlabel\na b\t\nc d\t1\n"), ("dev3.tsv", "sentence\tlabel\na b\t2\n"))}
     cases = [
         (["data.path=/nonexistent/train.tsv"], r"data.path=/nonexistent/train.tsv does not exist"),
+        ([f"data.path={tmp_path}"], "is a directory; pass a TSV/CSV file"),
         ([f"data.path={files['empty.tsv']}"], "holds no rows"),
         ([f"data.path={files['head.tsv']}"], "holds no rows"),
         (["data.text_column=text"], r"no column data.text_column='text'; its columns are sentence, label"),

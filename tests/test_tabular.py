@@ -320,6 +320,7 @@ def test_predict_py_classifies_images_with_an_mlp(tmp_path):
 
 BAD = [  # (file name, file text or None for no file, data overrides, message)
     ("nope.csv", None, {"target": "y"}, "does not exist"),
+    ("", None, {"target": "y"}, "is a directory; pass a CSV"),  # data.path=tmp_path itself
     ("empty.npz", "", {"target": "y"}, "is not a readable .npz file"),
     ("nohead.csv", "1,2,3\n4,5,6\n", {"target": "y"}, "no header line"),
     ("t.csv", "a,b,y\n1,2,3\n", {"target": "price"}, "price is not a column of .*; its columns are a, b, y"),
