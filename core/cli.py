@@ -1,5 +1,6 @@
 """Command-line front: compose errors and user mistakes become one line on stderr and exit 2."""
 import os
+import re
 import shlex
 import sys
 
@@ -85,6 +86,10 @@ def describe(e: Exception, config_name: str) -> str:
     if "No match in the defaults list" in text:
         group = text.split("'")[1]
         return f"{group} is not in the defaults list: write +{group}=NAME (available: {', '.join(config.choices(group))})"
+    dotted = re.search(r"Key '([^'.]+)\.([^']+)' not in", text)
+    if dotted and where:  # YAML reads `model.x: 1` as one key named "model.x"
+        return (f"{where}.yaml sets '{dotted[1]}.{dotted[2]}' as one dotted key, which YAML does not nest; "
+                f"write it as `{dotted[1]}:` with `{dotted[2]}: ...` indented on the next line")
     if full_key and ("not in" in text or "Could not override" in text):
         return (f"unknown config key '{full_key}'" + (f" (in {where}.yaml)" if where else "")
                 + f"; check its spelling (`python {config_name}.py --cfg job` lists every key)")

@@ -236,3 +236,16 @@ def test_an_experiment_without_its_package_line_says_to_add_it(body, tmp_path):
     line = one_line_error(run_cli("train.py", "+experiment=zz_nopkg", f"hydra.searchpath=[file://{tmp_path}]",
                                   f"out_dir={tmp_path}/run"))
     assert "zz_nopkg.yaml" in line and "# @package _global_" in line, line
+
+
+def test_a_dotted_key_in_an_experiment_file_says_to_nest_it_and_a_typo_says_to_spell_it(tmp_path):
+    from core.cli import compose_error
+
+    (tmp_path / "experiment").mkdir()
+    for name, body in (("zz_dot", "model.n_layer: 1\n"), ("zz_typo", "model:\n  n_layerz: 1\n")):
+        (tmp_path / "experiment" / f"{name}.yaml").write_text("# @package _global_\n" + body)
+    search = f"hydra.searchpath=[file://{tmp_path}]"
+    dotted = compose_error("train", ["+experiment=zz_dot", search])
+    assert "zz_dot.yaml sets 'model.n_layer' as one dotted key" in dotted and "`model:`" in dotted, dotted
+    typo = compose_error("train", ["+experiment=zz_typo", search])
+    assert "unknown config key 'model.n_layerz'" in typo and "check its spelling" in typo, typo
