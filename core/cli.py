@@ -83,6 +83,10 @@ def describe(e: Exception, config_name: str) -> str:
                 f"spaces or special characters, e.g. 'prompt=\"To be\"'")
     if "hydra/sweeper/optuna" in text:
         return "the Optuna sweeper is not installed: pip install hydra-optuna-sweeper"
+    missing = re.search(r"Could not find '(\w+)/([^']+)'", text)
+    if missing and missing[1] in config.PACKAGES:  # a defaults list names a choice that has no file
+        return (f"unknown {missing[1]} {missing[2]!r} (in a defaults list: an experiment's `override /{missing[1]}:`?); "
+                f"available: {', '.join(config.choices(missing[1]))}")
     if "No match in the defaults list" in text:
         group = text.split("'")[1]
         return f"{group} is not in the defaults list: write +{group}=NAME (available: {', '.join(config.choices(group))})"

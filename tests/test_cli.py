@@ -238,7 +238,7 @@ def test_an_experiment_without_its_package_line_says_to_add_it(body, tmp_path):
     assert "zz_nopkg.yaml" in line and "# @package _global_" in line, line
 
 
-def test_a_dotted_key_in_an_experiment_file_says_to_nest_it_and_a_typo_says_to_spell_it(tmp_path):
+def test_experiment_file_mistakes_say_what_to_write(tmp_path):
     from core.cli import compose_error
 
     (tmp_path / "experiment").mkdir()
@@ -249,3 +249,6 @@ def test_a_dotted_key_in_an_experiment_file_says_to_nest_it_and_a_typo_says_to_s
     assert "zz_dot.yaml sets 'model.n_layer' as one dotted key" in dotted and "`model:`" in dotted, dotted
     typo = compose_error("train", ["+experiment=zz_typo", search])
     assert "unknown config key 'model.n_layerz'" in typo and "check its spelling" in typo, typo
+    (tmp_path / "experiment" / "zz_nomodel.yaml").write_text("# @package _global_\ndefaults:\n  - override /model: bagg\n")
+    nomodel = compose_error("train", ["+experiment=zz_nomodel", search])
+    assert "unknown model 'bagg'" in nomodel and "available: cnn, encoder, mlp, rnn, transformer" in nomodel, nomodel
