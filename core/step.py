@@ -54,6 +54,10 @@ def _loss_and_grads(state, batch, key, *, graphdef, loss_fn, axis_name=None, tea
     """(grads, metrics, rest, weight): weight is what the means were over (tasks.WEIGHT), or None."""
     def loss_of(params, rest):
         model = nnx.merge(graphdef, params, rest)
+        if axis_name is not None:  # pmap: batch statistics over the global batch, as jit computes them
+            for _, module in nnx.iter_modules(model):
+                if isinstance(module, nnx.BatchNorm):
+                    module.axis_name = axis_name
         loss, metrics = loss_fn(model, batch, key) if teacher is None else loss_fn(model, batch, key, teacher)
         return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
 

@@ -230,3 +230,14 @@ def test_pmap_and_grad_accum_pool_shards_by_their_weight_as_jit_does(task, tmp_p
             assert got_row.keys() == want_row.keys() and "val__weight" not in got_row
             for k in got_row:
                 assert got_row[k] == pytest.approx(want_row[k], abs=1e-5), (name, k)
+
+
+def test_pmap_computes_batch_norm_statistics_over_the_global_batch_as_jit_does(tmp_path):
+    """Under pmap each device sees 1/n of the batch: its batch norms pool their statistics over the devices."""
+    from test_families import CNN_TINY, quadrant_images
+
+    base = CNN_TINY + [f"data.path={quadrant_images(tmp_path / 'q.npz', n=64)}", "model.batch_norm=true",
+                       "steps=3", "log_every=1", "eval_every=3", "ckpt_every=3", "eval_batches=1"]
+    for name, extra in {"jit": ["mesh.data=8"], "pmap": ["mesh.data=8", "parallel=pmap"]}.items():
+        run(compose(base + extra + [f"out_dir={tmp_path / name}"]))
+    np.testing.assert_allclose(losses(tmp_path / "pmap"), losses(tmp_path / "jit"), atol=1e-5, rtol=0)
