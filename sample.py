@@ -25,8 +25,8 @@ config.register()
 def check(cfg) -> None:
     if not cfg.out_dir:
         raise UserError("pass out_dir=DIR, the directory of a training run (e.g. out_dir=runs/shakespeare_char_cpu)")
-    if cfg.temperature < 0:
-        raise UserError(f"temperature={cfg.temperature} must be >= 0 (0 is greedy)")
+    if not 0 <= cfg.temperature < float("inf"):  # NaN too: it would pick token 0 every time
+        raise UserError(f"temperature={cfg.temperature} must be a finite number >= 0 (0 is greedy)")
     if cfg.top_k < 0:
         raise UserError(f"top_k={cfg.top_k} must be >= 0 (0 disables it)")
     if not 0.0 < cfg.top_p <= 1.0:

@@ -159,7 +159,9 @@ def test_windows_longer_than_the_data(tmp_path):
     (["out_dir=/nonexistent/run"], "does not exist"),
     ([], "pass out_dir=DIR"),
     (["out_dir=.", "top_p=1.5"], "top_p=1.5 must be in (0, 1]"),
-    (["out_dir=.", "temperature=-1"], "temperature=-1.0 must be >= 0"),
+    (["out_dir=.", "temperature=-1"], "temperature=-1.0 must be a finite number >= 0"),
+    (["out_dir=.", "temperature=nan"], "temperature=nan must be a finite number >= 0"),
+    (["out_dir=.", "temperature=inf"], "temperature=inf must be a finite number >= 0"),
     (["out_dir=.", "top_k=-5"], "top_k=-5 must be >= 0"),
     (["out_dir=.", "tempreature=1"], "unknown config key 'tempreature'"),
 ])
