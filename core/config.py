@@ -284,7 +284,9 @@ def check(cfg) -> None:
     if "seq_len" in cfg.data and "block_size" in m and cfg.data.seq_len > m.block_size:
         raise UserError(f"data.seq_len={cfg.data.seq_len} is longer than the model's model.block_size="
                         f"{m.block_size} positions; lower data.seq_len or raise model.block_size")
-    if o.grad_accum <= 0 or cfg.batch_size % o.grad_accum:
+    if o.grad_accum <= 0:
+        raise UserError(f"optim.grad_accum={o.grad_accum} must be a positive integer (1 is off)")
+    if cfg.batch_size % o.grad_accum:
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by optim.grad_accum={o.grad_accum}")
     if o.lr <= 0 or o.min_lr < 0 or o.warmup_steps < 0:
         raise UserError("optim.lr must be > 0, optim.min_lr and optim.warmup_steps >= 0")

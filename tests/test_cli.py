@@ -54,6 +54,7 @@ def test_typo_in_an_experiment_yaml_names_the_key_and_file(typo_experiment):
     (["steps=0"], "steps=0 must be a positive integer"),
     (["model.n_heads=3"], "not divisible by model.n_heads=3"),
     (["batch_size=7", "optim.grad_accum=2"], "not divisible by optim.grad_accum=2"),
+    (["optim.grad_accum=-2"], "optim.grad_accum=-2 must be a positive integer"),
 ])
 def test_bad_values_fail_before_anything_is_written(args, expected, tmp_path, text_file):
     base = ["+experiment=debug", f"data.path={text_file}"]
