@@ -82,8 +82,11 @@ def check_outputs(task: Task, spec, family: str) -> None:
         return
     batch, _ = task.feed.eval_batch(0)
     want = expected(batch["y"], task.dims)
-    out = jax.eval_shape(lambda state, x: nnx.merge(spec.graphdef, state["params"], state["rest"])(x),
-                         spec.abstract, batch["x"])
+    try:
+        out = jax.eval_shape(lambda state, x: nnx.merge(spec.graphdef, state["params"], state["rest"])(x),
+                             spec.abstract, batch["x"])
+    except Exception:  # noqa: BLE001 - a model that cannot run at all fails where it always did (restore, compile)
+        return
     if not hasattr(out, "shape") or tuple(out.shape) != want:
         got = tuple(out.shape) if hasattr(out, "shape") else type(out).__name__
         raise UserError(f"model={family} returns {got} for a batch of x {tuple(batch['x'].shape)}, and task={task.name} "
