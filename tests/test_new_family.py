@@ -2,10 +2,12 @@
 while it is incomplete is one line naming what it lacks."""
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT
 from test_cli import one_line_error
 
 GOOD = '''from dataclasses import dataclass
@@ -24,19 +26,24 @@ Model = object
 
 
 @pytest.fixture
-def half_family():
-    py, yaml = os.path.join(ROOT, "model", "zz_half.py"), os.path.join(ROOT, "configs", "model", "zz_half.yaml")
-    with open(yaml, "w") as f:
-        f.write("defaults:\n  - zz_half_schema\n  - _self_\n")
+def half_family(tmp_path):
+    """write(source) puts model/zz_half.py (and its YAML) into a copy of the code: the checkout itself stays
+    as it is for the tests running beside this one. Returns the copy's train.py runner."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "tests",
+                                                              "benchmarks", "docs", "*.txt"))
+    (repo / "configs" / "model" / "zz_half.yaml").write_text("defaults:\n  - zz_half_schema\n  - _self_\n")
 
     def write(text):
-        with open(py, "w") as f:
-            f.write(text)
+        (repo / "model" / "zz_half.py").write_text(text)
 
-    yield write
-    for path in (py, yaml):
-        os.remove(path)
-    shutil.rmtree(os.path.join(ROOT, "model", "__pycache__"), ignore_errors=True)
+    def train(*args):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        return subprocess.run([sys.executable, "train.py", *args], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    write.train = train
+    return write
 
 
 @pytest.mark.parametrize("source, expected", [
@@ -47,10 +54,10 @@ def half_family():
 ])
 def test_an_incomplete_family_fails_in_one_line_and_breaks_no_other(half_family, source, expected, tmp_path):
     half_family(source)
-    line = one_line_error(run_cli("train.py", "model=zz_half", f"out_dir={tmp_path}/run"))
+    line = one_line_error(half_family.train("model=zz_half", f"out_dir={tmp_path}/run"))
     assert expected in line, line
     assert not os.path.exists(tmp_path / "run")
-    other = one_line_error(run_cli("train.py", "model=rnn", "model.n_layre=1", f"out_dir={tmp_path}/run"))
+    other = one_line_error(half_family.train("model=rnn", "model.n_layre=1", f"out_dir={tmp_path}/run"))
     assert "unknown config key 'model.n_layre'" in other
 
 
@@ -77,7 +84,7 @@ class Model(nnx.Module):
 
 def test_a_family_whose_output_does_not_fit_the_task_fails_before_training(half_family, text_file, tmp_path):
     half_family(WRONG_WIDTH)
-    line = one_line_error(run_cli("train.py", "model=zz_half", f"data.path={text_file}", "data.seq_len=8",
-                                  "batch_size=4", "steps=2", f"out_dir={tmp_path}/run"))
+    line = one_line_error(half_family.train("model=zz_half", f"data.path={text_file}", "data.seq_len=8",
+                                            "batch_size=4", "steps=2", f"out_dir={tmp_path}/run"))
     assert "model=zz_half returns (4, 8, 4)" in line and "task=lm reads (4, 8, " in line, line
     assert not os.path.exists(tmp_path / "run")
