@@ -61,25 +61,13 @@ def test_an_incomplete_family_fails_in_one_line_and_breaks_no_other(half_family,
     assert "unknown config key 'model.n_layre'" in other
 
 
-WRONG_WIDTH = '''from dataclasses import dataclass
-from flax import nnx
-TASKS = ("lm",)
-INPUTS = ("text",)
-
-
-@dataclass
-class Config:
-    family: str = "zz_half"
-    width: int = 4
-
-
-class Model(nnx.Module):
+WRONG_WIDTH = "from flax import nnx\n" + GOOD.replace("Model = object", '''class Model(nnx.Module):
     def __init__(self, cfg, *, vocab_size, rngs):
         self.embed = nnx.Embed(vocab_size, cfg.width, rngs=rngs)
 
     def __call__(self, x_BL, *, key=None):
         return self.embed(x_BL)  # width scores per token where the loss reads vocab_size
-'''
+''')
 
 
 def test_a_family_whose_output_does_not_fit_the_task_fails_before_training(half_family, text_file, tmp_path):
