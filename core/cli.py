@@ -96,9 +96,22 @@ def describe(e: Exception, config_name: str) -> str:
                 f"write it as `{dotted[1]}:` with `{dotted[2]}: ...` indented on the next line")
     if full_key and ("not in" in text or "Could not override" in text):
         return (f"unknown config key '{full_key}'" + (f" (in {where}.yaml)" if where else "")
-                + f"; check its spelling (`python {config_name}.py --cfg job` lists every key)")
+                + (_other_choices(full_key)
+                   or f"; check its spelling (`python {config_name}.py --cfg job` lists every key)"))
     detail = next((line for line in lines if line.startswith(("Value ", "Key ", "Could not", "Invalid"))), lines[0])
     return f"{detail}" + (f" (key '{full_key}')" if full_key else "")
+
+
+def _other_choices(full_key: str) -> str:
+    """'; it is a key of model=A or model=B' when other choices of the key's group have it, else ''."""
+    group, _, key = full_key.partition(".")
+    if group not in config.PACKAGES or not key or "." in key:
+        return ""
+    import dataclasses
+
+    having = [n for n in config.usable(group)
+              if key in {f.name for f in dataclasses.fields(config.module(group, n).Config)}]
+    return f"; it is a key of {' or '.join(f'{group}={n}' for n in having)}: choose that, or drop it" if having else ""
 
 
 def first_job(overrides: list[str]) -> list[str]:

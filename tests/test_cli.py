@@ -255,3 +255,5 @@ def test_experiment_file_mistakes_say_what_to_write(tmp_path):
     (tmp_path / "experiment" / "zz_nomodel.yaml").write_text("# @package _global_\ndefaults:\n  - override /model: bagg\n")
     nomodel = compose_error("train", ["+experiment=zz_nomodel", search])
     assert "unknown model 'bagg'" in nomodel and "available: cnn, encoder, mlp, rnn, transformer" in nomodel, nomodel
+    other = compose_error("train", ["+experiment=debug", "model=rnn"])  # debug sets the transformer's n_heads
+    assert "'model.n_heads' (in experiment/debug.yaml); it is a key of model=encoder or model=transformer" in other
