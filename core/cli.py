@@ -98,6 +98,8 @@ def describe(e: Exception, config_name: str) -> str:
         return (f"unknown config key '{full_key}'" + (f" (in {where}.yaml)" if where else "")
                 + (_other_choices(full_key)
                    or f"; check its spelling (`python {config_name}.py --cfg job` lists every key)"))
+    if full_key and "is not a ListConfig" in text:
+        return f"{full_key} takes a list: write {full_key}=[a,b] (brackets, no spaces), or {full_key}=[a] for one"
     detail = next((line for line in lines if line.startswith(("Value ", "Key ", "Could not", "Invalid"))), lines[0])
     return f"{detail}" + (f" (key '{full_key}')" if full_key else "")
 

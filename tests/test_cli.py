@@ -241,7 +241,7 @@ def test_an_experiment_without_its_package_line_says_to_add_it(body, tmp_path):
     assert "zz_nopkg.yaml" in line and "# @package _global_" in line, line
 
 
-def test_experiment_file_mistakes_say_what_to_write(tmp_path):
+def test_config_mistakes_say_what_to_write(tmp_path):
     from core.cli import compose_error
 
     (tmp_path / "experiment").mkdir()
@@ -257,3 +257,6 @@ def test_experiment_file_mistakes_say_what_to_write(tmp_path):
     assert "unknown model 'bagg'" in nomodel and "available: cnn, encoder, mlp, rnn, transformer" in nomodel, nomodel
     other = compose_error("train", ["+experiment=debug", "model=rnn"])  # debug sets the transformer's n_heads
     assert "'model.n_heads' (in experiment/debug.yaml); it is a key of model=encoder or model=transformer" in other
+    listed = compose_error("train", ["model=mlp", "model.hidden=16"])
+    assert listed == "model.hidden takes a list: write model.hidden=[a,b] (brackets, no spaces), or model.hidden=[a] " \
+                     "for one", listed
