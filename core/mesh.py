@@ -26,7 +26,8 @@ def make_mesh(cfg) -> Mesh:
         data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
     if data <= 0 or fsdp <= 0 or data * fsdp > n or (data * fsdp < n and jax.process_count() > 1):
         raise UserError(f"mesh.data={cfg.data} x mesh.fsdp={cfg.fsdp} does not fit the {n} devices; "
-                        f"choose sizes whose product is {n} (or -1 for one of them)")
+                        f"choose sizes whose product is {n} (or -1 for one of them)"
+                        + ("" if jax.process_count() > 1 else "; a smaller product runs on the first devices"))
     # A smaller mesh than the machine (single process only) uses the first data*fsdp devices.
     devices = np.asarray(jax.devices()[: data * fsdp]).reshape(data, fsdp)
     return Mesh(devices, BATCH_AXES)
