@@ -3,6 +3,7 @@
 It lives at the bottom of the import graph so that models and data can raise it without
 importing the training machinery.
 """
+import os
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -13,8 +14,6 @@ def first_line(error: BaseException, limit: int = 200) -> str:
 
 def missing(path: str) -> str:
     """Why a file path cannot be read as a file: what a UserError says after `key=path`."""
-    import os
-
     return "is a directory" if os.path.isdir(path) else "does not exist"
 
 

@@ -57,9 +57,9 @@ def compose_error(config_name: str, overrides: list[str]) -> str | None:
             cfg = compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         text = str(e)
-        broken = [config.problem(g, n) for g in config.PACKAGES for n in config.choices(g)
-                  if f"'{g}/{n}_schema'" in text and config.problem(g, n)]  # its schema was never registered
-        return broken[0] if broken else describe(e, config_name)
+        broken = next((p for g in config.PACKAGES for n in config.choices(g)  # its schema was never registered
+                       if f"'{g}/{n}_schema'" in text and (p := config.problem(g, n))), None)
+        return broken or describe(e, config_name)
     if config_name == "train":
         try:
             config.check_keys(cfg)
@@ -109,10 +109,7 @@ def _other_choices(full_key: str) -> str:
     group, _, key = full_key.partition(".")
     if group not in config.PACKAGES or not key or "." in key:
         return ""
-    import dataclasses
-
-    having = [n for n in config.usable(group)
-              if key in {f.name for f in dataclasses.fields(config.module(group, n).Config)}]
+    having = [n for n in config.usable(group) if key in config.schema_keys(group, n)]
     return f"; it is a key of {' or '.join(f'{group}={n}' for n in having)}: choose that, or drop it" if having else ""
 
 

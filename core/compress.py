@@ -8,7 +8,6 @@ metrics before and after (the run's own validation batches, as the loop evaluate
 before and after, and speed before and after on this machine (batch-1 sampling for language models, the
 forward pass over a validation batch for the others), measured in turns so that drift hits both alike.
 """
-import dataclasses
 import os
 import time
 
@@ -30,8 +29,7 @@ MIN_CALLS, MIN_SECONDS = 3, 2.0  # each speed is the best call of at least this 
 
 def families() -> list[str]:
     """The model families with an int8 form: those whose schema has `quant`."""
-    return [n for n in config.usable("model")
-            if "quant" in {f.name for f in dataclasses.fields(config.module("model", n).Config)}]
+    return [n for n in config.usable("model") if "quant" in config.schema_keys("model", n)]
 
 
 def quantized_config(cfg, method: str, embeddings: bool, source: str, dest: str):
@@ -42,7 +40,7 @@ def quantized_config(cfg, method: str, embeddings: bool, source: str, dest: str)
                         f"float source instead")
     if family not in families():
         raise UserError(f"model={family} has no int8 form; compress.py quantizes {', '.join(families())} runs")
-    fields = {f.name for f in dataclasses.fields(config.module("model", family).Config)}
+    fields = config.schema_keys("model", family)
     if embeddings and "quant_embeddings" not in fields:
         raise UserError(f"model={family} has no token embeddings to quantize; drop embeddings=true")
     out = OmegaConf.to_container(cfg, resolve=True)

@@ -359,22 +359,31 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-_UNSET = object()
+def _fill(saved: dict, defaults: dict) -> dict:
+    """`saved` plus, at any depth, the keys only `defaults` has."""
+    out = dict(saved)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(out[k], dict) and isinstance(v, dict):
+            out[k] = _fill(out[k], v)
+    return out
 
 
-def _default(key: str, current: dict):
-    """The schema's default for a flattened key of `current`'s config (_UNSET if no schema says)."""
-    group, _, field_name = key.partition(".")
-    if group in PACKAGES and group in current and field_name and "." not in field_name:
-        try:
-            schema = module(group, current[group][NODES[group]]).Config
-        except (KeyError, ModuleNotFoundError, UserError):
-            return _UNSET
-        return next((f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                     for f in dataclasses.fields(schema) if f.name == field_name and
-                     (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)), _UNSET)
-    value = OmegaConf.select(OmegaConf.structured(TrainConfig), key, default=_UNSET)
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+def with_defaults(saved: dict) -> dict:
+    """A checkpoint's config plus the keys added to the schemas since it was saved, at their defaults: what
+    the run had. A group whose choice this code lacks (or cannot import) keeps its keys as saved."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
+    for group in PACKAGES:
+        choice = (saved.get(group) or {}).get(NODES[group])
+        if choice in choices(group) and problem(group, choice) is None:
+            defaults[group] = OmegaConf.to_container(OmegaConf.structured(module(group, choice).Config))
+    return _fill(saved, defaults)
+
+
+def schema_keys(group: str, name: str) -> set:
+    """The keys choice `name` of `group` has (its Config's fields)."""
+    return {f.name for f in dataclasses.fields(module(group, name).Config)}
 
 
 def diff(saved: dict, current: dict) -> tuple[list[str], list[str]]:
@@ -383,8 +392,8 @@ def diff(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     A key the checkpoint's config lacks (it was saved before the key existed) is harmless while the
     current value is the key's default, which is what the run had.
     """
-    a, b = flatten(saved), flatten(current)
+    a, b, filled = flatten(saved), flatten(current), flatten(with_defaults(saved))
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     harmless = [k for k in changed if any(k == h or k.startswith(h + ".") for h in RESUME_SAFE)
-                or (k not in a and _default(k, current) == b[k])]
+                or (k not in a and k in filled and filled[k] == b.get(k))]
     return [k for k in changed if k not in harmless], harmless

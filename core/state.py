@@ -83,30 +83,15 @@ def run_dims(meta: dict) -> dict:
     return meta.get("dims") or {"vocab_size": len(meta["vocab"])}
 
 
-def _fill(saved: dict, defaults: dict) -> dict:
-    """`saved` plus, at any depth, the keys only `defaults` has."""
-    out = dict(saved)
-    for k, v in defaults.items():
-        if k not in out:
-            out[k] = v
-        elif isinstance(out[k], dict) and isinstance(v, dict):
-            out[k] = _fill(out[k], v)
-    return out
-
-
 def saved_config(saved: dict):
     """A checkpoint's resolved config (OmegaConf), with the keys added to the schemas since it was saved
-    at their defaults (what the run had), so code reading `cfg.model.NEW_KEY` loads old runs."""
-    defaults = OmegaConf.to_container(OmegaConf.structured(config.TrainConfig))
+    at their defaults (config.with_defaults), so code reading `cfg.model.NEW_KEY` loads old runs."""
     for group in config.PACKAGES:
         choice = (saved.get(group) or {}).get(config.NODES[group])
-        if choice is None:  # not this group's config (a hand-made meta): as saved
-            continue
-        if choice not in config.choices(group):
+        if choice is not None and choice not in config.choices(group):
             raise UserError(f"the run was trained with {group}={choice}, which this code lacks ({config.PACKAGES[group]}/"
                             f"{choice}.py and configs/{group}/{choice}.yaml): restore them to load it")
-        defaults[group] = OmegaConf.to_container(OmegaConf.structured(config.module(group, choice).Config))
-    return OmegaConf.create(_fill(saved, defaults))
+    return OmegaConf.create(config.with_defaults(saved))
 
 
 @dataclass
