@@ -396,4 +396,5 @@ def diff(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     harmless = [k for k in changed if any(k == h or k.startswith(h + ".") for h in RESUME_SAFE)
                 or (k not in a and k in filled and filled[k] == b.get(k))]
-    return [k for k in changed if k not in harmless], harmless
+    choice_keys = {f"{g}.{node}" for g, node in NODES.items()}  # another family first: it explains the rest
+    return sorted((k for k in changed if k not in harmless), key=lambda k: (k not in choice_keys, k)), harmless
