@@ -4,7 +4,14 @@ import subprocess
 import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# The tests compile with LLVM at -O0: compiling is most of a tiny test program's time, and XLA's own
+# passes still run, so a test checks the program a user runs with less optimised machine code. Every
+# process of a test compiles alike (devices_env), since the levels' floats differ in the last bits;
+# XLA_FLAGS=--xla_backend_optimization_level=3 tests at the default.
+OPT_KEY = "--xla_backend_optimization_level"
+OPT = next((f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith(OPT_KEY)), f"{OPT_KEY}=0")
+os.environ["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(OPT_KEY)) \
+    + f" {OPT} --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA cache for the whole pytest run: the many subprocess runs of the same tiny programs
 # compile once (results are bitwise the same; it only saves time on 2 cores).
@@ -34,10 +41,15 @@ def compose(overrides, config_name="train"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
+def devices_env(n=1, **extra):
+    """os.environ for a subprocess that sees n CPU devices and compiles as the tests do."""
+    return {**os.environ, "XLA_FLAGS": OPT + (f" --xla_force_host_platform_device_count={n}" if n > 1 else ""),
+            **extra}
+
+
 def run_cli(script, *args, timeout=300, env=None, stdin=None):
     """Run `python SCRIPT ARGS` as a user would, on one CPU device; returns the CompletedProcess."""
-    env = {**os.environ, **(env or {})}
-    env.pop("XLA_FLAGS", None)
+    env = devices_env(**(env or {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env, stdin=stdin,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, devices_env, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,7 @@ def test_a_default_named_run_prints_commands_that_paste_as_they_are(tmp_path, te
     tok = os.path.join(ROOT, "tests", "fixtures", "import", "hf_gpt2", "tokenizer.json")
     train = [sys.executable, os.path.join(ROOT, "train.py"), "+experiment=debug", f"data.path={text_file}",
              f"data.tokenizer={tok}", "steps=2", "eval_every=2", "optim.lr=3e-3", "progress=false"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = devices_env()
     done = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert os.listdir(tmp_path / "runs") == ["debug,data.tokenizer=tokenizer.json,optim.lr=3e-3,steps=2"]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import compose, run_cli
+from conftest import compose, devices_env, run_cli
 from core import export
 from core.loop import run
 from core.state import load_run
@@ -121,7 +121,7 @@ def exported(runs, tmp_path_factory):
         export.save(load_run(runs[name]), runs[name], dest, fmt)
     script = d / "reload.py"
     script.write_text(RELOAD)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    env = {k: v for k, v in devices_env().items() if k != "PYTHONPATH"}
     names = list(runs)
     procs = {fmt: subprocess.Popen([sys.executable, str(script), fmt, str(d / f"{fmt}.npz"),
                                     *(dests[fmt, n] for n in names)], cwd=d, env=env, stdout=subprocess.DEVNULL,

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, devices_env
 from test_cli import one_line_error
 
 GOOD = '''from dataclasses import dataclass
@@ -38,7 +38,7 @@ def half_family(tmp_path):
         (repo / "model" / "zz_half.py").write_text(text)
 
     def train(*args):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env = devices_env()
         return subprocess.run([sys.executable, "train.py", *args], cwd=repo, env=env, capture_output=True,
                               text=True, timeout=300)
 

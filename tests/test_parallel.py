@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, compose, run_cli
+from conftest import ROOT, compose, devices_env, run_cli
 from core import metrics
 from errors import UserError
 from core.loop import run
@@ -95,7 +95,7 @@ def free_port() -> int:
 def two_processes(*args, harness=None):
     """Run train.py as processes 0 and 1 of a 2-host job (2 fake devices each); [(returncode, stderr)]."""
     port = free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = devices_env(2)
     head = ["-c", harness, "train.py"] if harness else [os.path.join(ROOT, "train.py")]
     procs = [subprocess.Popen([sys.executable, *head, *args, "distributed.enabled=true",
                                f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2",
@@ -143,7 +143,7 @@ def test_two_processes_follow_the_same_curve_as_one_process_with_as_many_devices
     assert "step 16: val_loss" not in results[1][1]  # only process 0 logs
     single = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, f"out_dir={tmp_path / 'single'}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=240,
-                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                            env=devices_env(4))
     assert single.returncode == 0, single.stderr[-1500:]
     np.testing.assert_allclose(losses(out), losses(tmp_path / "single"), atol=5e-6, rtol=0)
     # pmap across the two processes: each keeps replicas on its own devices; checkpoints hold one

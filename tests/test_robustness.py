@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, compose, curve, run_cli
+from conftest import ROOT, TINY, compose, curve, devices_env, run_cli
 from core import checkpoint, config, loop, metrics
 from core.state import load_run
 from data import text
@@ -34,7 +34,7 @@ exec(open("train.py").read())
 
 
 def train_with_signal_at(step, signals, *args):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = devices_env()
     code = SIGNAL_AT_STEP.format(step=step, signals=list(signals))
     return subprocess.run([sys.executable, "-c", code, "train.py", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -262,11 +262,14 @@ def test_a_leftover_orbax_tmp_dir_is_ignored_and_cleaned(trained_run, tmp_path, 
 
 def test_the_same_command_twice_on_one_out_dir_second_refuses_naming_the_first(tmp_path, text_file):
     args = ["+experiment=debug", f"data.path={text_file}", "steps=40"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    slow = SIGNAL_AT_STEP.replace("if step == {step}:", "time.sleep(0.1)\n    if False:").replace(
-        "import os, signal, sys", "import os, signal, sys, time").format(step=0, signals=[])
-    first = subprocess.Popen([sys.executable, "-c", slow, "train.py", *args, f"out_dir={tmp_path}/run"], cwd=ROOT,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    hold = tmp_path / "hold"  # the first run waits at step 10 while it exists: the second meets it running
+    hold.write_text("")
+    held = SIGNAL_AT_STEP.replace("    if step == {step}:\n        for sig in {signals}:\n            os.kill(os.getpid(), "
+                                  "getattr(signal, sig))\n", f"    while step == 10 and os.path.exists({str(hold)!r}):\n"
+                                  "        time.sleep(0.05)\n").replace("import os,", "import time, os,")
+    assert "while step == 10" in held
+    first = subprocess.Popen([sys.executable, "-c", held, "train.py", *args, f"out_dir={tmp_path}/run"], cwd=ROOT,
+                             env=devices_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while not (tmp_path / "run" / "metrics.jsonl").exists():  # the lock is held from before the first line
@@ -274,6 +277,7 @@ def test_the_same_command_twice_on_one_out_dir_second_refuses_naming_the_first(t
             time.sleep(0.05)
         second = run_cli("train.py", *args, f"out_dir={tmp_path}/run")
     finally:
+        hold.unlink()
         out, err = first.communicate(timeout=300)
     assert second.returncode == 2 and f"is in use by pid {first.pid} on " in second.stderr
     assert len([line for line in second.stderr.splitlines() if line.strip()]) == 1
@@ -340,7 +344,7 @@ def tb_scalars(run_dir):
 
 
 def train_with_signal_in_save(step, sig, *args):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = devices_env()
     return subprocess.run([sys.executable, "-c", SIGNAL_IN_SAVE.format(step=step, signal=sig), "train.py", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 

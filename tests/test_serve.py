@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from openai import APIStatusError, OpenAI
 
-from conftest import ROOT, compose, run_cli
+from conftest import ROOT, compose, devices_env, run_cli
 
 DEBUG_T = 16  # the debug experiment's context: 40 new tokens slide it twice
 
@@ -24,8 +24,7 @@ class Server:
     """`python serve.py ARGS port=0` in a subprocess; its URL once its log says ready."""
 
     def __init__(self, *args, env=None, timeout=180):
-        env = {**os.environ, **(env or {})}
-        env.pop("XLA_FLAGS", None)
+        env = devices_env(**(env or {}))
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *args, "port=0"], cwd=ROOT,
                                      env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.log, ready = [], threading.Event()

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, devices_env, run_cli
 from core import metrics
 
 SWEEP = ["-m", "+experiment=debug", "steps=6", "eval_every=3", "ckpt_every=3", "log_every=3", "eval_batches=1"]
@@ -136,7 +136,7 @@ def test_a_sweep_killed_part_way_resumes_where_it_stopped(tmp_path, text_file):
 
     root = str(tmp_path)
     args = SWEEP + [f"data.path={text_file}", f"hydra.sweep.dir={root}", "seed=0,1,2"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = devices_env()
     killed = subprocess.run([sys.executable, "-c", SIGTERM_IN_SECOND_JOB, "train.py", *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == 0, killed.stderr[-2000:]
@@ -178,7 +178,7 @@ def test_a_failed_job_is_retried_by_the_rerun_and_every_job_equals_a_standalone_
     args = SWEEP + [f"data.path={text_file}", f"hydra.sweep.dir={root}", "seed=0,1,2"]
     marker = tmp_path / "fail_once"
     marker.write_text("")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"FAIL_ONCE": str(marker)}
+    env = devices_env(FAIL_ONCE=str(marker))
     first = subprocess.run([sys.executable, "-c", FLAKY_SWEEP, "train.py", *args], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 1, first.stderr[-2000:]  # one failed job; the stop ends the sweep
