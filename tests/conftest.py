@@ -9,9 +9,9 @@ import tempfile
 # process of a test compiles alike (devices_env), since the levels' floats differ in the last bits;
 # XLA_FLAGS=--xla_backend_optimization_level=3 tests at the default.
 OPT_KEY = "--xla_backend_optimization_level"
-OPT = next((f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith(OPT_KEY)), f"{OPT_KEY}=0")
-os.environ["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(OPT_KEY)) \
-    + f" {OPT} --xla_force_host_platform_device_count=8"
+_flags = os.environ.get("XLA_FLAGS", "").split()
+OPT = next((f for f in _flags if f.startswith(OPT_KEY)), f"{OPT_KEY}=0")
+os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys(_flags + [OPT, "--xla_force_host_platform_device_count=8"]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA cache for the whole pytest run: the many subprocess runs of the same tiny programs
 # compile once (results are bitwise the same; it only saves time on 2 cores).
@@ -47,11 +47,10 @@ def devices_env(n=1, **extra):
             **extra}
 
 
-def run_cli(script, *args, timeout=300, env=None, stdin=None):
-    """Run `python SCRIPT ARGS` as a user would, on one CPU device; returns the CompletedProcess."""
-    env = devices_env(**(env or {}))
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env, stdin=stdin,
-                          capture_output=True, text=True, timeout=timeout)
+def run_cli(script, *args, timeout=300, env=None, stdin=None, cwd=ROOT):
+    """Run `python SCRIPT ARGS` in `cwd` (a checkout) as a user would, on one CPU device; the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(cwd, script), *args], cwd=cwd, env=devices_env(**(env or {})),
+                          stdin=stdin, capture_output=True, text=True, timeout=timeout)
 
 
 def make_text(n_chars=20_000, seed=0):

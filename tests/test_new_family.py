@@ -2,12 +2,10 @@
 while it is incomplete is one line naming what it lacks."""
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, devices_env
+from conftest import ROOT, run_cli
 from test_cli import one_line_error
 
 GOOD = '''from dataclasses import dataclass
@@ -37,12 +35,7 @@ def half_family(tmp_path):
     def write(text):
         (repo / "model" / "zz_half.py").write_text(text)
 
-    def train(*args):
-        env = devices_env()
-        return subprocess.run([sys.executable, "train.py", *args], cwd=repo, env=env, capture_output=True,
-                              text=True, timeout=300)
-
-    write.train = train
+    write.train = lambda *args: run_cli("train.py", *args, cwd=repo)
     return write
 
 

@@ -17,9 +17,10 @@ from data import text
 from errors import Diverged, UserError
 from tasks import lm
 
-# Run train.py, but have the process signal itself when it builds the batch of step {step}.
+# Run train.py, but have the process signal itself when it builds the batch of step {step}, then wait
+# there while the file {hold} exists ("": not at all).
 SIGNAL_AT_STEP = """
-import os, signal, sys
+import os, signal, sys, time
 sys.argv = sys.argv[1:]
 from data import text
 orig = text.train_windows
@@ -27,6 +28,8 @@ def train_windows(corpus, seed, step, *a, **k):
     if step == {step}:
         for sig in {signals}:
             os.kill(os.getpid(), getattr(signal, sig))
+        while os.path.exists({hold!r}):
+            time.sleep(0.05)
     return orig(corpus, seed, step, *a, **k)
 text.train_windows = train_windows
 exec(open("train.py").read())
@@ -34,10 +37,9 @@ exec(open("train.py").read())
 
 
 def train_with_signal_at(step, signals, *args):
-    env = devices_env()
-    code = SIGNAL_AT_STEP.format(step=step, signals=list(signals))
+    code = SIGNAL_AT_STEP.format(step=step, signals=list(signals), hold="")
     return subprocess.run([sys.executable, "-c", code, "train.py", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=devices_env(), capture_output=True, text=True, timeout=300)
 
 
 def assert_same_state(dir_a, dir_b):
@@ -264,10 +266,7 @@ def test_the_same_command_twice_on_one_out_dir_second_refuses_naming_the_first(t
     args = ["+experiment=debug", f"data.path={text_file}", "steps=40"]
     hold = tmp_path / "hold"  # the first run waits at step 10 while it exists: the second meets it running
     hold.write_text("")
-    held = SIGNAL_AT_STEP.replace("    if step == {step}:\n        for sig in {signals}:\n            os.kill(os.getpid(), "
-                                  "getattr(signal, sig))\n", f"    while step == 10 and os.path.exists({str(hold)!r}):\n"
-                                  "        time.sleep(0.05)\n").replace("import os,", "import time, os,")
-    assert "while step == 10" in held
+    held = SIGNAL_AT_STEP.format(step=10, signals=[], hold=str(hold))
     first = subprocess.Popen([sys.executable, "-c", held, "train.py", *args, f"out_dir={tmp_path}/run"], cwd=ROOT,
                              env=devices_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
