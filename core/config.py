@@ -264,6 +264,7 @@ def check(cfg) -> None:
     if source.INPUT not in family.INPUTS:
         raise UserError(f"model={cfg.model.family} reads {' or '.join(family.INPUTS)}, and data={cfg.data.kind} "
                         f"gives {source.INPUT}; use model={fits()}")
+    distill.check_augment(cfg, cfg.task.name, source.INPUT)
     m, o = cfg.model, cfg.optim
     if not 0.0 <= m.get("dropout", 0.0) < 1.0:
         raise UserError(f"model.dropout={m.dropout} must be in [0, 1)")

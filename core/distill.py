@@ -13,6 +13,13 @@ and an LSTM) as long as they read the same tokens and predict the same classes.
 
 The student's data reads the teacher's vocabulary, tokenizer and labels (as `init_from` does), so
 both models see the same token ids and classes.
+
+`distill.augment=P` (text classifiers) adds a second copy of each batch in which every word piece is
+replaced by [MASK] or [UNK], or deleted, with probability P (`distill.augment_by`), scored by the
+soft term alone (Tang et al. 2019's masking augmentation; deletion is EDA's, Wei & Zou 2019). Teachers trained on the student's own phrases give
+near one-hot outputs there, which say little beyond the labels; on texts they never saw their
+probabilities carry what they know. The masks are drawn from the step's key: a pure function of
+(seed, step), so a resumed run draws the same ones.
 """
 import os
 from dataclasses import dataclass
@@ -26,7 +33,12 @@ from omegaconf import OmegaConf
 
 from core import checkpoint
 from errors import UserError
+from model.wordpiece_ids import MASK_ID, UNK_ID, word_deletion, word_dropout
 from tasks import WEIGHT
+
+AUGMENT_BY = {"mask": lambda ids, key, rate: word_dropout(ids, key, rate, MASK_ID),  # (ids_BL, key, rate) -> ids_BL
+              "unk": lambda ids, key, rate: word_dropout(ids, key, rate, UNK_ID),
+              "delete": word_deletion}
 
 
 @dataclass
@@ -35,6 +47,8 @@ class DistillConfig:
     teacher_step: Optional[int] = None  # every teacher's checkpoint at this step; None: each one's newest
     alpha: float = 0.5  # the soft (teacher) term's weight; 0 is the task loss alone
     temperature: float = 2.0
+    augment: float = 0.0  # text classifiers: a masked copy of each batch, scored by the teachers alone
+    augment_by: str = "mask"  # what happens to a picked word piece: mask ([MASK]) | unk ([UNK]) | delete
 
 
 @dataclass
@@ -68,6 +82,17 @@ def check(cfg) -> None:
         raise UserError(f"distill.alpha={d.alpha} must be in [0, 1]")
     if d.temperature <= 0:
         raise UserError(f"distill.temperature={d.temperature} must be positive")
+    if not 0.0 <= d.get("augment", 0.0) < 1.0:
+        raise UserError(f"distill.augment={d.augment} must be in [0, 1): the share of word pieces altered")
+    if d.get("augment_by", "mask") not in AUGMENT_BY:
+        raise UserError(f"distill.augment_by={d.augment_by} must be {', '.join(AUGMENT_BY)}")
+
+
+def check_augment(cfg, task: str, source_input: str) -> None:
+    """distill.augment alters word pieces: only a classifier of text has them."""
+    if enabled(cfg) and cfg.distill.get("augment", 0.0) > 0 and (task != "classify" or source_input != "text"):
+        raise UserError(f"distill.augment={cfg.distill.augment} alters the words of texts to classify; this run "
+                        f"trains task={task} on {source_input}: drop distill.augment")
 
 
 def _meta(cfg, path: str) -> dict:
@@ -115,16 +140,16 @@ def check_match(cfg, teacher: dict, student: dict) -> None:
                         f"and this model {student['dims'].get('vocab_size')}: they must share a vocabulary")
 
 
-def distill_loss(outputs: Callable, alpha: float, temperature: float) -> Callable:
+def distill_loss(outputs: Callable, alpha: float, temperature: float, augment: float = 0.0,
+                 augment_by: str = "mask") -> Callable:
     """(student, batch, key, teachers) -> (loss, metrics) from a task's `outputs` (logits, targets, weights).
 
     teachers: a model or a sequence of them, whose probabilities at the temperature are averaged.
+    augment > 0 (text classifiers, with a key): the soft term of a copy of the batch whose word pieces
+    were masked or deleted (AUGMENT_BY[augment_by]) with that probability is added, weighted as the
+    soft term is.
     """
-    def loss(student, batch, key, teachers):
-        teachers = teachers if isinstance(teachers, (tuple, list)) else (teachers,)
-        s_NV, y_N, w_N = outputs(student, batch, key)
-        n = jnp.maximum(w_N.sum(), 1.0)
-        hard = (optax.softmax_cross_entropy_with_integer_labels(s_NV, y_N) * w_N).sum() / n
+    def kl(s_NV, batch, w_N, n, teachers):
         # log of the mean probability, summed one teacher at a time (N x V live, not K x N x V);
         # for one teacher exactly its log-softmax
         t_logp_NV = None
@@ -133,11 +158,23 @@ def distill_loss(outputs: Callable, alpha: float, temperature: float) -> Callabl
             t_logp_NV = logp_NV if t_logp_NV is None else jnp.logaddexp(t_logp_NV, logp_NV)
         t_logp_NV = t_logp_NV - jnp.log(len(teachers))
         s_logp_NV = jax.nn.log_softmax(s_NV / temperature)
-        kl_N = (jnp.exp(t_logp_NV) * (t_logp_NV - s_logp_NV)).sum(-1)
-        soft = (kl_N * w_N).sum() / n
+        return ((jnp.exp(t_logp_NV) * (t_logp_NV - s_logp_NV)).sum(-1) * w_N).sum() / n
+
+    def loss(student, batch, key, teachers):
+        teachers = teachers if isinstance(teachers, (tuple, list)) else (teachers,)
+        s_NV, y_N, w_N = outputs(student, batch, key)
+        n = jnp.maximum(w_N.sum(), 1.0)
+        hard = (optax.softmax_cross_entropy_with_integer_labels(s_NV, y_N) * w_N).sum() / n
+        soft = kl(s_NV, batch, w_N, n, teachers)
         total = alpha * soft * temperature ** 2 + (1 - alpha) * hard
-        return total, {"loss": total, "task_loss": hard, "kl": soft,
-                       "accuracy": ((s_NV.argmax(-1) == y_N) * w_N).sum() / n, WEIGHT: w_N.sum()}
+        metrics = {"task_loss": hard, "kl": soft, "accuracy": ((s_NV.argmax(-1) == y_N) * w_N).sum() / n,
+                   WEIGHT: w_N.sum()}
+        if augment > 0 and key is not None:  # fold_in: the student's own dropout keys stay as without it
+            masked = dict(batch, x=AUGMENT_BY[augment_by](batch["x"], jax.random.fold_in(key, 101), augment))
+            s_aug_NV = outputs(student, masked, jax.random.fold_in(key, 102))[0]
+            metrics["kl_augmented"] = kl(s_aug_NV, masked, w_N, n, teachers)
+            total = total + alpha * metrics["kl_augmented"] * temperature ** 2
+        return total, {"loss": total, **metrics}
     return loss
 
 
@@ -159,4 +196,5 @@ def load(cfg, mesh, task_module, teachers_meta: dict | None, student_meta: dict,
         graphdefs.append(nnx.graphdef(run.model))
         states.append({"params": run.state["params"], "rest": run.state["rest"]})
     return Teacher(tuple(graphdefs), states,
-                   distill_loss(task_module.outputs, cfg.distill.alpha, cfg.distill.temperature))
+                   distill_loss(task_module.outputs, cfg.distill.alpha, cfg.distill.temperature,
+                                cfg.distill.get("augment", 0.0), cfg.distill.get("augment_by", "mask")))

@@ -1,5 +1,6 @@
 """Knowledge distillation: the loss's two ends, KL falling, the teacher untouched, mistakes."""
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,68 @@ def test_a_cnn_student_distils_from_a_cnn_teacher_and_classes_must_match(tmp_pat
     np.savez(fewer, x=data["x"], y=data["y"] % 3)  # three classes where the teacher knows four
     with pytest.raises(UserError, match="class count|labels"):
         run(compose(CNN_TINY + [f"data.path={fewer}", f"out_dir={tmp_path / 's3'}", f"distill.teacher={teacher}"]))
+
+
+def test_augment_adds_the_teachers_soft_term_on_a_masked_copy_drawn_from_the_key():
+    from model.wordpiece_ids import CLS_ID, FIRST_WORD_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID
+    rng = np.random.default_rng(0)
+    w_VY = jnp.asarray(rng.normal(size=(40, 3)), jnp.float32)
+    read = []
+
+    def student(x, key=None):  # a bag-of-word-pieces classifier that records what it reads
+        read.append(np.asarray(x))
+        return w_VY[x].sum(1)
+
+    teacher = lambda x, key=None: (w_VY[x] ** 2).sum(1)  # noqa: E731
+    x_BL = np.full((64, 12), PAD_ID)
+    x_BL[:, 0] = CLS_ID
+    for b in range(64):
+        n = rng.integers(3, 10)
+        x_BL[b, 1:n + 1] = rng.integers(FIRST_WORD_ID, 40, n)
+        x_BL[b, n + 1] = SEP_ID
+    batch = {"x": jnp.asarray(x_BL, jnp.int32), "y": jnp.asarray(rng.integers(0, 3, 64))}
+    key = jax.random.key(0)
+    plain_loss, plain = distill.distill_loss(classify.outputs, 0.5, 2.0)(student, batch, key, teacher)
+    assert "kl_augmented" not in plain
+    read.clear()
+    loss, m = distill.distill_loss(classify.outputs, 0.5, 2.0, augment=0.3)(student, batch, key, teacher)
+    assert len(read) == 2 and (read[0] == x_BL).all()  # the batch, then its masked copy
+    masked_BL = read[1]
+    words_BL = x_BL >= FIRST_WORD_ID
+    assert (masked_BL[~words_BL] == x_BL[~words_BL]).all()  # [PAD] [CLS] [SEP] are never masked
+    hit_BL = masked_BL != x_BL
+    assert (masked_BL[hit_BL] == MASK_ID).all() and 0.25 < hit_BL.sum() / words_BL.sum() < 0.35
+    assert float(m["kl_augmented"]) > 0 and float(m["kl"]) == pytest.approx(float(plain["kl"]), rel=1e-6)
+    np.testing.assert_allclose(loss, plain_loss + 0.5 * 4.0 * m["kl_augmented"], rtol=1e-6)
+    again = distill.distill_loss(classify.outputs, 0.5, 2.0, augment=0.3)(student, batch, key, teacher)[0]
+    assert float(again) == float(loss) and (read[3] == masked_BL).all()  # a pure function of the key
+    read.clear()
+    distill.distill_loss(classify.outputs, 0.5, 2.0, augment=0.3, augment_by="unk")(
+        student, batch, jax.random.key(1), teacher)
+    assert set(np.unique(read[1][read[1] != x_BL])) == {UNK_ID} and not (read[1] == masked_BL).all()
+    read.clear()
+    distill.distill_loss(classify.outputs, 0.5, 2.0, augment=0.3, augment_by="delete")(student, batch, key, teacher)
+    for row, short in zip(x_BL, read[1], strict=True):  # the same row, some words gone, [PAD] after [SEP]
+        kept = short[short != PAD_ID]
+        assert kept[0] == CLS_ID and kept[-1] == SEP_ID and (short[len(kept):] == PAD_ID).all()
+        it = iter(row[row != PAD_ID])
+        assert all(t in it for t in kept)  # a subsequence, in order
+    deleted = (x_BL != PAD_ID).sum() - (read[1] != PAD_ID).sum()
+    assert 0.25 < deleted / words_BL.sum() < 0.35
+    read.clear()
+    assert "kl_augmented" not in distill.distill_loss(classify.outputs, 0.5, 2.0, augment=0.3)(
+        student, batch, None, teacher)[1] and len(read) == 1  # no key (evaluation): the batch alone
+
+
+def test_augment_outside_a_text_classifier_or_out_of_range_is_a_one_line_error(tmp_path, text_file):
+    base = TINY + STUDENT + [f"data.path={text_file}", f"out_dir={tmp_path / 's'}", "distill.teacher=/nonexistent"]
+    for extra, message in (("distill.augment=0.1", "alters the words of texts to classify; this run trains "
+                                                   "task=lm on text: drop distill.augment"),
+                           ("distill.augment=1.0", "distill.augment=1.0 must be in [0, 1)"),
+                           ("distill.augment_by=pad", "distill.augment_by=pad must be mask, unk, delete")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            run(compose(base + [extra]))
+    assert not (tmp_path / "s").exists()
 
 
 def test_an_ensemble_of_teachers_is_distilled_through_its_mean_probability():
