@@ -247,7 +247,7 @@ def test_cut_batches_train_as_padded_ones_do_whatever_the_calls(tmp_path):
         return [(r["step"], k, r[k]) for r in metrics.read(os.path.join(out, "metrics.jsonl"))
                 for k in ("train_loss", "grad_norm", "val_loss") if k in r]
 
-    cut = ("steps=10", "model.dropout=0.0", "steps_per_call=5")
+    cut = ("steps=10", "model.dropout=0.0")  # calls of any length: the second pair
     padded = losses(*cut, "data.group_by_length=0")
     assert padded[3][2] < padded[0][2]  # it trains: train_loss at step 10 under step 5's
     calls = ("steps=30", "log_every=15", "eval_every=30", "ckpt_every=30", "data.group_by_length=37")

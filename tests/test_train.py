@@ -97,16 +97,16 @@ def test_sample_py_works_from_the_run_directory_alone(tmp_path, text_file):
     moved = tmp_path / "elsewhere"
     os.rename(out, moved)  # the data file and the original path are not needed
     args = [f"out_dir={moved}", "num_samples=3", "max_new_tokens=40", "temperature=0", "prompt=The"]
-    first, second = run_cli("sample.py", *args), run_cli("sample.py", *args)
+    first = run_cli("sample.py", *args)
     assert first.returncode == 0, first.stderr[-2000:]
     samples = first.stdout.rstrip("\n").split("\n---\n")
     assert len(samples) == 3 and all(s.startswith("The") and len(s) == 43 for s in samples)
-    assert first.stdout == second.stdout  # greedy is deterministic
     hot = run_cli("sample.py", f"out_dir={moved}", "num_samples=2", "max_new_tokens=60", "temperature=1.5",
                   "seed=1")
     assert hot.returncode == 0 and len(hot.stdout.split("\n---\n")) == 2
     assert "sampling from step 10" in hot.stderr and "sampling" not in hot.stdout  # logs apart from samples
-    # A small model samples on one XLA-CPU thread (core/runtime.py); more threads, the same tokens.
+    # A small model samples on one XLA-CPU thread (core/runtime.py); another process on more threads
+    # gives the same tokens: greedy sampling is deterministic.
     assert "(XLA-CPU on 1 thread)" in first.stderr
     pool = run_cli("sample.py", *args, "cpu_threads=2")
     assert "(XLA-CPU on 2 threads)" in pool.stderr and pool.stdout == first.stdout
