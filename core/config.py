@@ -247,7 +247,6 @@ def check(cfg) -> None:
     if cfg.on_nan not in ("stop", "skip"):
         raise UserError(f"on_nan={cfg.on_nan} must be 'stop' or 'skip'")
     prune.check(cfg)
-    distill.check(cfg)
     family, source, task = (_module(cfg, g) for g in ("model", "data", "task"))
     if task.READS not in source.PROVIDES:
         fits = [n for n in usable("task") if module("task", n).READS in source.PROVIDES]
@@ -264,7 +263,7 @@ def check(cfg) -> None:
     if source.INPUT not in family.INPUTS:
         raise UserError(f"model={cfg.model.family} reads {' or '.join(family.INPUTS)}, and data={cfg.data.kind} "
                         f"gives {source.INPUT}; use model={fits()}")
-    distill.check_augment(cfg, cfg.task.name, source.INPUT)
+    distill.check(cfg, cfg.task.name, source.INPUT)
     m, o = cfg.model, cfg.optim
     if not 0.0 <= m.get("dropout", 0.0) < 1.0:
         raise UserError(f"model.dropout={m.dropout} must be in [0, 1)")

@@ -16,13 +16,14 @@ both models see the same token ids and classes.
 
 `distill.augment=P` (text classifiers) adds a second copy of each batch in which every word piece is
 replaced by [MASK] or [UNK], or deleted, with probability P (`distill.augment_by`), scored by the
-soft term alone (Tang et al. 2019's masking augmentation; deletion is EDA's, Wei & Zou 2019). Teachers trained on the student's own phrases give
-near one-hot outputs there, which say little beyond the labels; on texts they never saw their
-probabilities carry what they know. The masks are drawn from the step's key: a pure function of
-(seed, step), so a resumed run draws the same ones.
+soft term alone (Tang et al. 2019's masking; deletion is EDA's, Wei & Zou 2019). Teachers trained
+on the student's own phrases give near one-hot outputs there, which say little beyond the labels;
+on texts they never saw their probabilities carry what they know. The alterations are drawn from
+the step's key: a pure function of (seed, step), so a resumed run draws the same ones.
 """
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Optional
 
 import jax
@@ -36,9 +37,8 @@ from errors import UserError
 from model.wordpiece_ids import MASK_ID, UNK_ID, word_deletion, word_dropout
 from tasks import WEIGHT
 
-AUGMENT_BY = {"mask": lambda ids, key, rate: word_dropout(ids, key, rate, MASK_ID),  # (ids_BL, key, rate) -> ids_BL
-              "unk": lambda ids, key, rate: word_dropout(ids, key, rate, UNK_ID),
-              "delete": word_deletion}
+AUGMENT_BY = {"mask": partial(word_dropout, to_id=MASK_ID),  # (ids_BL, key, rate) -> ids_BL
+              "unk": partial(word_dropout, to_id=UNK_ID), "delete": word_deletion}
 
 
 @dataclass
@@ -47,7 +47,7 @@ class DistillConfig:
     teacher_step: Optional[int] = None  # every teacher's checkpoint at this step; None: each one's newest
     alpha: float = 0.5  # the soft (teacher) term's weight; 0 is the task loss alone
     temperature: float = 2.0
-    augment: float = 0.0  # text classifiers: a masked copy of each batch, scored by the teachers alone
+    augment: float = 0.0  # text classifiers: an altered copy of each batch, scored by the teachers alone
     augment_by: str = "mask"  # what happens to a picked word piece: mask ([MASK]) | unk ([UNK]) | delete
 
 
@@ -74,7 +74,8 @@ def teachers(cfg) -> list[str]:
     return [str(x) for x in items]
 
 
-def check(cfg) -> None:
+def check(cfg, task: str, source_input: str) -> None:
+    """distill.* against the run's task and the input its data gives (augment alters words of text)."""
     d = cfg.distill
     if not enabled(cfg):  # reads distill.teacher: a value that names no runs is an error here
         return
@@ -86,12 +87,8 @@ def check(cfg) -> None:
         raise UserError(f"distill.augment={d.augment} must be in [0, 1): the share of word pieces altered")
     if d.get("augment_by", "mask") not in AUGMENT_BY:
         raise UserError(f"distill.augment_by={d.augment_by} must be {', '.join(AUGMENT_BY)}")
-
-
-def check_augment(cfg, task: str, source_input: str) -> None:
-    """distill.augment alters word pieces: only a classifier of text has them."""
-    if enabled(cfg) and cfg.distill.get("augment", 0.0) > 0 and (task != "classify" or source_input != "text"):
-        raise UserError(f"distill.augment={cfg.distill.augment} alters the words of texts to classify; this run "
+    if d.get("augment", 0.0) > 0 and (task != "classify" or source_input != "text"):
+        raise UserError(f"distill.augment={d.augment} alters the words of texts to classify; this run "
                         f"trains task={task} on {source_input}: drop distill.augment")
 
 
@@ -170,9 +167,9 @@ def distill_loss(outputs: Callable, alpha: float, temperature: float, augment: f
         metrics = {"task_loss": hard, "kl": soft, "accuracy": ((s_NV.argmax(-1) == y_N) * w_N).sum() / n,
                    WEIGHT: w_N.sum()}
         if augment > 0 and key is not None:  # fold_in: the student's own dropout keys stay as without it
-            masked = dict(batch, x=AUGMENT_BY[augment_by](batch["x"], jax.random.fold_in(key, 101), augment))
-            s_aug_NV = outputs(student, masked, jax.random.fold_in(key, 102))[0]
-            metrics["kl_augmented"] = kl(s_aug_NV, masked, w_N, n, teachers)
+            altered = dict(batch, x=AUGMENT_BY[augment_by](batch["x"], jax.random.fold_in(key, 101), augment))
+            s_aug_NV = outputs(student, altered, jax.random.fold_in(key, 102))[0]
+            metrics["kl_augmented"] = kl(s_aug_NV, altered, w_N, n, teachers)
             total = total + alpha * metrics["kl_augmented"] * temperature ** 2
         return total, {"loss": total, **metrics}
     return loss
