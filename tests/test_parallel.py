@@ -153,7 +153,7 @@ def test_two_processes_follow_the_same_curve_as_one_process_with_as_many_devices
     np.testing.assert_allclose(losses(tmp_path / "pmap"), losses(out), atol=5e-6, rtol=0)
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(two_process_run, tmp_path):
+def test_ctrl_c_on_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(two_process_run, tmp_path):
     # SIGINT runs both handlers: core/preempt.py records it and raises the SIGTERM jax.distributed syncs on
     whole, args, _ = two_process_run
     stopped = two_processes(*args, f"out_dir={tmp_path / 'run'}", harness=SIGINT_PROCESS_1)
