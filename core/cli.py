@@ -134,7 +134,8 @@ def first_job(overrides: list[str]) -> list[str]:
 def preflight(config_name: str, argv: list[str]) -> None:
     """Compose once before Hydra runs so a bad override fails with one line (a sweep: its first job's)."""
     sweep = any(a in ("-m", "--multirun") or a.replace(" ", "") == "hydra.mode=MULTIRUN" for a in argv)
-    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):  # --help, --cfg, -cp DIR...
+    argv = _without_print_flags(argv)  # `--cfg job` prints the config these overrides compose: check them too
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):  # --help, -cp DIR...
         return
     overrides = [a for a in argv if a not in ("-m", "--multirun")]
     overrides = [a for a in overrides if not a.startswith("hydra.") or a.startswith("hydra.searchpath")]
@@ -147,3 +148,16 @@ def preflight(config_name: str, argv: list[str]) -> None:
     error = compose_error(config_name, overrides)
     if error:
         fail(UserError(error))
+
+
+def _without_print_flags(argv: list[str]) -> list[str]:
+    """argv less Hydra's config-printing flags (--cfg/-c WHICH, --package/-p PKG, --resolve)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--cfg", "-c", "--package", "-p"):
+            skip = True  # its value follows
+        elif a != "--resolve" and not a.startswith(("--cfg=", "--package=")):
+            out.append(a)
+    return out

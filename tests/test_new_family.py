@@ -50,6 +50,8 @@ def test_an_incomplete_family_fails_in_one_line_and_breaks_no_other(half_family,
     line = one_line_error(half_family.train("model=zz_half", f"out_dir={tmp_path}/run"))
     assert expected in line, line
     assert not os.path.exists(tmp_path / "run")
+    printed = one_line_error(half_family.train("--cfg", "job", "model=zz_half"))  # printing the config checks it too
+    assert expected in printed, printed
     other = one_line_error(half_family.train("model=rnn", "model.n_layre=1", f"out_dir={tmp_path}/run"))
     assert "unknown config key 'model.n_layre'" in other
 
