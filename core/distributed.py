@@ -4,6 +4,7 @@
 several local processes) the coordinator, process count and id are given explicitly.
 """
 import os
+from typing import Callable
 
 import jax
 import numpy as np
@@ -26,6 +27,38 @@ def initialize(cfg) -> None:
     except (RuntimeError, ValueError) as e:
         raise UserError(f"jax.distributed.initialize failed ({first_line(e)}); check distributed.coordinator and that "
                         f"every process was started with the same command") from None
+
+
+_MESSAGE_BYTES = 1024
+
+
+def agree(read: Callable):
+    """read() on every process, and a failure on any raised on all of them. What a process reads from its
+    own paths (data.path, init_from, distill.teacher) can fail on one host only, which would otherwise
+    leave the others waiting in the next collective until the coordinator gives up on the lost one."""
+    if jax.process_count() == 1:
+        return read()
+    from jax.experimental import multihost_utils
+
+    result, error = None, None
+    try:
+        result = read()
+    except Exception as e:  # noqa: BLE001 - every process learns of it below; this one re-raises it as it was
+        error = e
+    text = "" if error is None else str(error) if isinstance(error, UserError) else \
+        f"{type(error).__name__}: {first_line(error)}"
+    mine = np.zeros(_MESSAGE_BYTES + 1, np.uint8)  # [failed, the message's UTF-8 bytes, cut]
+    mine[0] = error is not None
+    raw = text.encode()[:_MESSAGE_BYTES]
+    mine[1:1 + len(raw)] = np.frombuffer(raw, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(mine))
+    if error is not None:
+        raise error
+    failed = [i for i in range(every.shape[0]) if every[i, 0]]
+    if failed:
+        text = bytes(every[failed[0], 1:]).rstrip(b"\0").decode(errors="ignore")
+        raise UserError(f"process {failed[0]} could not read its inputs: {text}")
+    return result
 
 
 def check_shared_dir(out_dir: str) -> None:

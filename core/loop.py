@@ -120,15 +120,7 @@ def run(cfg) -> dict:
         own = cfg.resume and checkpoint.has_checkpoints(out_dir)
         # A run with checkpoints resumes them; a new one reads (and so checks) its source before writing.
         starting = cfg.init_from and not own
-        # The data reads what the source gave (tokenizer, labels): from the source when starting, from
-        # this run's own checkpoint when resuming a run that started from another.
-        inherited = init_from.source_meta(cfg) if starting else \
-            checkpoint.peek_meta(out_dir) if own and (cfg.init_from or cfg.data.get("tokenizer_from")) else None
-        teachers = distill.teacher_meta(cfg) if distill.enabled(cfg) else None  # read (and checked) once
-        inherited = inherited or teachers  # a student reads the teachers' tokens unless a source gave them
-        if not own:  # a resumed run reads its own checkpoint's tokenizer, whatever became of the source
-            inherited = init_from.with_tokenizer(cfg, inherited)
-        task = tasks.load(cfg, inherited)
+        task, teachers = distributed.agree(partial(_read_inputs, cfg, out_dir, own, starting))
         meta = {"config": OmegaConf.to_container(cfg, resolve=True), "task": task.name, "dims": task.dims,
                 **task.meta}
         mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -146,6 +138,19 @@ def run(cfg) -> dict:
                 return _start(cfg, built, task, meta, mngr, stop, loaded)
             finally:
                 checkpoint.close(mngr)
+
+
+def _read_inputs(cfg, out_dir: str, own: bool, starting: bool):
+    """(the task with its data, the teachers' meta or None): what this process reads from its own paths."""
+    # The data reads what the source gave (tokenizer, labels): from the source when starting, from
+    # this run's own checkpoint when resuming a run that started from another.
+    inherited = init_from.source_meta(cfg) if starting else \
+        checkpoint.peek_meta(out_dir) if own and (cfg.init_from or cfg.data.get("tokenizer_from")) else None
+    teachers = distill.teacher_meta(cfg) if distill.enabled(cfg) else None  # read (and checked) once
+    inherited = inherited or teachers  # a student reads the teachers' tokens unless a source gave them
+    if not own:  # a resumed run reads its own checkpoint's tokenizer, whatever became of the source
+        inherited = init_from.with_tokenizer(cfg, inherited)
+    return tasks.load(cfg, inherited), teachers
 
 
 def _start(cfg, built: Setup, task, meta: dict, mngr, stop, loaded) -> dict:

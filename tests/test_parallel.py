@@ -183,6 +183,25 @@ def test_processes_started_with_different_configs_all_refuse_in_one_line(text_fi
     assert not (tmp_path / "run").exists()
 
 
+MISSING_DATA_ON_PROCESS_1 = """
+import sys
+sys.argv = sys.argv[1:] + (["data.path=/nowhere/input.txt"] if "distributed.process_id=1" in sys.argv else [])
+exec(open("train.py").read())
+"""
+
+
+def test_a_mistake_only_one_process_sees_stops_every_process_in_one_line(text_file, tmp_path):
+    # data.path may differ per host; a missing file on one host must not leave the others in a collective
+    results = two_processes(*BASE, f"data.path={text_file}", f"out_dir={tmp_path / 'run'}",
+                            harness=MISSING_DATA_ON_PROCESS_1)
+    errors = [[line for line in err.splitlines() if line.startswith("error: ")] for _, err in results]
+    assert [rc for rc, _ in results] == [2, 2], results[0][1][-1500:] + results[1][1][-1500:]
+    assert len(errors[0]) == 1 and errors[0][0].startswith("error: process 1 could not read its inputs: "), errors
+    assert "/nowhere/input.txt" in errors[0][0] and len(errors[1]) == 1 and "/nowhere/input.txt" in errors[1][0]
+    assert "Traceback" not in results[0][1] + results[1][1]
+    assert not (tmp_path / "run").exists()
+
+
 def test_layout_mistakes_are_user_errors(text_file, tmp_path):
     BASE = globals()["BASE"] + [f"out_dir={tmp_path}/run"]  # noqa: N806
     with pytest.raises(UserError, match="not divisible by the 8 data-parallel devices"):
