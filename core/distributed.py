@@ -45,11 +45,14 @@ def agree(read: Callable):
         result = read()
     except Exception as e:  # noqa: BLE001 - every process learns of it below; this one re-raises it as it was
         error = e
-    text = "" if error is None else str(error) if isinstance(error, UserError) else \
-        f"{type(error).__name__}: {first_line(error)}"
-    mine = np.zeros(_MESSAGE_BYTES + 1, np.uint8)  # [failed, the message's UTF-8 bytes, cut]
+    try:  # nothing here may raise before the allgather, or the others would wait for this process
+        text = "" if error is None else first_line(error, _MESSAGE_BYTES) if isinstance(error, UserError) else \
+            f"{type(error).__name__}: {first_line(error)}"
+        raw = text.encode("utf-8", "backslashreplace")[:_MESSAGE_BYTES]  # a path may hold undecodable bytes
+    except Exception:  # noqa: BLE001 - a message that cannot be shown: its type still can
+        raw = type(error).__name__.encode()
+    mine = np.zeros(_MESSAGE_BYTES + 1, np.uint8)  # [failed, up to _MESSAGE_BYTES of the message's UTF-8]
     mine[0] = error is not None
-    raw = text.encode()[:_MESSAGE_BYTES]
     mine[1:1 + len(raw)] = np.frombuffer(raw, np.uint8)
     every = np.asarray(multihost_utils.process_allgather(mine))
     if error is not None:
@@ -87,6 +90,22 @@ def check_shared_dir(out_dir: str) -> None:
 # What may differ between the processes of one run: their ids, and paths to each host's copy of the data.
 PER_PROCESS = ("distributed", "progress", "compile_cache", "data.path", "data.val_path", "data.dir",
                "data.tfds_data_dir", "init_from", "distill.teacher", "data.tokenizer_from")
+
+
+def with_paths_of(saved: dict, current: dict) -> dict:
+    """`current` (a config as a dict) with the PER_PROCESS keys as `saved` has them: what a process other
+    than 0 compares with the checkpoint, which holds process 0's paths (check_same_config matched the rest)."""
+    import copy
+
+    out = copy.deepcopy(current)
+    for key in PER_PROCESS:
+        *parents, leaf = key.split(".")
+        src, dst = saved, out
+        for p in parents:
+            src, dst = (src or {}).get(p), (dst or {}).get(p)
+        if isinstance(src, dict) and isinstance(dst, dict) and leaf in src:
+            dst[leaf] = copy.deepcopy(src[leaf])
+    return out
 
 
 def check_same_config(cfg) -> None:

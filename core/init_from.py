@@ -6,6 +6,7 @@ are left behind (an old head). The optimizer starts fresh. `init_from_skip` name
 their prefixes, `head` for head/kernel and head/bias) to leave fresh although both models have them.
 """
 import os
+import sys
 
 import jax
 
@@ -62,11 +63,28 @@ def _check_model(cfg, src: str, src_meta: dict) -> None:
 
 def source_meta(cfg) -> dict:
     """The meta of the run to start from (its config, tokenizer, labels): what the data inherits. Checked
-    first against this run's model, whose mismatch says more than the data's would."""
-    src, mngr, _, meta = _source(cfg)
-    mngr.close()
-    _check_model(cfg, src, meta)
-    return meta
+    first against this run's model, whose mismatch says more than the data's would.
+
+    Read from the checkpoint's files, not through Orbax, whose reads end in a barrier across processes:
+    each process reads its own init_from before they agree that all could (core/distributed.agree)."""
+    src = os.path.abspath(os.path.expanduser(cfg.init_from))
+    root = checkpoint.ckpt_dir(src)
+    if not os.path.isdir(root):
+        raise UserError(f"init_from={src} holds no checkpoints; pass the directory of a trained run")
+    steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True)
+    if cfg.init_from_step is not None and cfg.init_from_step not in steps:
+        raise UserError(f"init_from={src} has no checkpoint at step {cfg.init_from_step}; available: {sorted(steps)}")
+    tried = steps if cfg.init_from_step is None else [cfg.init_from_step]
+    for s in tried:
+        meta = checkpoint.peek_meta(src, s)
+        if meta is not None:
+            _check_model(cfg, src, meta)
+            return meta
+        print(f"warning: checkpoint step {s} in init_from={src} has no readable meta; falling back to an "
+              f"earlier one", file=sys.stderr)
+    raise UserError(f"init_from={src} holds no complete checkpoint; train it first" if not steps else
+                    f"init_from={src}: no readable checkpoint (tried steps {tried}); pass init_from_step= a "
+                    f"readable one, or another init_from=")
 
 
 def with_tokenizer(cfg, inherited: dict | None) -> dict | None:

@@ -41,6 +41,8 @@ def resolve_out_dir(cfg) -> str:
 
 def _refuse_harmful_changes(saved: dict, current: dict) -> list[str]:
     """The harmless keys changed since the checkpoint; a change that alters training is an error."""
+    if jax.process_index() != 0:  # its own paths to the inputs may differ from process 0's, which were saved
+        current = distributed.with_paths_of(saved, current)
     harmful, harmless = config.diff(saved, current)
     if harmful:
         keys = ", ".join(harmful[:6]) + (f" and {len(harmful) - 6} more" if len(harmful) > 6 else "")

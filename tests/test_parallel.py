@@ -168,38 +168,46 @@ def test_ctrl_c_on_one_of_two_processes_stops_both_at_one_step_and_resumes_exact
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-ANOTHER_SEED_ON_PROCESS_1 = """
-import sys
-sys.argv = sys.argv[1:] + (["seed=1"] if "distributed.process_id=1" in sys.argv else [])
-exec(open("train.py").read())
-"""
+def on_process_1(*extra) -> str:
+    """A harness that gives process 1 alone the overrides `extra` (after the shared ones: they win)."""
+    return (f"import sys\nsys.argv = sys.argv[1:] + ({list(extra)!r} if 'distributed.process_id=1' in sys.argv "
+            f"else [])\nexec(open('train.py').read())\n")
 
 
 def test_processes_started_with_different_configs_all_refuse_in_one_line(text_file, tmp_path):
     results = two_processes(*BASE, f"data.path={text_file}", f"out_dir={tmp_path / 'run'}",
-                            harness=ANOTHER_SEED_ON_PROCESS_1)
+                            harness=on_process_1("seed=1"))
     for rc, err in results:
         assert rc == 2 and "error: processes [1] were started with another config than process 0" in err, err[-1500:]
     assert not (tmp_path / "run").exists()
 
 
-MISSING_DATA_ON_PROCESS_1 = """
-import sys
-sys.argv = sys.argv[1:] + (["data.path=/nowhere/input.txt"] if "distributed.process_id=1" in sys.argv else [])
-exec(open("train.py").read())
-"""
-
-
-def test_a_mistake_only_one_process_sees_stops_every_process_in_one_line(text_file, tmp_path):
-    # data.path may differ per host; a missing file on one host must not leave the others in a collective
-    results = two_processes(*BASE, f"data.path={text_file}", f"out_dir={tmp_path / 'run'}",
-                            harness=MISSING_DATA_ON_PROCESS_1)
+@pytest.mark.parametrize("key, says", [("data.path", "does not exist"), ("init_from", "holds no checkpoints")])
+def test_a_mistake_only_one_process_sees_stops_every_process_in_one_line(key, says, two_process_run, tmp_path):
+    # Paths to the inputs may differ per host; a bad one on one host must not leave the others in a collective
+    whole, args, _ = two_process_run
+    results = two_processes(*args, f"init_from={whole}", f"out_dir={tmp_path / 'run'}",
+                            harness=on_process_1(f"{key}=/nowhere/x"))
     errors = [[line for line in err.splitlines() if line.startswith("error: ")] for _, err in results]
     assert [rc for rc, _ in results] == [2, 2], results[0][1][-1500:] + results[1][1][-1500:]
-    assert len(errors[0]) == 1 and errors[0][0].startswith("error: process 1 could not read its inputs: "), errors
-    assert "/nowhere/input.txt" in errors[0][0] and len(errors[1]) == 1 and "/nowhere/input.txt" in errors[1][0]
+    assert errors[0] == [f"error: process 1 could not read its inputs: {errors[1][0][len('error: '):]}"], errors
+    assert f"{key}=/nowhere/x {says}" in errors[1][0]
     assert "Traceback" not in results[0][1] + results[1][1]
     assert not (tmp_path / "run").exists()
+
+
+def test_processes_reading_their_own_copies_of_the_data_resume_exactly(two_process_run, tmp_path):
+    # The checkpoint holds process 0's data.path: process 1's own path is no change to refuse on resume
+    whole, args, _ = two_process_run
+    copy = tmp_path / "copy.txt"
+    shutil.copy(next(a.split("=", 1)[1] for a in args if a.startswith("data.path=")), copy)
+    own = on_process_1(f"data.path={copy}")
+    first = two_processes(*args, "steps=8", f"out_dir={tmp_path / 'run'}", harness=own)
+    assert [rc for rc, _ in first] == [0, 0], first[0][1][-1500:] + first[1][1][-1500:]
+    resumed = two_processes(*args, f"out_dir={tmp_path / 'run'}", harness=own)
+    assert [rc for rc, _ in resumed] == [0, 0], resumed[0][1][-1500:] + resumed[1][1][-1500:]
+    assert "resuming from step 8" in resumed[0][1]
+    np.testing.assert_array_equal(losses(tmp_path / "run"), losses(whole))
 
 
 def test_layout_mistakes_are_user_errors(text_file, tmp_path):
