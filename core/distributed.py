@@ -32,7 +32,7 @@ def initialize(cfg) -> None:
 _MESSAGE_BYTES = 1024
 
 
-def agree(read: Callable):
+def agree(read: Callable, failed: str = "could not read its inputs"):
     """read() on every process, and a failure on any raised on all of them. What a process reads from its
     own paths (data.path, init_from, distill.teacher) can fail on one host only, which would otherwise
     leave the others waiting in the next collective until the coordinator gives up on the lost one."""
@@ -57,10 +57,10 @@ def agree(read: Callable):
     every = np.asarray(multihost_utils.process_allgather(mine))
     if error is not None:
         raise error
-    failed = [i for i in range(every.shape[0]) if every[i, 0]]
-    if failed:
-        text = bytes(every[failed[0], 1:]).rstrip(b"\0").decode(errors="ignore")
-        raise UserError(f"process {failed[0]} could not read its inputs: {text}")
+    failing = [i for i in range(every.shape[0]) if every[i, 0]]
+    if failing:
+        text = bytes(every[failing[0], 1:]).rstrip(b"\0").decode(errors="ignore")
+        raise UserError(f"process {failing[0]} {failed}: {text}")
     return result
 
 
@@ -88,8 +88,9 @@ def check_shared_dir(out_dir: str) -> None:
 
 
 # What may differ between the processes of one run: their ids, and paths to each host's copy of the data.
-PER_PROCESS = ("distributed", "progress", "compile_cache", "data.path", "data.val_path", "data.dir",
-               "data.tfds_data_dir", "init_from", "distill.teacher", "data.tokenizer_from")
+PATHS = ("data.path", "data.val_path", "data.dir", "data.tfds_data_dir", "init_from", "distill.teacher",
+         "data.tokenizer_from")
+PER_PROCESS = ("distributed", "progress", "compile_cache") + PATHS
 
 
 def with_paths_of(saved: dict, current: dict) -> dict:
@@ -120,8 +121,11 @@ def check_same_config(cfg) -> None:
 
     from core.config import flatten
 
-    shared = {k: repr(v) for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
-              if not any(k == p or k.startswith(p + ".") for p in PER_PROCESS)}
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    shared = {k: repr(v) for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in PER_PROCESS)}
+    # Each host's own path, but on every host or none: an init_from only some processes load would
+    # leave the others out of its collective restore (a list of teachers: as many on each)
+    shared.update({k: repr(len(v) if isinstance(v, list) else bool(v)) for k, v in flat.items() if k in PATHS})
     digest = hashlib.sha256(repr(sorted(shared.items())).encode()).digest()[:8]
     every = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.uint32)))
     differ = [i for i in range(every.shape[0]) if not np.array_equal(every[i], every[0])]

@@ -51,12 +51,18 @@ def _refuse_harmful_changes(saved: dict, current: dict) -> list[str]:
     return harmless
 
 
-def _check_resumable(current_meta: dict, saved_meta: dict) -> None:
+def _resumable(current_meta: dict, saved_meta: dict) -> list[str]:
     harmless = _refuse_harmful_changes(saved_meta["config"], current_meta["config"])
     changed = sorted(k for k in saved_meta if k != "config" and saved_meta[k] != current_meta.get(k))
     if changed:
         raise UserError(f"the data differs from the checkpoint's ({', '.join(changed)}); train on the same data "
                         f"or pass out_dir= for a new run")
+    return harmless
+
+
+def _check_resumable(current_meta: dict, saved_meta: dict) -> None:
+    # Every process decides, and a refusal anywhere stops all: process 0 alone judges the paths it saved
+    harmless = distributed.agree(partial(_resumable, current_meta, saved_meta), "refused to resume")
     if harmless:
         log(f"resuming with changed {', '.join(harmless)}")
 
@@ -95,7 +101,8 @@ def _finished_step(cfg, out_dir: str):
         return None
     finally:
         mngr.close()
-    _refuse_harmful_changes(saved, OmegaConf.to_container(cfg, resolve=True))
+    distributed.agree(partial(_refuse_harmful_changes, saved, OmegaConf.to_container(cfg, resolve=True)),
+                      "refused to resume")
     return step
 
 

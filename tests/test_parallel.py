@@ -208,6 +208,20 @@ def test_processes_reading_their_own_copies_of_the_data_resume_exactly(two_proce
     assert [rc for rc, _ in resumed] == [0, 0], resumed[0][1][-1500:] + resumed[1][1][-1500:]
     assert "resuming from step 8" in resumed[0][1]
     np.testing.assert_array_equal(losses(tmp_path / "run"), losses(whole))
+    # Moved on every host, the data is a change process 0 refuses, and every process stops with it
+    moved = two_processes(*args, f"data.path={copy}", "steps=20", f"out_dir={tmp_path / 'run'}")
+    errors = [[line for line in err.splitlines() if line.startswith("error: ")] for _, err in moved]
+    assert [rc for rc, _ in moved] == [2, 2], moved[0][1][-1500:] + moved[1][1][-1500:]
+    assert "config differs from its checkpoint in data.path" in errors[0][0], errors
+    assert errors[1] == [f"error: process 0 refused to resume: {errors[0][0][len('error: '):]}"], errors
+
+
+def test_init_from_on_some_processes_only_is_refused(two_process_run, tmp_path):
+    whole, args, _ = two_process_run
+    results = two_processes(*args, f"init_from={whole}", f"out_dir={tmp_path / 'run'}",
+                            harness=on_process_1("init_from=null"))
+    for rc, err in results:
+        assert rc == 2 and "error: processes [1] were started with another config than process 0" in err, err[-1500:]
 
 
 def test_layout_mistakes_are_user_errors(text_file, tmp_path):
