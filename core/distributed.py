@@ -3,6 +3,7 @@
 `jax.distributed.initialize()` auto-detects TPU VMs and SLURM; elsewhere (and in the tests, with
 several local processes) the coordinator, process count and id are given explicitly.
 """
+import copy
 import os
 from typing import Callable
 
@@ -32,17 +33,18 @@ def initialize(cfg) -> None:
 _MESSAGE_BYTES = 1024
 
 
-def agree(read: Callable, failed: str = "could not read its inputs"):
-    """read() on every process, and a failure on any raised on all of them. What a process reads from its
-    own paths (data.path, init_from, distill.teacher) can fail on one host only, which would otherwise
-    leave the others waiting in the next collective until the coordinator gives up on the lost one."""
+def agree(fn: Callable, failed: str = "could not read its inputs"):
+    """fn() on every process, and a failure on any raised on all of them as `process I {failed}: ...`.
+    What a process reads from its own paths (data.path, init_from, distill.teacher), or judges of them
+    on resume, can fail on one host only, which would otherwise leave the others waiting in the next
+    collective until the coordinator gives up on the lost one."""
     if jax.process_count() == 1:
-        return read()
+        return fn()
     from jax.experimental import multihost_utils
 
     result, error = None, None
     try:
-        result = read()
+        result = fn()
     except Exception as e:  # noqa: BLE001 - every process learns of it below; this one re-raises it as it was
         error = e
     try:  # nothing here may raise before the allgather, or the others would wait for this process
@@ -96,8 +98,6 @@ PER_PROCESS = ("distributed", "progress", "compile_cache") + PATHS
 def with_paths_of(saved: dict, current: dict) -> dict:
     """`current` (a config as a dict) with the PER_PROCESS keys as `saved` has them: what a process other
     than 0 compares with the checkpoint, which holds process 0's paths (check_same_config matched the rest)."""
-    import copy
-
     out = copy.deepcopy(current)
     for key in PER_PROCESS:
         *parents, leaf = key.split(".")

@@ -6,7 +6,6 @@ are left behind (an old head). The optimizer starts fresh. `init_from_skip` name
 their prefixes, `head` for head/kernel and head/bias) to leave fresh although both models have them.
 """
 import os
-import sys
 
 import jax
 
@@ -24,25 +23,36 @@ def _skipped(path: str, skip) -> bool:
     return any(path == s.strip("/") or path.startswith(s.strip("/") + "/") for s in skip)
 
 
+def _steps(cfg) -> tuple[str, list[int], list[int]]:
+    """(the source directory, its checkpoint steps newest first, the steps to try: init_from_step, else
+    all of them); UserError if it has no checkpoints or not init_from_step. Listed from the directory, so
+    that no process waits on the others (Orbax's listing may broadcast)."""
+    src = os.path.abspath(os.path.expanduser(cfg.init_from))
+    root = checkpoint.ckpt_dir(src)
+    if not os.path.isdir(root):
+        raise UserError(f"init_from={src} holds no checkpoints; pass the directory of a trained run")
+    steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True)
+    if cfg.init_from_step is not None and cfg.init_from_step not in steps:
+        raise UserError(f"init_from={src} has no checkpoint at step {cfg.init_from_step}; available: {sorted(steps)}")
+    return src, steps, steps if cfg.init_from_step is None else [cfg.init_from_step]
+
+
+def _none_readable(src: str, steps: list[int], tried: list[int]) -> UserError:
+    return UserError(f"init_from={src} holds no complete checkpoint; train it first" if not steps else
+                     f"init_from={src}: no readable checkpoint (tried steps {tried}); pass init_from_step= a "
+                     f"readable one, or another init_from=")
+
+
 def _source(cfg):
     """(directory, manager, step, meta) of the run to start from: init_from_step, else the newest checkpoint
     whose meta reads (a damaged one is skipped with a warning); UserError if it has no such checkpoint."""
-    src = os.path.abspath(os.path.expanduser(cfg.init_from))
-    if not os.path.isdir(checkpoint.ckpt_dir(src)):
-        raise UserError(f"init_from={src} holds no checkpoints; pass the directory of a trained run")
+    src, steps, tried = _steps(cfg)
     mngr = checkpoint.manager(src, read_only=True)
-    steps = sorted(mngr.all_steps(), reverse=True)
-    if cfg.init_from_step is not None and cfg.init_from_step not in steps:
-        mngr.close()
-        raise UserError(f"init_from={src} has no checkpoint at step {cfg.init_from_step}; available: {sorted(steps)}")
-    tried = steps if cfg.init_from_step is None else [cfg.init_from_step]
     found = checkpoint.first_readable_meta(mngr, tried, f"init_from={src}")
     if found is not None:
         return src, mngr, *found
     mngr.close()
-    raise UserError(f"init_from={src} holds no complete checkpoint; train it first" if not steps else
-                    f"init_from={src}: no readable checkpoint (tried steps {tried}); pass init_from_step= a "
-                    f"readable one, or another init_from=")
+    raise _none_readable(src, steps, tried)
 
 
 def _check_model(cfg, src: str, src_meta: dict) -> None:
@@ -67,24 +77,13 @@ def source_meta(cfg) -> dict:
 
     Read from the checkpoint's files, not through Orbax, whose reads end in a barrier across processes:
     each process reads its own init_from before they agree that all could (core/distributed.agree)."""
-    src = os.path.abspath(os.path.expanduser(cfg.init_from))
-    root = checkpoint.ckpt_dir(src)
-    if not os.path.isdir(root):
-        raise UserError(f"init_from={src} holds no checkpoints; pass the directory of a trained run")
-    steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True)
-    if cfg.init_from_step is not None and cfg.init_from_step not in steps:
-        raise UserError(f"init_from={src} has no checkpoint at step {cfg.init_from_step}; available: {sorted(steps)}")
-    tried = steps if cfg.init_from_step is None else [cfg.init_from_step]
-    for s in tried:
+    src, steps, tried = _steps(cfg)
+    for s in tried:  # a damaged meta is skipped here, and reported once by load's read through Orbax
         meta = checkpoint.peek_meta(src, s)
         if meta is not None:
             _check_model(cfg, src, meta)
             return meta
-        print(f"warning: checkpoint step {s} in init_from={src} has no readable meta; falling back to an "
-              f"earlier one", file=sys.stderr)
-    raise UserError(f"init_from={src} holds no complete checkpoint; train it first" if not steps else
-                    f"init_from={src}: no readable checkpoint (tried steps {tried}); pass init_from_step= a "
-                    f"readable one, or another init_from=")
+    raise _none_readable(src, steps, tried)
 
 
 def with_tokenizer(cfg, inherited: dict | None) -> dict | None:
