@@ -96,6 +96,12 @@ def peek_meta(out_dir: str, step: int | None = None) -> dict | None:
     For what must be decided before JAX starts (sample.py's thread count). A hint only: None where it
     cannot be read (another file layout, a remote path), and `load_run` then says what is wrong.
     """
+    found = peek_step_meta(out_dir, step)
+    return None if found is None else found[1]
+
+
+def peek_step_meta(out_dir: str, step: int | None = None) -> tuple[int, dict] | None:
+    """(step, meta) of the newest checkpoint whose meta file reads (or of `step`); None where none does."""
     root = ckpt_dir(out_dir)
     try:
         steps = [step] if step is not None else sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True)
@@ -104,7 +110,7 @@ def peek_meta(out_dir: str, step: int | None = None) -> dict | None:
     for s in steps:
         try:
             with open(os.path.join(root, str(s), "meta", "metadata")) as f:
-                return json.load(f)
+                return s, json.load(f)
         except (OSError, ValueError):
             continue
     return None

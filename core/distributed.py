@@ -40,8 +40,6 @@ def agree(fn: Callable, failed: str = "could not read its inputs"):
     collective until the coordinator gives up on the lost one."""
     if jax.process_count() == 1:
         return fn()
-    from jax.experimental import multihost_utils
-
     result, error = None, None
     try:
         result = fn()
@@ -53,17 +51,55 @@ def agree(fn: Callable, failed: str = "could not read its inputs"):
         raw = text.encode("utf-8", "backslashreplace")[:_MESSAGE_BYTES]  # a path may hold undecodable bytes
     except Exception:  # noqa: BLE001 - a message that cannot be shown: its type still can
         raw = type(error).__name__.encode()
-    mine = np.zeros(_MESSAGE_BYTES + 1, np.uint8)  # [failed, up to _MESSAGE_BYTES of the message's UTF-8]
-    mine[0] = error is not None
-    mine[1:1 + len(raw)] = np.frombuffer(raw, np.uint8)
-    every = np.asarray(multihost_utils.process_allgather(mine))
+    every = _allgather(error is not None, raw)
     if error is not None:
         raise error
-    failing = [i for i in range(every.shape[0]) if every[i, 0]]
+    failing = [i for i, (failed_i, _) in enumerate(every) if failed_i]
     if failing:
-        text = bytes(every[failing[0], 1:]).rstrip(b"\0").decode(errors="ignore")
-        raise UserError(f"process {failing[0]} {failed}: {text}")
+        raise UserError(f"process {failing[0]} {failed}: {every[failing[0]][1]}")
     return result
+
+
+def _allgather(flag: bool, raw: bytes) -> list[tuple[bool, str]]:
+    """(flag, text) of every process, from this one's flag and up to _MESSAGE_BYTES of UTF-8."""
+    from jax.experimental import multihost_utils
+
+    mine = np.zeros(_MESSAGE_BYTES + 1, np.uint8)
+    mine[0] = flag
+    raw = raw[:_MESSAGE_BYTES]
+    mine[1:1 + len(raw)] = np.frombuffer(raw, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(mine))
+    return [(bool(row[0]), bytes(row[1:]).rstrip(b"\0").decode(errors="ignore")) for row in every]
+
+
+def digest(value) -> str:
+    """8 hex digits of a JSON value, its floats to 6 significant digits (hosts may round the last bits apart)."""
+    import hashlib
+    import json
+
+    def rounded(x):
+        if isinstance(x, float):
+            return float(f"{x:.6g}")
+        if isinstance(x, dict):
+            return {str(k): rounded(v) for k, v in x.items()}
+        return [rounded(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+    return hashlib.sha256(json.dumps(rounded(value), sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def check_same_inputs(read: dict[str, str]) -> None:
+    """UserError on every process if one read other inputs than process 0. `read`: per input (the data,
+    init_from, distill.teacher) the step and digest this process read; a host's stale or partial copy
+    (an older checkpoint, other labels) would otherwise train silently on a mix of the two."""
+    if jax.process_count() == 1:
+        return
+    names = sorted(read)
+    every = [text.split("\n") for _, text in _allgather(False, "\n".join(read[k] for k in names).encode())]
+    for i, theirs in enumerate(every[1:], start=1):
+        differ = [f"{k}: {a} against {b}" for k, a, b in zip(names, theirs, every[0]) if a != b]
+        if differ:
+            raise UserError(f"process {i} read other inputs than process 0 ({'; '.join(differ)}); give every "
+                            f"host the same copy of each (a stale copy holds other steps)")
 
 
 def check_shared_dir(out_dir: str) -> None:

@@ -71,9 +71,9 @@ def _check_model(cfg, src: str, src_meta: dict) -> None:
         raise UserError(f"init_from={src} was trained with model.pos_emb={src_pos}; pass model.pos_emb={src_pos}")
 
 
-def source_meta(cfg) -> dict:
-    """The meta of the run to start from (its config, tokenizer, labels): what the data inherits. Checked
-    first against this run's model, whose mismatch says more than the data's would.
+def source_meta(cfg) -> tuple[int, dict]:
+    """(step, meta) of the checkpoint to start from: its config, tokenizer, labels are what the data
+    inherits. Checked first against this run's model, whose mismatch says more than the data's would.
 
     Read from the checkpoint's files, not through Orbax, whose reads end in a barrier across processes:
     each process reads its own init_from before they agree that all could (core/distributed.agree)."""
@@ -82,7 +82,7 @@ def source_meta(cfg) -> dict:
         meta = checkpoint.peek_meta(src, s)
         if meta is not None:
             _check_model(cfg, src, meta)
-            return meta
+            return s, meta
     raise _none_readable(src, steps, tried)
 
 

@@ -129,7 +129,8 @@ def run(cfg) -> dict:
         own = cfg.resume and checkpoint.has_checkpoints(out_dir)
         # A run with checkpoints resumes them; a new one reads (and so checks) its source before writing.
         starting = cfg.init_from and not own
-        task, teachers = distributed.agree(partial(_read_inputs, cfg, out_dir, own, starting))
+        task, teachers, read = distributed.agree(partial(_read_inputs, cfg, out_dir, own, starting))
+        distributed.check_same_inputs(read)
         meta = {"config": OmegaConf.to_container(cfg, resolve=True), "task": task.name, "dims": task.dims,
                 **task.meta}
         mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -150,16 +151,26 @@ def run(cfg) -> dict:
 
 
 def _read_inputs(cfg, out_dir: str, own: bool, starting: bool):
-    """(the task with its data, the teachers' meta or None): what this process reads from its own paths."""
+    """(the task with its data, the teachers' meta or None, {input: the step and digest this process read}):
+    what this process reads from its own paths, and what the processes then compare."""
     # The data reads what the source gave (tokenizer, labels): from the source when starting, from
     # this run's own checkpoint when resuming a run that started from another.
-    inherited = init_from.source_meta(cfg) if starting else \
-        checkpoint.peek_meta(out_dir) if own and (cfg.init_from or cfg.data.get("tokenizer_from")) else None
-    teachers = distill.teacher_meta(cfg) if distill.enabled(cfg) else None  # read (and checked) once
+    read, inherited, teachers = {}, None, None
+    if starting:
+        step, inherited = init_from.source_meta(cfg)
+        read["init_from"] = f"step {step}, meta {distributed.digest(inherited)}"
+    elif own and (cfg.init_from or cfg.data.get("tokenizer_from")):
+        inherited = checkpoint.peek_meta(out_dir)
+    if distill.enabled(cfg):
+        teachers = distill.teacher_meta(cfg)  # read (and checked) once
+        found = [checkpoint.peek_step_meta(os.path.expanduser(p), cfg.distill.teacher_step) for p in distill.teachers(cfg)]
+        read["distill.teacher"] = ", ".join(f"step {s}, meta {distributed.digest(m)}" for s, m in found)
     inherited = inherited or teachers  # a student reads the teachers' tokens unless a source gave them
     if not own:  # a resumed run reads its own checkpoint's tokenizer, whatever became of the source
         inherited = init_from.with_tokenizer(cfg, inherited)
-    return tasks.load(cfg, inherited), teachers
+    task = tasks.load(cfg, inherited)
+    read["data"] = f"meta {distributed.digest([task.meta, task.dims, task.baseline])}"
+    return task, teachers, read
 
 
 def _start(cfg, built: Setup, task, meta: dict, mngr, stop, loaded) -> dict:

@@ -216,6 +216,29 @@ def test_processes_reading_their_own_copies_of_the_data_resume_exactly(two_proce
     assert errors[1] == [f"error: process 0 refused to resume: {errors[0][0][len('error: '):]}"], errors
 
 
+@pytest.mark.parametrize("key", ["init_from", "data.path"])
+def test_a_stale_copy_on_one_host_is_refused_on_every_process(key, two_process_run, tmp_path):
+    # Per-host copies of init_from or the data must hold what process 0's does, or the hosts would mix them
+    whole, args, _ = two_process_run
+    if key == "init_from":  # an older copy of the source run: its newest checkpoint is another step
+        copy = tmp_path / "stale"
+        shutil.copytree(whole, copy)
+        os.rename(copy / "checkpoints" / "16", copy / "checkpoints" / "8")
+        shared, says = [f"init_from={whole}"], "init_from: step 8, meta "
+    else:  # another version of the text: one character more in its (training part's) vocabulary
+        copy = tmp_path / "other.txt"
+        copy.write_text("\u00a7\n" + open(next(a.split("=", 1)[1] for a in args if a.startswith("data.path="))).read())
+        shared, says = [], "data: meta "
+    results = two_processes(*args, *shared, f"out_dir={tmp_path / 'run'}", harness=on_process_1(f"{key}={copy}"))
+    errors = [[line for line in err.splitlines() if line.startswith("error: ")] for _, err in results]
+    assert [rc for rc, _ in results] == [2, 2], results[0][1][-1500:] + results[1][1][-1500:]
+    assert errors[0] == errors[1] and len(errors[0]) == 1, errors
+    assert errors[0][0].startswith(f"error: process 1 read other inputs than process 0 ({says}"), errors
+    assert ("against step 16, meta " in errors[0][0]) == (key == "init_from"), errors
+    assert "Traceback" not in results[0][1] + results[1][1]
+    assert not (tmp_path / "run").exists()
+
+
 def test_init_from_on_some_processes_only_is_refused(two_process_run, tmp_path):
     whole, args, _ = two_process_run
     results = two_processes(*args, f"init_from={whole}", f"out_dir={tmp_path / 'run'}",
