@@ -6,6 +6,7 @@ built while the step runs, and metrics are fetched only at log steps. It stops c
 SIGTERM/SIGINT (checkpoint, exit 0) and on a non-finite loss (on_nan=stop), and never writes a
 checkpoint holding a NaN.
 """
+import contextlib
 import os
 import shlex
 import shutil
@@ -120,7 +121,10 @@ def run(cfg) -> dict:
     cfg.out_dir = out_dir = resolve_out_dir(cfg)
     if cfg.parallel == "pmap" and cfg.steps_per_call > 1:
         log(f"parallel=pmap: {cfg.steps_per_call} steps per call run as a lax.scan inside the pmapped step")
-    with RunLock(out_dir, enabled=jax.process_index() == 0):
+    with contextlib.ExitStack() as held:
+        # Process 0 alone holds the lock; the others learn of its refusal rather than wait for it
+        distributed.agree(lambda: held.enter_context(RunLock(out_dir, enabled=jax.process_index() == 0)),
+                          failed="could not lock out_dir")
         done = _finished_step(cfg, out_dir)
         if done is not None:
             log(f"run in {out_dir} is already at step {done} (steps={cfg.steps}); to train it further pass "

@@ -239,6 +239,18 @@ def test_a_stale_copy_on_one_host_is_refused_on_every_process(key, two_process_r
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_directory_in_use_stops_every_process_in_one_line(two_process_run, tmp_path):
+    from core.runlock import RunLock
+
+    _, args, _ = two_process_run
+    with RunLock(str(tmp_path / "run")):  # process 0 alone takes the lock: the others must hear of its refusal
+        results = two_processes(*args, f"out_dir={tmp_path / 'run'}")
+    errors = [[line for line in err.splitlines() if line.startswith("error: ")] for _, err in results]
+    assert [rc for rc, _ in results] == [2, 2], results[0][1][-1500:] + results[1][1][-1500:]
+    assert f"is in use by pid {os.getpid()} on " in errors[0][0], errors
+    assert errors[1] == [f"error: process 0 could not lock out_dir: {errors[0][0][len('error: '):]}"], errors
+
+
 def test_init_from_on_some_processes_only_is_refused(two_process_run, tmp_path):
     whole, args, _ = two_process_run
     results = two_processes(*args, f"init_from={whole}", f"out_dir={tmp_path / 'run'}",
