@@ -11,6 +11,7 @@ from core import runtime
 if __name__ == "__main__":
     runtime.configure()  # before JAX is imported: core/runtime.py
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -30,9 +31,12 @@ SKIPPED_JOBS: list[str] = []
 
 
 def _record_failure(out_dir: str, message: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "FAILED"), "w") as f:
-        f.write(message)
+    import jax
+
+    if jax.process_index() == 0:  # one writer, as for everything else in the run's directory
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "FAILED"), "w") as f:
+            f.write(message)
     FAILED_JOBS.append(out_dir)
     print(f"job failed ({message.strip().splitlines()[-1]}); recorded in {out_dir}/FAILED", file=sys.stderr)
 
@@ -117,7 +121,7 @@ def main(cfg) -> float | None:
     print(f"sweep job {HydraConfig.get().job.num}: {' '.join(HydraConfig.get().overrides.task)} -> {out_dir}",
           file=sys.stderr)
     try:
-        if os.path.exists(os.path.join(out_dir, "FAILED")):
+        with contextlib.suppress(FileNotFoundError):  # every process of a multi-host job tries
             os.remove(os.path.join(out_dir, "FAILED"))  # this attempt decides anew
         result = run(cfg)
     except RunLocked as e:  # another process is running this job: leave its directory alone

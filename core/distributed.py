@@ -33,8 +33,9 @@ def initialize(cfg) -> None:
 _MESSAGE_BYTES = 1024
 
 
-def agree(fn: Callable, failed: str = "could not read its inputs"):
-    """fn() on every process, and a failure on any raised on all of them as `process I {failed}: ...`.
+def agree(fn: Callable, failed: str = "could not read its inputs", failed_as: type = UserError):
+    """fn() on every process, and a failure on any raised on all of them as `process I {failed}: ...`
+    (a `failed_as` on the others: RunLocked, which a sweep skips rather than records).
     What a process reads from its own paths (data.path, init_from, distill.teacher), or judges of them
     on resume, can fail on one host only, which would otherwise leave the others waiting in the next
     collective until the coordinator gives up on the lost one."""
@@ -56,7 +57,7 @@ def agree(fn: Callable, failed: str = "could not read its inputs"):
         raise error
     failing = [i for i, (failed_i, _) in enumerate(every) if failed_i]
     if failing:
-        raise UserError(f"process {failing[0]} {failed}: {every[failing[0]][1]}")
+        raise failed_as(f"process {failing[0]} {failed}: {every[failing[0]][1]}")
     return result
 
 

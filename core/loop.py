@@ -24,7 +24,7 @@ from core import checkpoint, config, distill, distributed, init_from, mesh as me
 from core.metrics import MetricsLog
 from core.preempt import StopRequests
 from core.cli import shell_arg
-from core.runlock import RunLock
+from core.runlock import RunLock, RunLocked
 from core.state import Setup, setup
 from core.step import first
 from errors import Diverged, UserError
@@ -124,7 +124,7 @@ def run(cfg) -> dict:
     with contextlib.ExitStack() as held:
         # Process 0 alone holds the lock; the others learn of its refusal rather than wait for it
         distributed.agree(lambda: held.enter_context(RunLock(out_dir, enabled=jax.process_index() == 0)),
-                          failed="could not lock out_dir")
+                          failed="could not lock out_dir", failed_as=RunLocked)
         done = _finished_step(cfg, out_dir)
         if done is not None:
             log(f"run in {out_dir} is already at step {done} (steps={cfg.steps}); to train it further pass "

@@ -251,6 +251,20 @@ def test_a_run_directory_in_use_stops_every_process_in_one_line(two_process_run,
     assert errors[1] == [f"error: process 0 could not lock out_dir: {errors[0][0][len('error: '):]}"], errors
 
 
+def test_a_two_process_sweep_skips_a_held_job_on_every_process(text_file, tmp_path):
+    from core.runlock import RunLock
+
+    root = tmp_path / "sweep"
+    with RunLock(str(root / "seed=1,steps=4")):
+        results = two_processes("-m", "+experiment=debug", f"data.path={text_file}", "steps=4", "seed=0,1",
+                                f"hydra.sweep.dir={root}")
+    assert [rc for rc, _ in results] == [1, 1], results[0][1][-1500:] + results[1][1][-1500:]
+    assert "is in use by pid" in results[0][1] and "process 0 could not lock out_dir" in results[1][1]
+    assert all("1 sweep job(s) skipped" in err and "failed" not in err for _, err in results)
+    assert os.path.isdir(root / "seed=0,steps=4" / "checkpoints" / "4")
+    assert not os.path.exists(root / "seed=1,steps=4" / "FAILED")
+
+
 def test_init_from_on_some_processes_only_is_refused(two_process_run, tmp_path):
     whole, args, _ = two_process_run
     results = two_processes(*args, f"init_from={whole}", f"out_dir={tmp_path / 'run'}",
