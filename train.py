@@ -30,10 +30,10 @@ FAILED_JOBS: list[str] = []
 SKIPPED_JOBS: list[str] = []
 
 
-def _record_failure(out_dir: str, message: str) -> None:
-    import jax
+def _record_failure(cfg, out_dir: str, message: str) -> None:
+    from core.distributed import writes_job_files
 
-    if jax.process_index() == 0:  # one writer, as for everything else in the run's directory
+    if writes_job_files(cfg.distributed):  # process 0, as for everything else in the run's directory
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "FAILED"), "w") as f:
             f.write(message)
@@ -103,6 +103,7 @@ def sweep_job_dir() -> str:
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg) -> float | None:
     from core.compress import refuse_training
+    from core.distributed import writes_job_files
     from core.loop import resolve_out_dir, run  # after Hydra parsed argv: `--help` and compose errors stay fast
     from core.runlock import RunLocked
 
@@ -121,16 +122,17 @@ def main(cfg) -> float | None:
     print(f"sweep job {HydraConfig.get().job.num}: {' '.join(HydraConfig.get().overrides.task)} -> {out_dir}",
           file=sys.stderr)
     try:
-        with contextlib.suppress(FileNotFoundError):  # every process of a multi-host job tries
-            os.remove(os.path.join(out_dir, "FAILED"))  # this attempt decides anew
+        if writes_job_files(cfg.distributed):  # a lagging process must not remove what process 0 wrote
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, "FAILED"))  # this attempt decides anew
         result = run(cfg)
     except RunLocked as e:  # another process is running this job: leave its directory alone
         SKIPPED_JOBS.append(out_dir)
         print(f"job skipped: {e}", file=sys.stderr)
     except UserError as e:
-        _record_failure(out_dir, f"error: {e}\n")
+        _record_failure(cfg, out_dir, f"error: {e}\n")
     except Exception:  # noqa: BLE001 - one job's crash must not end the sweep
-        _record_failure(out_dir, traceback.format_exc())
+        _record_failure(cfg, out_dir, traceback.format_exc())
     else:
         if result["stopped_by"]:  # SIGTERM/Ctrl-C stops the whole sweep, not just this job
             print(f"sweep stopped by {result['stopped_by']}; rerun the same command to resume it", file=sys.stderr)

@@ -13,8 +13,12 @@ import numpy as np
 from errors import UserError, first_line
 
 
+_joined = False  # this process's jax.distributed.initialize succeeded
+
+
 def initialize(cfg) -> None:
     """Start the runtime once per process (a Hydra multirun calls this for every job)."""
+    global _joined
     if not cfg.enabled or jax.distributed.is_initialized():
         return
     explicit = {"coordinator_address": cfg.coordinator, "num_processes": cfg.num_processes,
@@ -28,6 +32,15 @@ def initialize(cfg) -> None:
     except (RuntimeError, ValueError) as e:
         raise UserError(f"jax.distributed.initialize failed ({first_line(e)}); check distributed.coordinator and that "
                         f"every process was started with the same command") from None
+    _joined = True
+
+
+def writes_job_files(cfg) -> bool:
+    """Whether this process writes what a sweep job's processes share (process 0 does), told without
+    starting a JAX backend: one started before jax.distributed.initialize keeps later jobs from joining."""
+    if _joined:
+        return jax.process_index() == 0
+    return not cfg.enabled or cfg.process_id in (None, 0)
 
 
 _MESSAGE_BYTES = 1024
@@ -52,16 +65,18 @@ def agree(fn: Callable, failed: str = "could not read its inputs", failed_as: ty
         raw = text.encode("utf-8", "backslashreplace")[:_MESSAGE_BYTES]  # a path may hold undecodable bytes
     except Exception:  # noqa: BLE001 - a message that cannot be shown: its type still can
         raw = type(error).__name__.encode()
-    every = _allgather(error is not None, raw)
+    # flag 2: a failed_as, which the others raise as such (a held lock: skipped); 1: any other failure
+    every = _allgather(0 if error is None else 2 if isinstance(error, failed_as) else 1, raw)
     if error is not None:
         raise error
-    failing = [i for i, (failed_i, _) in enumerate(every) if failed_i]
+    failing = [i for i, (flag, _) in enumerate(every) if flag]
     if failing:
-        raise failed_as(f"process {failing[0]} {failed}: {every[failing[0]][1]}")
+        flag, text = every[failing[0]]
+        raise (failed_as if flag == 2 else UserError)(f"process {failing[0]} {failed}: {text}")
     return result
 
 
-def _allgather(flag: bool, raw: bytes) -> list[tuple[bool, str]]:
+def _allgather(flag: int, raw: bytes) -> list[tuple[int, str]]:
     """(flag, text) of every process, from this one's flag and up to _MESSAGE_BYTES of UTF-8."""
     from jax.experimental import multihost_utils
 
@@ -70,7 +85,7 @@ def _allgather(flag: bool, raw: bytes) -> list[tuple[bool, str]]:
     raw = raw[:_MESSAGE_BYTES]
     mine[1:1 + len(raw)] = np.frombuffer(raw, np.uint8)
     every = np.asarray(multihost_utils.process_allgather(mine))
-    return [(bool(row[0]), bytes(row[1:]).rstrip(b"\0").decode(errors="ignore")) for row in every]
+    return [(int(row[0]), bytes(row[1:]).rstrip(b"\0").decode(errors="ignore")) for row in every]
 
 
 def digest(value) -> str:
@@ -79,8 +94,8 @@ def digest(value) -> str:
     import json
 
     def rounded(x):
-        if isinstance(x, float):
-            return float(f"{x:.6g}")
+        if isinstance(x, float):  # near 0 (a fit's residual) only the rounding error is left: 0
+            return float(f"{x:.6g}") if abs(x) > 1e-9 else 0.0
         if isinstance(x, dict):
             return {str(k): rounded(v) for k, v in x.items()}
         return [rounded(v) for v in x] if isinstance(x, (list, tuple)) else x
@@ -95,7 +110,7 @@ def check_same_inputs(read: dict[str, str]) -> None:
     if jax.process_count() == 1:
         return
     names = sorted(read)
-    every = [text.split("\n") for _, text in _allgather(False, "\n".join(read[k] for k in names).encode())]
+    every = [text.split("\n") for _, text in _allgather(0, "\n".join(read[k] for k in names).encode())]
     for i, theirs in enumerate(every[1:], start=1):
         differ = [f"{k}: {a} against {b}" for k, a, b in zip(names, theirs, every[0]) if a != b]
         if differ:

@@ -167,13 +167,15 @@ def _read_inputs(cfg, out_dir: str, own: bool, starting: bool):
         inherited = checkpoint.peek_meta(out_dir)
     if distill.enabled(cfg):
         teachers = distill.teacher_meta(cfg)  # read (and checked) once
-        found = [checkpoint.peek_step_meta(os.path.expanduser(p), cfg.distill.teacher_step) for p in distill.teachers(cfg)]
-        read["distill.teacher"] = ", ".join(f"step {s}, meta {distributed.digest(m)}" for s, m in found)
+        found = [checkpoint.peek_step_meta(os.path.expanduser(p), cfg.distill.teacher_step)
+                 for p in distill.teachers(cfg)]  # read above, unless a teacher changed since: then "None"
+        read["distill.teacher"] = (f"steps {[f and f[0] for f in found]}, "
+                                   f"meta {distributed.digest([f and f[1] for f in found])}")
     inherited = inherited or teachers  # a student reads the teachers' tokens unless a source gave them
     if not own:  # a resumed run reads its own checkpoint's tokenizer, whatever became of the source
         inherited = init_from.with_tokenizer(cfg, inherited)
     task = tasks.load(cfg, inherited)
-    read["data"] = f"meta {distributed.digest([task.meta, task.dims, task.baseline])}"
+    read["data"] = f"meta {distributed.digest([task.meta, task.dims, task.baseline, task.extent])}"
     return task, teachers, read
 
 

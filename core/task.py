@@ -3,10 +3,12 @@
 `task=` picks the loss and metrics (tasks/), `data=` the source (data/); config.check has already
 made sure the task can read what the source provides. The loop sees only this `Task`.
 """
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
 import jax
+import numpy as np
 
 import tasks
 from core import mesh as mesh_lib
@@ -26,6 +28,7 @@ class Task:
     summary: str  # one line for the log
     finish: Callable = lambda val, meta: val  # validation means -> the logged metrics (e.g. in target units)
     baseline: dict = None  # a reference model's validation metrics, logged once at the start (baseline_*)
+    extent: dict = None  # per split: its length and a hash of its ends (hosts' copies of the data compared)
 
 
 def validate(task: Task, runner, state, meta: dict) -> dict:
@@ -63,7 +66,20 @@ def load(cfg, inherited: dict | None = None) -> Task:
     baseline = getattr(source, "baseline", None)
     if baseline and hasattr(task, "BASELINES"):  # a masked LM's data may hold labels it never predicts
         baseline = {k: v for k, v in baseline.items() if k in task.BASELINES}
-    return Task(cfg.task.name, task.loss, dims, source.meta, feed, unit, source.summary, finish, baseline)
+    return Task(cfg.task.name, task.loss, dims, source.meta, feed, unit, source.summary, finish, baseline,
+                _extent(source))
+
+
+def _extent(source) -> dict:
+    """Each split's length and a hash of its first and last rows: cheap even memmapped, and what tells a
+    host's stale or partial copy of the data from process 0's."""
+    out = {}
+    for name in ("train_T", "val_T", "x_train", "x_val"):
+        a = getattr(source, name, None)
+        if isinstance(a, np.ndarray) and len(a):
+            ends = np.concatenate([np.ravel(a[:64]), np.ravel(a[-64:])])
+            out[name] = [len(a), hashlib.sha256(ends.tobytes()).hexdigest()[:8]]
+    return out
 
 
 # The output a task's loss reads, from a batch's targets y: one score per class or token, or y's own shape.

@@ -225,9 +225,10 @@ def test_a_stale_copy_on_one_host_is_refused_on_every_process(key, two_process_r
         shutil.copytree(whole, copy)
         os.rename(copy / "checkpoints" / "16", copy / "checkpoints" / "8")
         shared, says = [f"init_from={whole}"], "init_from: step 8, meta "
-    else:  # another version of the text: one character more in its (training part's) vocabulary
+    else:  # another version of the text, with the same characters: a line more at its start
         copy = tmp_path / "other.txt"
-        copy.write_text("\u00a7\n" + open(next(a.split("=", 1)[1] for a in args if a.startswith("data.path="))).read())
+        text = open(next(a.split("=", 1)[1] for a in args if a.startswith("data.path="))).read()
+        copy.write_text(text.splitlines(keepends=True)[0] + text)
         shared, says = [], "data: meta "
     results = two_processes(*args, *shared, f"out_dir={tmp_path / 'run'}", harness=on_process_1(f"{key}={copy}"))
     errors = [[line for line in err.splitlines() if line.startswith("error: ")] for _, err in results]
@@ -260,9 +261,20 @@ def test_a_two_process_sweep_skips_a_held_job_on_every_process(text_file, tmp_pa
                                 f"hydra.sweep.dir={root}")
     assert [rc for rc, _ in results] == [1, 1], results[0][1][-1500:] + results[1][1][-1500:]
     assert "is in use by pid" in results[0][1] and "process 0 could not lock out_dir" in results[1][1]
-    assert all("1 sweep job(s) skipped" in err and "failed" not in err for _, err in results)
+    assert all("1 sweep job(s) skipped" in err and "sweep job(s) failed" not in err for _, err in results)
     assert os.path.isdir(root / "seed=0,steps=4" / "checkpoints" / "4")
     assert not os.path.exists(root / "seed=1,steps=4" / "FAILED")
+
+
+def test_a_two_process_sweep_goes_on_after_a_job_with_a_bad_value(text_file, tmp_path):
+    # The first job fails before the processes join the runtime; recording it must not start a local
+    # backend, which would keep the next job from joining
+    root = tmp_path / "sweep"
+    results = two_processes("-m", "+experiment=debug", f"data.path={text_file}", "steps=0,4", f"hydra.sweep.dir={root}")
+    assert [rc for rc, _ in results] == [1, 1], results[0][1][-1500:] + results[1][1][-1500:]
+    assert all("1 sweep job(s) failed" in err and "Traceback" not in err for _, err in results)
+    assert "steps=0 must be a positive integer" in (root / "steps=0" / "FAILED").read_text()
+    assert os.path.isdir(root / "steps=4" / "checkpoints" / "4")
 
 
 def test_init_from_on_some_processes_only_is_refused(two_process_run, tmp_path):
