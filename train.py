@@ -33,12 +33,16 @@ SKIPPED_JOBS: list[str] = []
 def _record_failure(cfg, out_dir: str, message: str) -> None:
     from core.distributed import writes_job_files
 
+    where = f"recorded in {out_dir}/FAILED"
     if writes_job_files(cfg.distributed):  # process 0, as for everything else in the run's directory
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "FAILED"), "w") as f:
-            f.write(message)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "FAILED"), "w") as f:
+                f.write(message)
+        except OSError as e:  # an unwritable out_dir may be why the job failed: the sweep goes on
+            where = f"not recorded: {out_dir} is not writable ({e.strerror})"
     FAILED_JOBS.append(out_dir)
-    print(f"job failed ({message.strip().splitlines()[-1]}); recorded in {out_dir}/FAILED", file=sys.stderr)
+    print(f"job failed ({message.strip().splitlines()[-1]}); {where}", file=sys.stderr)
 
 
 def default_out_dir(cfg) -> str:
@@ -123,7 +127,7 @@ def main(cfg) -> float | None:
           file=sys.stderr)
     try:
         if writes_job_files(cfg.distributed):  # a lagging process must not remove what process 0 wrote
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # unremovable: the job goes on like the other processes
                 os.remove(os.path.join(out_dir, "FAILED"))  # this attempt decides anew
         result = run(cfg)
     except RunLocked as e:  # another process is running this job: leave its directory alone

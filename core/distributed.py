@@ -95,7 +95,7 @@ def digest(value) -> str:
 
     def rounded(x):
         if isinstance(x, float):  # near 0 (a fit's residual) only the rounding error is left: 0
-            return float(f"{x:.6g}") if abs(x) > 1e-9 else 0.0
+            return 0.0 if abs(x) <= 1e-9 else float(f"{x:.6g}")  # NaN: kept, as "NaN"
         if isinstance(x, dict):
             return {str(k): rounded(v) for k, v in x.items()}
         return [rounded(v) for v in x] if isinstance(x, (list, tuple)) else x

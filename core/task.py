@@ -74,7 +74,7 @@ def _extent(source) -> dict:
     """Each split's length and a hash of its first and last rows: cheap even memmapped, and what tells a
     host's stale or partial copy of the data from process 0's."""
     out = {}
-    for name in ("train_T", "val_T", "x_train", "x_val"):
+    for name in ("train_T", "val_T", "x_train", "y_train", "x_val", "y_val"):
         a = getattr(source, name, None)
         if isinstance(a, np.ndarray) and len(a):
             ends = np.concatenate([np.ravel(a[:64]), np.ravel(a[-64:])])
