@@ -92,36 +92,42 @@ def check(cfg, task: str, source_input: str) -> None:
                         f"trains task={task} on {source_input}: drop distill.augment")
 
 
-def _meta(cfg, path: str) -> dict:
+def _meta(cfg, path: str) -> tuple[int, dict]:
+    """(step, meta) of the teacher's checkpoint (distill.teacher_step, else its newest)."""
     src = os.path.abspath(os.path.expanduser(path))
-    meta = checkpoint.peek_meta(src, cfg.distill.teacher_step) if os.path.isdir(checkpoint.ckpt_dir(src)) else None
-    if meta is None:
+    found = None if not os.path.isdir(checkpoint.ckpt_dir(src)) else \
+        checkpoint.peek_step_meta(src, cfg.distill.teacher_step)
+    if found is None:
         raise UserError(f"distill.teacher={src} holds no checkpoint"
                         + (f" at step {cfg.distill.teacher_step}" if cfg.distill.teacher_step is not None else "")
                         + "; pass the directory of a trained run")
+    meta = found[1]
     # The task first, before the data reads the teacher's vocabulary: the likelier mistake.
     if meta.get("task", "lm") != cfg.task.name:
         raise UserError(f"distill.teacher={path} was trained for task={meta.get('task', 'lm')}; "
                         f"this run trains task={cfg.task.name}: distil from a run of the same task")
-    return meta
+    return found
 
 
-def teacher_meta(cfg) -> dict:
-    """The first teacher's checkpoint meta (its data's vocabulary, tokenizer and labels, which the student's
-    data reads); UserError for a teacher without one, or an ensemble whose runs read other tokens or classes."""
+def teacher_meta(cfg) -> tuple[dict, list[tuple[int, dict]]]:
+    """(the first teacher's checkpoint meta: its data's vocabulary, tokenizer and labels, which the student's
+    data reads; (step, meta) of every teacher, which the processes compare); UserError for a teacher
+    without one, or an ensemble whose runs read other tokens or classes."""
     first, *others = teachers(cfg)
-    meta = _meta(cfg, first)
+    found = [_meta(cfg, first)]
+    meta = found[0][1]
     # The student's data is built from the first teacher's meta, and every teacher reads its batches:
     # all of what the data contributed (tokenizer, labels, features and scaling, image statistics) must agree.
     inputs = lambda m: {k: v for k, v in m.items() if k not in ("config", "compression")}  # noqa: E731
     want = inputs(meta)
     for path in others:
-        other = inputs(_meta(cfg, path))
+        found.append(_meta(cfg, path))
+        other = inputs(found[-1][1])
         differ = sorted(k for k in want.keys() | other.keys() if want.get(k) != other.get(k))
         if differ:
             raise UserError(f"distill.teacher: {path} was trained on other data than {first} ({', '.join(differ)}); "
                             f"an ensemble's teachers must read the same inputs and predict the same classes")
-    return meta
+    return meta, found
 
 
 def check_match(cfg, teacher: dict, student: dict) -> None:
@@ -176,7 +182,7 @@ def distill_loss(outputs: Callable, alpha: float, temperature: float, augment: f
 
 
 def load(cfg, mesh, task_module, teachers_meta: dict | None, student_meta: dict, task: str, log) -> Teacher | None:
-    """The runs' Teacher, restored onto `mesh`; None without distillation. teachers_meta: teacher_meta's."""
+    """The runs' Teacher, restored onto `mesh`; None without distillation. teachers_meta: teacher_meta's first."""
     if not enabled(cfg):
         return None
     from core.state import load_run

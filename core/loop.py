@@ -166,11 +166,8 @@ def _read_inputs(cfg, out_dir: str, own: bool, starting: bool):
     elif own and (cfg.init_from or cfg.data.get("tokenizer_from")):
         inherited = checkpoint.peek_meta(out_dir)
     if distill.enabled(cfg):
-        teachers = distill.teacher_meta(cfg)  # read (and checked) once
-        found = [checkpoint.peek_step_meta(os.path.expanduser(p), cfg.distill.teacher_step)
-                 for p in distill.teachers(cfg)]  # read above, unless a teacher changed since: then "None"
-        read["distill.teacher"] = (f"steps {[f and f[0] for f in found]}, "
-                                   f"meta {distributed.digest([f and f[1] for f in found])}")
+        teachers, found = distill.teacher_meta(cfg)  # read (and checked) once
+        read["distill.teacher"] = f"steps {[s for s, _ in found]}, meta {distributed.digest([m for _, m in found])}"
     inherited = inherited or teachers  # a student reads the teachers' tokens unless a source gave them
     if not own:  # a resumed run reads its own checkpoint's tokenizer, whatever became of the source
         inherited = init_from.with_tokenizer(cfg, inherited)
