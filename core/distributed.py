@@ -88,6 +88,15 @@ def _allgather(flag: int, raw: bytes) -> list[tuple[int, str]]:
     return [(int(row[0]), bytes(row[1:]).rstrip(b"\0").decode(errors="ignore")) for row in every]
 
 
+def from_process_0(value: int) -> int:
+    """Process 0's `value` on every process (an int32)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
 def digest(value) -> str:
     """8 hex digits of a JSON value, its floats to 6 significant digits (hosts may round the last bits apart)."""
     import hashlib

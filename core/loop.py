@@ -88,22 +88,27 @@ def _prepare_out_dir(out_dir: str, fresh: bool) -> None:
         raise UserError(f"cannot write to out_dir={out_dir} ({e.strerror}); choose a writable out_dir=") from None
 
 
+def _finished(cfg, out_dir: str):
+    """(step, saved config) of a run that already reached `steps`, else None. Plain file reads: orbax's
+    checkpoint manager is a collective to create, and process 0 judges alone."""
+    found = checkpoint.peek_step_meta(out_dir) if cfg.resume else None
+    step, meta = found or (None, None)
+    saved = meta.get("config") if isinstance(meta, dict) else None
+    if step is None or step < cfg.steps or not isinstance(saved, dict):
+        return None  # a damaged checkpoint too: the full restore path reports it
+    return step, saved
+
+
 def _finished_step(cfg, out_dir: str):
-    """The step of a run that already reached `steps` (checked before any data is loaded), else None."""
-    if not cfg.resume or not os.path.isdir(checkpoint.ckpt_dir(out_dir)):
+    """The step of a run that already reached `steps` (checked before any data is loaded), else None.
+    Process 0, which wrote the checkpoints, decides for every process: a host whose read failed would
+    otherwise go on alone and wait for the others in the next collective."""
+    found = _finished(cfg, out_dir) if jax.process_index() == 0 else None
+    step = distributed.from_process_0(-1 if found is None else found[0])
+    if step < 0:
         return None
-    mngr = checkpoint.manager(out_dir, read_only=True)
-    try:
-        step = mngr.latest_step()
-        if step is None or step < cfg.steps:
-            return None
-        saved = checkpoint.read_meta(mngr, step)["config"]
-    except Exception:  # noqa: BLE001 - a damaged checkpoint: the full restore path reports it
-        return None
-    finally:
-        mngr.close()
-    distributed.agree(partial(_refuse_harmful_changes, saved, OmegaConf.to_container(cfg, resolve=True)),
-                      "refused to resume")
+    judge = partial(_refuse_harmful_changes, found[1], OmegaConf.to_container(cfg, resolve=True)) if found else list
+    distributed.agree(judge, "refused to resume")
     return step
 
 
@@ -142,7 +147,7 @@ def run(cfg) -> dict:
         built = setup(cfg, task.dims, task.loss_fn, mesh, teacher)
         tasks.check_outputs(task, built.spec, cfg.model.family)
         loaded = init_from.load(cfg, built.spec, built.mesh, meta, log) if starting else None
-        _prepare_out_dir(out_dir, fresh=not cfg.resume)
+        distributed.agree(partial(_prepare_out_dir, out_dir, fresh=not cfg.resume), failed="could not write out_dir")
         distributed.check_shared_dir(out_dir)
         # Signals are held from here to the last committed save: a stop request is a flag, never an
         # interrupted write.

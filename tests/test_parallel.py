@@ -344,3 +344,36 @@ def test_pmap_computes_batch_norm_statistics_over_the_global_batch_as_jit_does(t
     for name, extra in {"jit": ["mesh.data=8"], "pmap": ["mesh.data=8", "parallel=pmap"]}.items():
         run(compose(base + extra + [f"out_dir={tmp_path / name}"]))
     np.testing.assert_allclose(losses(tmp_path / "pmap"), losses(tmp_path / "jit"), atol=1e-5, rtol=0)
+
+
+# Process 1's reads of out_dir's checkpoints fail (a disk error on one host)
+FAILING_CHECKPOINT_READ_ON_PROCESS_1 = """
+import sys
+sys.argv = sys.argv[1:]
+if "distributed.process_id=1" in sys.argv:
+    from core import checkpoint
+    def failing(*a, **k):
+        raise OSError(5, "Input/output error")
+    checkpoint.manager = checkpoint.read_meta = failing
+exec(open("train.py").read())
+"""
+
+
+def test_a_finished_run_is_finished_on_every_process_whatever_one_host_reads(two_process_run):
+    # Process 0, which wrote the checkpoints, decides: a host left to its own failed read would go on alone
+    whole, args, _ = two_process_run
+    results = two_processes(*args, f"out_dir={whole}", harness=FAILING_CHECKPOINT_READ_ON_PROCESS_1)
+    assert [rc for rc, _ in results] == [0, 0], results[0][1][-1500:] + results[1][1][-1500:]
+    assert f"run in {whole} is already at step 16" in results[0][1]  # (only process 0 logs)
+    assert "Traceback" not in results[1][1] and "error" not in results[1][1].lower()
+
+
+def test_an_out_dir_only_process_0_cannot_write_stops_every_process_in_one_line(two_process_run, tmp_path):
+    _, args, _ = two_process_run
+    (tmp_path / "run" / ".write_probe").mkdir(parents=True)  # process 0's proof of a writable out_dir fails
+    results = two_processes(*args, f"out_dir={tmp_path / 'run'}")
+    errors = [[line for line in err.splitlines() if line.startswith("error: ")] for _, err in results]
+    assert [rc for rc, _ in results] == [2, 2], results[0][1][-1500:] + results[1][1][-1500:]
+    assert errors[0][0].startswith(f"error: cannot write to out_dir={tmp_path / 'run'} "), errors
+    assert errors[1] == [f"error: process 0 could not write out_dir: {errors[0][0][len('error: '):]}"], errors
+    assert not {"checkpoints", "metrics.jsonl", "config.yaml"} & set(os.listdir(tmp_path / "run"))
