@@ -100,14 +100,18 @@ def peek_meta(out_dir: str, step: int | None = None) -> dict | None:
     return None if found is None else found[1]
 
 
+def steps_on_disk(out_dir: str) -> list[int]:
+    """The steps of out_dir's checkpoint directories, newest first ([] where none can be listed)."""
+    try:
+        return sorted((int(d) for d in os.listdir(ckpt_dir(out_dir)) if d.isascii() and d.isdigit()), reverse=True)
+    except OSError:
+        return []
+
+
 def peek_step_meta(out_dir: str, step: int | None = None) -> tuple[int, dict] | None:
     """(step, meta) of the newest checkpoint whose meta file reads (or of `step`); None where none does."""
     root = ckpt_dir(out_dir)
-    try:
-        steps = [step] if step is not None else sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True)
-    except OSError:
-        return None
-    for s in steps:
+    for s in [step] if step is not None else steps_on_disk(out_dir):
         try:
             with open(os.path.join(root, str(s), "meta", "metadata")) as f:
                 return s, json.load(f)

@@ -89,13 +89,13 @@ def _prepare_out_dir(out_dir: str, fresh: bool) -> None:
 
 
 def _finished(cfg, out_dir: str):
-    """(step, saved config) of a run that already reached `steps`, else None. Plain file reads: orbax's
-    checkpoint manager is a collective to create, and process 0 judges alone."""
-    found = checkpoint.peek_step_meta(out_dir) if cfg.resume else None
-    step, meta = found or (None, None)
+    """(step, saved config) of a run whose newest checkpoint reached `steps`, else None. Plain file reads:
+    orbax's checkpoint manager is a collective to create, and process 0 judges alone."""
+    steps = checkpoint.steps_on_disk(out_dir) if cfg.resume else []
+    step, meta = (steps and checkpoint.peek_step_meta(out_dir, steps[0])) or (None, None)
     saved = meta.get("config") if isinstance(meta, dict) else None
     if step is None or step < cfg.steps or not isinstance(saved, dict):
-        return None  # a damaged checkpoint too: the full restore path reports it
+        return None  # an unreadable newest checkpoint too: the full restore path reports it and sets it aside
     return step, saved
 
 

@@ -174,3 +174,15 @@ def test_a_run_saved_before_a_key_existed_resumes_while_the_key_keeps_its_defaul
     assert harmful == [] and {"prune.sparsity", "distill.alpha", "model.quant"} <= set(harmless)
     pruning = OmegaConf.to_container(compose(TINY + ["prune.sparsity=0.5"]), resolve=True)
     assert config.diff(saved, pruning)[0] == ["prune.sparsity"]  # not what the old run did: refused
+
+
+def test_a_finished_run_with_an_unreadable_newest_checkpoint_sets_it_aside(tmp_path, text_file):
+    # The finished-run check reads only the newest checkpoint's meta; unreadable, the restore path judges
+    out = str(tmp_path / "run")
+    base = TINY + [f"data.path={text_file}", f"out_dir={out}", "ckpt_every=10", "eval_every=10"]
+    run(compose(base + ["steps=20"]))
+    with open(os.path.join(out, "checkpoints", "20", "meta", "metadata"), "w") as f:
+        f.write("{not json")
+    assert run(compose(base + ["steps=10"]))["step"] == 10
+    assert os.listdir(os.path.join(out, "unreadable_checkpoints"))
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["10"]
