@@ -113,8 +113,12 @@ def _finished_step(cfg, out_dir: str):
 
 
 def _last_val_loss(out_dir: str):
-    path = os.path.join(out_dir, "metrics.jsonl")
-    rows = [r for r in metrics.read(path) if "val_loss" in r] if os.path.exists(path) else []
+    """The last val_loss of metrics.jsonl, None where it holds none or cannot be read (a garbled line, a
+    host's failed read): a finished run's summary, never a reason for the run to fail."""
+    try:
+        rows = [r for r in metrics.read(os.path.join(out_dir, "metrics.jsonl")) if "val_loss" in r]
+    except (OSError, ValueError):
+        return None
     return rows[-1]["val_loss"] if rows else None
 
 

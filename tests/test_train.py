@@ -186,3 +186,12 @@ def test_a_finished_run_with_an_unreadable_newest_checkpoint_sets_it_aside(tmp_p
     assert run(compose(base + ["steps=10"]))["step"] == 10
     assert os.listdir(os.path.join(out, "unreadable_checkpoints"))
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["10"]
+
+
+def test_a_finished_run_returns_without_its_val_loss_when_metrics_cannot_be_read(tmp_path, text_file):
+    out = str(tmp_path / "run")
+    base = TINY + [f"data.path={text_file}", f"out_dir={out}", "steps=10", "eval_every=10"]
+    assert run(compose(base))["val_loss"] is not None
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 1')  # a line cut short (a full disk)
+    assert run(compose(base)) == {"out_dir": out, "step": 10, "val_loss": None, "stopped_by": None}
