@@ -95,8 +95,7 @@ def check(cfg, task: str, source_input: str) -> None:
 def _meta(cfg, path: str) -> tuple[int, dict]:
     """(step, meta) of the teacher's checkpoint (distill.teacher_step, else its newest)."""
     src = os.path.abspath(os.path.expanduser(path))
-    found = None if not os.path.isdir(checkpoint.ckpt_dir(src)) else \
-        checkpoint.peek_step_meta(src, cfg.distill.teacher_step)
+    found = checkpoint.peek_step_meta(src, cfg.distill.teacher_step)
     if found is None:
         raise UserError(f"distill.teacher={src} holds no checkpoint"
                         + (f" at step {cfg.distill.teacher_step}" if cfg.distill.teacher_step is not None else "")
@@ -113,19 +112,18 @@ def teacher_meta(cfg) -> tuple[dict, list[tuple[int, dict]]]:
     """(the first teacher's checkpoint meta: its data's vocabulary, tokenizer and labels, which the student's
     data reads; (step, meta) of every teacher, which the processes compare); UserError for a teacher
     without one, or an ensemble whose runs read other tokens or classes."""
-    first, *others = teachers(cfg)
-    found = [_meta(cfg, first)]
+    paths = teachers(cfg)
+    found = [_meta(cfg, path) for path in paths]
     meta = found[0][1]
     # The student's data is built from the first teacher's meta, and every teacher reads its batches:
     # all of what the data contributed (tokenizer, labels, features and scaling, image statistics) must agree.
     inputs = lambda m: {k: v for k, v in m.items() if k not in ("config", "compression")}  # noqa: E731
     want = inputs(meta)
-    for path in others:
-        found.append(_meta(cfg, path))
-        other = inputs(found[-1][1])
+    for path, (_, other_meta) in zip(paths[1:], found[1:]):
+        other = inputs(other_meta)
         differ = sorted(k for k in want.keys() | other.keys() if want.get(k) != other.get(k))
         if differ:
-            raise UserError(f"distill.teacher: {path} was trained on other data than {first} ({', '.join(differ)}); "
+            raise UserError(f"distill.teacher: {path} was trained on other data than {paths[0]} ({', '.join(differ)}); "
                             f"an ensemble's teachers must read the same inputs and predict the same classes")
     return meta, found
 

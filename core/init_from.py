@@ -31,7 +31,7 @@ def _steps(cfg) -> tuple[str, list[int], list[int]]:
     root = checkpoint.ckpt_dir(src)
     if not os.path.isdir(root):
         raise UserError(f"init_from={src} holds no checkpoints; pass the directory of a trained run")
-    steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True)
+    steps = checkpoint.steps_on_disk(src)
     if cfg.init_from_step is not None and cfg.init_from_step not in steps:
         raise UserError(f"init_from={src} has no checkpoint at step {cfg.init_from_step}; available: {sorted(steps)}")
     return src, steps, steps if cfg.init_from_step is None else [cfg.init_from_step]

@@ -92,11 +92,11 @@ def _finished(cfg, out_dir: str):
     """(step, saved config) of a run whose newest checkpoint reached `steps`, else None. Plain file reads:
     orbax's checkpoint manager is a collective to create, and process 0 judges alone."""
     steps = checkpoint.steps_on_disk(out_dir) if cfg.resume else []
-    step, meta = (steps and checkpoint.peek_step_meta(out_dir, steps[0])) or (None, None)
-    saved = meta.get("config") if isinstance(meta, dict) else None
-    if step is None or step < cfg.steps or not isinstance(saved, dict):
+    found = checkpoint.peek_step_meta(out_dir, steps[0]) if steps else None
+    saved = found[1].get("config") if found and isinstance(found[1], dict) else None
+    if not isinstance(saved, dict) or found[0] < cfg.steps:
         return None  # an unreadable newest checkpoint too: the full restore path reports it and sets it aside
-    return step, saved
+    return found[0], saved
 
 
 def _finished_step(cfg, out_dir: str):
