@@ -42,7 +42,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from core import checkpoint, config, mesh as mesh_lib  # noqa: E402
 from core.sampler import compile_generate, cpu_threads_for  # noqa: E402
 from core.state import model_bytes, setup, state_spec  # noqa: E402
-from model.matmul import DOT_GENERAL  # noqa: E402
+from model.matmul import DOT_GENERAL, resolve  # noqa: E402
 from tasks import classify, lm  # noqa: E402
 
 config.register()
@@ -136,9 +136,10 @@ def train_throughput(cfg, steps: int, peak: float | None, k: int = 1, repeats: i
     out["tokens_per_s"] = tokens / step_s
     if cfg.model.family == "transformer":
         fpt, fpt_causal = flops_per_token(cfg)
+        dtype = resolve(cfg.model.matmul_dtype)  # auto as this machine runs it
         out |= {"mfu": fpt * tokens / step_s / peak, "mfu_causal": fpt_causal * tokens / step_s / peak,
-                "matmul_dtype": cfg.model.matmul_dtype}
-        if cfg.model.matmul_dtype == "bfloat16" and peak_bf16:  # against the rate its matmuls could reach
+                "matmul_dtype": dtype}
+        if dtype == "bfloat16" and peak_bf16:  # against the rate its matmuls could reach
             out["mfu_vs_bf16_matmul"] = fpt * tokens / step_s / peak_bf16
     return out
 
@@ -154,7 +155,7 @@ def matmul_floor(cfg, peak: float, k: int = 10, repeats: int = 3) -> dict:
     """
     m = cfg.model
     T, D, F = cfg.batch_size * cfg.data.seq_len, m.d_model, m.mlp_ratio * m.d_model
-    dot = DOT_GENERAL[m.matmul_dtype]
+    dot = DOT_GENERAL[resolve(m.matmul_dtype)]
     keys = iter(jax.random.split(jax.random.key(0), 5))
     w = {name: jax.random.normal(next(keys), (m.n_layers, a, b)) / np.sqrt(a)
          for name, (a, b) in {"qkv": (D, 3 * D), "proj": (D, D), "fc": (D, F), "fc_proj": (F, D)}.items()}
@@ -180,7 +181,7 @@ def matmul_floor(cfg, peak: float, k: int = 10, repeats: int = 3) -> dict:
     jax.block_until_ready(many(w, x_KTD))
     step_s = min(_timed(lambda: jax.block_until_ready(many(w, x_KTD))) for _ in range(repeats)) / k
     fpt, _ = flops_per_token(cfg)
-    return {"step_ms": 1e3 * step_s, "mfu": fpt * T / step_s / peak, "matmul_dtype": m.matmul_dtype,
+    return {"step_ms": 1e3 * step_s, "mfu": fpt * T / step_s / peak, "matmul_dtype": resolve(m.matmul_dtype),
             "matmul_gflops": 6 * non_embedding_params(cfg) * T / step_s / 1e9}
 
 

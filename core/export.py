@@ -9,7 +9,9 @@ Why the reference attention: with `model.attention=auto` the transformer picks m
 layouts when it is traced on the CPU backend, and that choice is frozen into the program; the reference
 layout is the same math, a fair layout on every platform, and gives the decode cache one layout
 (B, M, H, K) whichever machine exported it. The program is then lowered for every platform asked for
-(cpu, cuda, tpu by default): jax.export keeps one lowering each and the caller's device picks.
+(cpu, cuda, tpu by default): jax.export keeps one lowering each and the caller's device picks. For the
+same reason `model.matmul_dtype=auto` exports as float32 (exact, whichever machine exported it);
+`bfloat16` named outright stays bfloat16.
 
 Shape key: B batch, L length, V vocab; docs/export.md describes the artifacts and signature.json.
 """
@@ -25,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 import model as models
+from model import matmul
 from core.state import Run, run_dims
 from errors import UserError
 
@@ -46,11 +49,13 @@ class Program:
 
 
 def portable_model(run: Run):
-    """An abstract model of the run's config whose attention runs in the reference layout (see above)."""
+    """An abstract model of the run's config, attention in the reference layout and auto matmuls float32 (above)."""
     abstract = nnx.eval_shape(lambda: models.build(run.cfg.model, run_dims(run.meta), rngs=nnx.Rngs(0)))
     for _, module in nnx.iter_modules(abstract):
         if hasattr(module, "attention"):
             module.attention = "reference"
+        if getattr(module, "dot_general", None) is matmul.auto_dot_general:
+            module.dot_general = matmul.flat_dot_general
     return abstract
 
 

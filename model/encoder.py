@@ -46,7 +46,7 @@ class Config:
     word_dropout: float = 0.0
     bias: bool = True
     dtype: str = "float32"  # compute dtype; params stay float32
-    matmul_dtype: str = "float32"  # bfloat16: dense matmuls on bf16 operands, float32 accumulation
+    matmul_dtype: str = "float32"  # bfloat16 | auto, as for the decoder (model/transformer.py)
     scan_layers: bool = False
     remat: bool = False
     pooling: str = "cls"  # classifier input: cls (the [CLS] position) | mean (of the real tokens)
@@ -61,7 +61,7 @@ def check(cfg) -> None:
     quant.check(cfg)
     check_pos_emb(cfg)
     if cfg.matmul_dtype not in DOT_GENERAL:
-        raise UserError(f"model.matmul_dtype={cfg.matmul_dtype} must be float32 or bfloat16")
+        raise UserError(f"model.matmul_dtype={cfg.matmul_dtype} must be float32, bfloat16 or auto")
     if cfg.d_model % cfg.n_heads:
         raise UserError(f"model.d_model={cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}")
     if cfg.block_size <= 0 or cfg.n_layers <= 0:

@@ -10,8 +10,12 @@ Why a custom VJP: JAX's own transpose of a bf16 x bf16 -> f32 dot multiplies the
 by the bf16 operand, which XLA runs as a float32 dot. Here the cotangent is rounded to bf16 too.
 
 On a CPU with AVX-512-BF16, XLA-CPU's YNNPACK dots run bf16 faster than float32 (benchmarks/), but only in
-the layouts it supports: the left operand contracted on its last dimension (see `_rows_last`).
+the layouts it supports: the left operand contracted on its last dimension (see `_rows_last`). On a CPU
+without bf16 instructions (AVX2 only) the same step runs about 25% slower than in float32, so
+`model.matmul_dtype=auto` picks bf16 only where it is the faster.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -78,4 +82,34 @@ def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
     return y_TF.reshape(*lhs.shape[:-1], rhs.shape[1])
 
 
-DOT_GENERAL = {"float32": flat_dot_general, "bfloat16": bf16_dot_general}
+@functools.cache
+def _cpu_has_bf16_matmul(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this x86 CPU has the bf16 dot instructions XLA-CPU's kernels use (AVX512-BF16 or AMX-BF16).
+
+    Elsewhere (ARM, macOS, an unreadable /proc) False: float32 is never the slow choice.
+    """
+    try:
+        with open(cpuinfo) as f:
+            flags = {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+    except (OSError, IndexError, UnicodeDecodeError):
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve(matmul_dtype: str) -> str:
+    """float32 or bfloat16: `auto` is bfloat16 on accelerators and on CPUs with bf16 instructions.
+
+    Starts JAX's backend: call it when tracing, never when building a model (see cpu_attention).
+    """
+    if matmul_dtype != "auto":
+        return matmul_dtype
+    return "bfloat16" if jax.default_backend() != "cpu" or _cpu_has_bf16_matmul() else "float32"
+
+
+def auto_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
+    """`model.matmul_dtype=auto`: bf16_dot_general or flat_dot_general, whichever this machine runs faster."""
+    chosen = DOT_GENERAL[resolve("auto")]
+    return chosen(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type)
+
+
+DOT_GENERAL = {"float32": flat_dot_general, "bfloat16": bf16_dot_general, "auto": auto_dot_general}

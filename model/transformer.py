@@ -40,7 +40,8 @@ class Config:
     activation: str = "gelu_tanh"
     dtype: str = "float32"  # compute dtype; params stay float32
     # bfloat16: dense matmuls (forward and both gradients) on bf16 operands, float32 accumulation
-    # (model/matmul.py); everything else stays float32. float32: exact.
+    # (model/matmul.py); everything else stays float32. float32: exact. auto: bfloat16 on accelerators
+    # and CPUs with AVX512-BF16/AMX, float32 on other CPUs (where bf16 is the slower), chosen when traced.
     matmul_dtype: str = "float32"
     scan_layers: bool = False  # one compiled block in a lax.scan: faster compiles for deep models
     remat: bool = False
@@ -65,7 +66,7 @@ def check(cfg) -> None:
         raise UserError(f"model.attention={cfg.attention} must be auto, reference or cpu")
     quant.check(cfg)
     if cfg.matmul_dtype not in DOT_GENERAL:
-        raise UserError(f"model.matmul_dtype={cfg.matmul_dtype} must be float32 or bfloat16")
+        raise UserError(f"model.matmul_dtype={cfg.matmul_dtype} must be float32, bfloat16 or auto")
     if cfg.d_model % cfg.n_heads:
         raise UserError(f"model.d_model={cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}")
     if cfg.block_size <= 0 or cfg.n_layers <= 0:

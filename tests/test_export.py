@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from conftest import compose, devices_env, run_cli
+from conftest import TINY, compose, devices_env, run_cli
 from core import export
 from core.loop import run
 from core.state import load_run
@@ -256,3 +257,16 @@ def test_a_failure_while_writing_leaves_nothing(runs, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="No space left on device"):
         export.save(load_run(runs["mlp"]), runs["mlp"], dest, "stablehlo")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_auto_matmuls_export_as_float32_whatever_the_exporting_cpu(monkeypatch, cpu_bf16):
+    """One artifact serves cpu, cuda and tpu, so `auto` must not freeze the exporting machine's choice into it."""
+    from types import SimpleNamespace
+
+    from model import matmul
+    monkeypatch.setattr(matmul, "_cpu_has_bf16_matmul", lambda: cpu_bf16)
+    for dtype, expected in (("auto", matmul.flat_dot_general), ("bfloat16", matmul.bf16_dot_general)):
+        run = SimpleNamespace(cfg=compose(TINY + [f"model.matmul_dtype={dtype}"]), meta={"dims": {"vocab_size": 13}})
+        dots = [m.dot_general for _, m in nnx.iter_modules(export.portable_model(run)) if hasattr(m, "dot_general")]
+        assert dots and all(d is expected for d in dots), dtype

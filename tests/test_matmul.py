@@ -1,4 +1,4 @@
-"""Mixed-precision dense matmuls (model.matmul_dtype=bfloat16): the math, the lowering, the switch."""
+"""Mixed-precision dense matmuls (model.matmul_dtype=bfloat16|auto): the math, the lowering, the switch."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +9,7 @@ from conftest import TINY, compose
 from core.config import check
 from errors import UserError
 from model import build
+from model import matmul
 from model.matmul import bf16_matmul
 
 
@@ -76,5 +77,40 @@ def test_matmul_dtype_can_change_between_resumes_and_old_checkpoint_configs_load
 
 
 def test_unknown_matmul_dtype_is_a_user_error():
-    with pytest.raises(UserError, match="model.matmul_dtype=float8 must be float32 or bfloat16"):
+    with pytest.raises(UserError, match="model.matmul_dtype=float8 must be float32, bfloat16 or auto"):
         check(compose(TINY + ["model.matmul_dtype=float8"]))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse2 avx2 avx512f avx512_bf16 amx_tile", True),   # Cooper Lake and later Xeons
+    ("fpu sse2 avx2 amx_bf16 amx_tile", True),
+    ("fpu sse2 avx2 fma", False),                            # an AVX2-only EPYC: bf16 dots run slower
+    (None, False),                                           # no /proc/cpuinfo (macOS)
+])
+def test_cpu_bf16_detection_reads_the_cpu_flags(tmp_path, flags, expected):
+    path = tmp_path / "cpuinfo"
+    if flags is not None:
+        path.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert matmul._cpu_has_bf16_matmul(str(path)) is expected
+
+
+@pytest.mark.parametrize("backend, cpu_bf16, expected", [
+    ("cpu", False, "float32"), ("cpu", True, "bfloat16"), ("gpu", False, "bfloat16"), ("tpu", False, "bfloat16")])
+def test_auto_is_bf16_where_it_is_the_faster(monkeypatch, backend, cpu_bf16, expected):
+    monkeypatch.setattr(matmul.jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(matmul, "_cpu_has_bf16_matmul", lambda: cpu_bf16)
+    assert matmul.resolve("auto") == expected
+    assert matmul.resolve("float32") == "float32" and matmul.resolve("bfloat16") == "bfloat16"
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_auto_model_computes_exactly_what_its_choice_does(monkeypatch, cpu_bf16):
+    """Same params as either choice; the logits are those of the dtype it resolves to, bit for bit."""
+    monkeypatch.setattr(matmul, "_cpu_has_bf16_matmul", lambda: cpu_bf16)
+    chosen = "bfloat16" if cpu_bf16 else "float32"
+    models = {d: build(compose(TINY + ["model.dropout=0.0", f"model.matmul_dtype={d}"]).model, {"vocab_size": 13},
+                       rngs=nnx.Rngs(0)) for d in ("auto", "float32", "bfloat16")}
+    idx_BL = jax.random.randint(jax.random.key(1), (2, 8), 0, 13)
+    logits = {d: np.asarray(m(idx_BL)) for d, m in models.items()}
+    assert np.array_equal(logits["auto"], logits[chosen])
+    assert not np.array_equal(logits["float32"], logits["bfloat16"])  # the two choices differ: the test can tell
