@@ -155,7 +155,8 @@ def matmul_floor(cfg, peak: float, k: int = 10, repeats: int = 3) -> dict:
     """
     m = cfg.model
     T, D, F = cfg.batch_size * cfg.data.seq_len, m.d_model, m.mlp_ratio * m.d_model
-    dot = DOT_GENERAL[resolve(m.matmul_dtype)]
+    dtype = resolve(m.matmul_dtype)  # auto as this machine runs it
+    dot = DOT_GENERAL[dtype]
     keys = iter(jax.random.split(jax.random.key(0), 5))
     w = {name: jax.random.normal(next(keys), (m.n_layers, a, b)) / np.sqrt(a)
          for name, (a, b) in {"qkv": (D, 3 * D), "proj": (D, D), "fc": (D, F), "fc_proj": (F, D)}.items()}
@@ -181,7 +182,7 @@ def matmul_floor(cfg, peak: float, k: int = 10, repeats: int = 3) -> dict:
     jax.block_until_ready(many(w, x_KTD))
     step_s = min(_timed(lambda: jax.block_until_ready(many(w, x_KTD))) for _ in range(repeats)) / k
     fpt, _ = flops_per_token(cfg)
-    return {"step_ms": 1e3 * step_s, "mfu": fpt * T / step_s / peak, "matmul_dtype": resolve(m.matmul_dtype),
+    return {"step_ms": 1e3 * step_s, "mfu": fpt * T / step_s / peak, "matmul_dtype": dtype,
             "matmul_gflops": 6 * non_embedding_params(cfg) * T / step_s / 1e9}
 
 

@@ -133,7 +133,7 @@ def check_shared_dir(out_dir: str) -> None:
         return
     from jax.experimental import multihost_utils
 
-    token = int(multihost_utils.broadcast_one_to_all(np.int32(np.random.randint(1, 2**31 - 1))))
+    token = from_process_0(int(np.random.randint(1, 2**31 - 1)))
     probe = os.path.join(out_dir, f".shared_probe_{token}")
     if jax.process_index() == 0:
         with open(probe, "w") as f:

@@ -303,8 +303,8 @@ def _train(loop: Loop) -> dict:
     cfg, runner, task = loop.cfg, loop.built.runner, loop.task
     n_params = sum(x.size for x in jax.tree.leaves(loop.built.spec.abstract["params"]))
     dp = mesh_lib.data_parallel_size(loop.built.mesh)
-    matmuls = cfg.model.get("matmul_dtype")  # auto's choice, said once (model/matmul.py)
-    matmuls = f" ({resolve_matmul_dtype(matmuls)} matmuls)" if matmuls else ""
+    dtype = cfg.model.get("matmul_dtype")  # auto's choice, said once (model/matmul.py)
+    matmuls = f" ({resolve_matmul_dtype(dtype)} matmuls)" if dtype else ""
     log(f"{cfg.model.family} ({task.name}): {n_params / 1e6:.2f}M params{matmuls}; {task.summary}; mesh "
         f"{dict(loop.built.mesh.shape)}, global batch {cfg.batch_size} = {cfg.batch_size // dp} per device x {dp} "
         f"devices, out_dir {cfg.out_dir}")
