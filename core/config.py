@@ -14,8 +14,9 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from core import distill, prune
+from core import distill, optim, prune
 from core.distill import DistillConfig
+from core.optim import OptimConfig
 from core.prune import PruneConfig
 from data import shards
 from errors import UserError, first_line
@@ -67,24 +68,6 @@ def module(group: str, name: str):
     if error:
         raise UserError(error)
     return importlib.import_module(f"{PACKAGES[group]}.{name}")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    schedule: str = "cosine"  # cosine | linear (warmup, then linear decay to min_lr) | constant (after warmup)
-    warmup_steps: int = 100
-    decay_steps: Optional[int] = None  # None: decay over the whole run (`steps`)
-    b1: float = 0.9
-    b2: float = 0.99
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # matrices only: never biases, norm scales or other vectors
-    grad_clip: float = 1.0  # global-norm clip; 0 disables
-    grad_accum: int = 1  # micro-batches per step; the batch is split, the update is one
-    # Fine-tuning: layer i of N learns at lr * layer_decay^(N - i), the embeddings at ^(N + 1),
-    # the head at lr (ELECTRA's layer-wise decay); 1.0 is off.
-    layer_decay: float = 1.0
 
 
 @dataclass
@@ -269,6 +252,8 @@ def check(cfg) -> None:
         raise UserError(f"model.dropout={m.dropout} must be in [0, 1)")
     if m.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype={m.dtype} must be float32, bfloat16 or float16")
+    if "seq_len" in cfg.data and cfg.data.seq_len <= 0:
+        raise UserError(f"data.seq_len={cfg.data.seq_len} must be positive")
     for key in ("n_layers", "n_heads", "d_model", "mlp_ratio", "block_size", "d_hidden", "d_ff"):  # sizes
         if isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool) and m[key] <= 0:
             raise UserError(f"model.{key}={m[key]} must be positive")
@@ -279,30 +264,12 @@ def check(cfg) -> None:
     if m.get("quant", "none") != "none":
         raise UserError(f"model.quant={m.quant} marks a run compress.py wrote, for inference only; train a float "
                         f"run (model.quant=none) and compress it")
-    if "seq_len" in cfg.data and cfg.data.seq_len <= 0:
-        raise UserError(f"data.seq_len={cfg.data.seq_len} must be positive")
     if "seq_len" in cfg.data and "block_size" in m and cfg.data.seq_len > m.block_size:
         raise UserError(f"data.seq_len={cfg.data.seq_len} is longer than the model's model.block_size="
                         f"{m.block_size} positions; lower data.seq_len or raise model.block_size")
-    if o.grad_accum <= 0:
-        raise UserError(f"optim.grad_accum={o.grad_accum} must be a positive integer (1 is off)")
+    optim.check(o)
     if cfg.batch_size % o.grad_accum:
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by optim.grad_accum={o.grad_accum}")
-    if o.lr <= 0 or o.min_lr < 0 or o.warmup_steps < 0:
-        raise UserError("optim.lr must be > 0, optim.min_lr and optim.warmup_steps >= 0")
-    if not 0.0 < o.layer_decay <= 1.0:
-        raise UserError(f"optim.layer_decay={o.layer_decay} must be in (0, 1]: 1 is off, 0.8 ELECTRA's fine-tuning value")
-    if o.schedule not in ("cosine", "linear", "constant"):
-        raise UserError(f"optim.schedule={o.schedule} must be cosine, linear or constant")
-    if o.min_lr > o.lr:
-        raise UserError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}: the schedule decays from lr to min_lr")
-    if o.decay_steps is not None and o.decay_steps <= 0:
-        raise UserError(f"optim.decay_steps={o.decay_steps} must be positive (leave it unset to decay over steps)")
-    for key in ("b1", "b2"):
-        if not 0.0 <= o[key] < 1.0:
-            raise UserError(f"optim.{key}={o[key]} must be in [0, 1)")
-    if o.eps <= 0 or o.weight_decay < 0 or o.grad_clip < 0:
-        raise UserError("optim.eps must be > 0, optim.weight_decay and optim.grad_clip >= 0 (grad_clip 0 is off)")
     if cfg.get("distill") and cfg.distill.get("teacher_step") is not None and not distill.enabled(cfg):
         raise UserError("distill.teacher_step picks a teacher's checkpoint: pass distill.teacher=RUN too, or drop it")
     if cfg.init_from_step is not None and not cfg.init_from:

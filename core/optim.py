@@ -1,10 +1,59 @@
 """AdamW with weight decay on matrices only, linear warmup then cosine/linear decay, global-norm clipping,
 and optionally a learning rate that shrinks with depth below the head (layer-wise decay, for fine-tuning)."""
+import math
 import re
+from dataclasses import dataclass
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from errors import UserError
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    schedule: str = "cosine"  # cosine | linear (warmup, then linear decay to min_lr) | constant (after warmup)
+    warmup_steps: int = 100
+    decay_steps: Optional[int] = None  # None: decay over the whole run (`steps`)
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # matrices only: never biases, norm scales or other vectors
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    grad_accum: int = 1  # micro-batches per step; the batch is split, the update is one
+    # Fine-tuning: layer i of N learns at lr * layer_decay^(N - i), the embeddings at ^(N + 1),
+    # the head at lr (ELECTRA's layer-wise decay); 1.0 is off.
+    layer_decay: float = 1.0
+
+
+def check(o) -> None:
+    """UserError naming the first optim.* value that cannot train (the composed config's optim node)."""
+    if o.grad_accum <= 0:
+        raise UserError(f"optim.grad_accum={o.grad_accum} must be a positive integer (1 is off)")
+    bad = next((k for k, v in o.items() if isinstance(v, float) and not math.isfinite(v)), None)
+    if bad:  # NaN passes every comparison below
+        raise UserError(f"optim.{bad}={o[bad]} must be a finite number")
+    if o.lr <= 0 or o.min_lr < 0 or o.warmup_steps < 0:
+        raise UserError(f"optim.lr={o.lr} must be > 0, optim.min_lr={o.min_lr} and optim.warmup_steps="
+                        f"{o.warmup_steps} >= 0")
+    if not 0.0 < o.layer_decay <= 1.0:
+        raise UserError(f"optim.layer_decay={o.layer_decay} must be in (0, 1]: 1 is off, 0.8 ELECTRA's fine-tuning value")
+    if o.schedule not in ("cosine", "linear", "constant"):
+        raise UserError(f"optim.schedule={o.schedule} must be cosine, linear or constant")
+    if o.min_lr > o.lr:
+        raise UserError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}: the schedule decays from lr to min_lr")
+    if o.decay_steps is not None and o.decay_steps <= 0:
+        raise UserError(f"optim.decay_steps={o.decay_steps} must be positive (leave it unset to decay over steps)")
+    for key in ("b1", "b2"):
+        if not 0.0 <= o[key] < 1.0:
+            raise UserError(f"optim.{key}={o[key]} must be in [0, 1)")
+    if o.eps <= 0 or o.weight_decay < 0 or o.grad_clip < 0:
+        raise UserError(f"optim.eps={o.eps} must be > 0, optim.weight_decay={o.weight_decay} and optim.grad_clip="
+                        f"{o.grad_clip} >= 0 (grad_clip 0 is off)")
 
 
 def schedule(cfg, steps: int) -> optax.Schedule:
