@@ -78,9 +78,21 @@ def describe(e: Exception, config_name: str) -> str:
                                                      or str(full_key).startswith("experiment.")):
         return (f"{where}.yaml puts its keys under experiment.: make its first line `# @package _global_`, "
                 f"as every shipped experiment's is")
-    if "LexerNoViableAltException" in text or "mismatched input" in text:
-        return (f"could not parse the override {text.split(': ', 1)[-1].splitlines()[0]!r}; quote values with "
-                f"spaces or special characters, e.g. 'prompt=\"To be\"'")
+    unparsed = re.match(r"Error parsing override '(.*)'$", lines[0])
+    if unparsed and "=" not in unparsed[1]:  # a bare word: a path meant for out_dir=, or a key without its value
+        word = unparsed[1]
+        return (f"{word!r} is not an override: write key=value, e.g. out_dir={word}" if "/" in word or os.path.exists(word)
+                else f"the override {word!r} has no value: write {word.lstrip('+~')}=VALUE")
+    appended = re.search(r"Could not append to config. An item is already at '([^']+)'", text)
+    if appended:
+        return f"{appended[1]} is already in the config: set it without the +, as {appended[1]}=VALUE"
+    if "LexerNoViableAltException" in text or "mismatched input" in text or "no viable alternative" in text \
+            or unparsed:
+        at = re.search(r"no viable alternative at input '(.*)'", text)
+        bad = (f"the override {unparsed[1]!r}" if unparsed else f"{at[1]!r} in an override" if at
+               else f"the override {text.split(': ', 1)[-1].splitlines()[0]!r}")
+        return (f"could not parse {bad}; close its brackets and quotes, and quote values with spaces or special "
+                f"characters, e.g. 'prompt=\"To be\"'")
     if "hydra/sweeper/optuna" in text:
         return "the Optuna sweeper is not installed: pip install hydra-optuna-sweeper"
     missing = re.search(r"Could not find '(\w+)/([^']+)'", text)
@@ -131,10 +143,31 @@ def first_job(overrides: list[str]) -> list[str]:
     return out
 
 
+def _unknown_flag(argv: list[str]) -> tuple[str, str] | None:
+    """(the first flag Hydra does not know, the override it likely meant) or None: `--steps 3` is `steps=3`."""
+    from hydra._internal.utils import get_args_parser
+
+    known = get_args_parser()._option_string_actions  # argparse also takes a flag's unambiguous prefix
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if not flag.startswith("-") or flag == "-" or any(k.startswith(flag) for k in known if flag.startswith("--")) \
+                or flag in known:
+            continue
+        following = argv[i + 1] if i + 1 < len(argv) else ""
+        if not eq and following and not following.startswith("-") and "=" not in following:
+            value = following
+        return flag, f"{flag.lstrip('-').replace('-', '_')}={value or 'VALUE'}"
+    return None
+
+
 def preflight(config_name: str, argv: list[str]) -> None:
     """Compose once before Hydra runs so a bad override fails with one line (a sweep: its first job's)."""
     sweep = any(a in ("-m", "--multirun") or a.replace(" ", "") == "hydra.mode=MULTIRUN" for a in argv)
     argv = _without_print_flags(argv)  # `--cfg job` prints the config these overrides compose: check them too
+    unknown = _unknown_flag(argv)
+    if unknown:
+        fail(UserError(f"unknown option {unknown[0]}: settings are key=value overrides, e.g. {unknown[1]} "
+                       f"(`python {config_name}.py --help` lists the options)"))
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):  # --help, -cp DIR...
         return
     overrides = [a for a in argv if a not in ("-m", "--multirun")]
