@@ -14,6 +14,19 @@ from errors import UserError
 LOCK = ".lock"
 
 
+RUN_MARKS = (LOCK, "checkpoints", "metrics.jsonl", "FAILED")  # what a run writes first: whatever else a run holds
+
+
+def _refuse_foreign(out_dir: str) -> None:
+    """A UserError if out_dir is a directory of other files (a project, a dataset): a run would write its
+    config.yaml and metrics among them."""
+    entries = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    others = sorted(e for e in entries if not e.startswith("."))  # .gitkeep, .DS_Store: still an empty folder
+    if others and not any(m in entries for m in RUN_MARKS):
+        raise UserError(f"out_dir={out_dir} holds other files than a run's (e.g. {others[0]}); pass a new or empty "
+                        f"directory, or a run's")
+
+
 class RunLocked(UserError):
     """Another live process is writing this run directory."""
 
@@ -29,6 +42,7 @@ class RunLock:
         if not self.enabled:
             return self
         self.created = not os.path.exists(self.out_dir)
+        _refuse_foreign(self.out_dir)
         path = os.path.join(self.out_dir, LOCK)
         try:
             os.makedirs(self.out_dir, exist_ok=True)

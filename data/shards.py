@@ -170,7 +170,7 @@ def prepare(cfg, progress=None) -> tuple[dict, bool]:
     """Write the dataset `cfg` describes to cfg.dest: (its meta, False if dest was already up to date)."""
     dest = os.path.abspath(os.path.expanduser(cfg.dest))
     source = _Source(cfg)
-    file_tokenizer = "" if cfg.tokenizer in ("char", "bpe") else tokenizers.from_files(cfg.tokenizer)
+    file_tokenizer = "" if cfg.tokenizer in ("char", "bpe") else tokenizers.from_files(cfg.tokenizer, ("char", "bpe"))
     fp = fingerprint(source.described, cfg, file_tokenizer)
     existing = _dataset_meta(dest)
     if existing is not None and existing.get("fingerprint") == fp:
@@ -189,7 +189,10 @@ def prepare(cfg, progress=None) -> tuple[dict, bool]:
         raise UserError(f"cannot write beside dest={dest}; pass a dest in a writable directory")
     _clear_stale(dest)
     tmp = f"{dest}.tmp-{os.getpid()}"
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:  # a parent that is a file, or a read-only or virtual file system
+        raise UserError(f"cannot create dest={dest} ({e.strerror}); pass a dest in a writable directory") from None
     try:
         tok_json = _tokenizer_json(cfg, source, file_tokenizer)
         codec = _codec(cfg, source, tok_json)

@@ -52,9 +52,10 @@ def train_bpe(texts, vocab_size: int) -> str:
     return tok.to_str()
 
 
-def from_files(path: str) -> str:
+def from_files(path: str, names: tuple = ()) -> str:
     """The JSON string of a tokenizer on disk: a `tokenizer.json`, or a directory holding one or GPT-2's
-    `vocab.json` + `merges.txt`. UserError naming the file if it does not parse."""
+    `vocab.json` + `merges.txt`. UserError naming the file if it does not parse; where it does not exist, the
+    error offers `names` too (the built-in tokenizers of the key the path came from)."""
     tk = lib()
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):
@@ -74,7 +75,8 @@ def from_files(path: str) -> str:
         else:
             raise UserError(f"{path} holds neither tokenizer.json nor vocab.json + merges.txt; pass a tokenizer file")
     if not os.path.isfile(path):
-        raise UserError(f"tokenizer file {path} does not exist; pass a tokenizer.json or a directory holding one")
+        raise UserError(f"tokenizer file {path} does not exist; pass {''.join(n + ', ' for n in names)}a "
+                        f"tokenizer.json or a directory holding one")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
