@@ -38,6 +38,11 @@ def _rows(path: str) -> list[dict]:
     return [r for r in rows if isinstance(r, dict)]
 
 
+def _number(value) -> bool:
+    """Whether a logged value is a number: a row edited by hand or by another tool is skipped, as a torn line is."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _steps_wanted(run_dir: str):
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
@@ -52,9 +57,9 @@ def _steps_wanted(run_dir: str):
 
 def summarize(run_dir: str, root: str, metric: str, higher_is_better: bool) -> dict:
     rows = _rows(os.path.join(run_dir, "metrics.jsonl"))
-    evals = [(r["step"], r[metric]) for r in rows if r.get(metric) is not None]
+    evals = [(r["step"], r[metric]) for r in rows if _number(r.get(metric)) and isinstance(r.get("step"), int)]
     rate_key = next((k for r in rows for k in r if k.endswith("_per_s")), "tokens_per_s")  # tokens, images...
-    speeds = [r[rate_key] for r in rows if r.get(rate_key)]
+    speeds = [r[rate_key] for r in rows if _number(r.get(rate_key)) and r[rate_key]]
     steps_wanted = _steps_wanted(run_dir)
     last_step = max((r["step"] for r in rows if isinstance(r.get("step"), int)), default=0)
     if os.path.exists(os.path.join(run_dir, "FAILED")):
@@ -68,7 +73,7 @@ def summarize(run_dir: str, root: str, metric: str, higher_is_better: bool) -> d
         f"final_{metric}": evals[-1][1] if evals else None,
         f"best_{metric}": pick(v for _, v in evals) if evals else None,
         "steps": last_step,
-        "wall_time_s": max((r.get("time_s", 0.0) for r in rows), default=None),
+        "wall_time_s": max((r["time_s"] for r in rows if _number(r.get("time_s"))), default=None),
         "throughput": f"{statistics.median(speeds):.0f} {rate_key[:-6]}/s" if speeds else None,
         "curve": evals,
     }
@@ -80,8 +85,13 @@ def _fmt(v) -> str:
     return "-" if v is None else str(v)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every entry point's mistakes, not argparse's usage block
+        self.exit(2, f"error: {message}; `python report.py --help` lists the options\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _Parser(description=__doc__.splitlines()[0])
     parser.add_argument("dir", help="a sweep directory (runs/sweeps/NAME) or any folder of run directories")
     parser.add_argument("--metric", default="val_loss", help="the eval metric to rank by (default val_loss)")
     parser.add_argument("--mode", choices=("auto", "min", "max"), default="auto",

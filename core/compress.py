@@ -120,7 +120,11 @@ def data_config(run_cfg, data_path: str | None):
     data_path; a one-line error if what it reads is gone."""
     key = "dir" if run_cfg.data.get("kind") == "tokens" else "path"
     if data_path:
-        run_cfg = OmegaConf.merge(run_cfg, {"data": {key: os.path.abspath(os.path.expanduser(data_path))}})
+        data_path = os.path.abspath(os.path.expanduser(data_path))
+        if not os.path.exists(data_path):
+            raise UserError(f"data_path={data_path} does not exist; pass the data the run trained on "
+                            f"(data.{key}={run_cfg.data.get(key)})")
+        run_cfg = OmegaConf.merge(run_cfg, {"data": {key: data_path}})
     for k in (key, "val_path"):
         path = run_cfg.data.get(k)
         if path and not os.path.exists(os.path.expanduser(path)):

@@ -289,6 +289,9 @@ def _columns(cfg, table: dict, default_target, default_features=None) -> tuple[l
         raise UserError(f"pass data.target=COLUMN, the column to predict; {cfg.path} has columns {', '.join(columns)}")
     features = list(cfg.features) if cfg.features is not None else default_features or [c for c in columns if c not in target]
     for key, names in (("data.target", target), ("data.features", features)):
+        twice = next((c for i, c in enumerate(names) if c in names[:i]), None)
+        if twice is not None:  # two heads or inputs of one column: predict.py's output keys would collide
+            raise UserError(f"{key} names {twice} twice; name each column once")
         unknown = [c for c in names if c not in table]
         if unknown:
             raise UserError(f"{key}: {unknown[0]} is not a column of {cfg.path}; its columns are {', '.join(columns)}")
