@@ -44,6 +44,16 @@ def test_bad_overrides_fail_at_compose_time(args, expected, tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.parametrize("script, args, expected", [
+    ("train.py", ["--steps", "3"], "unknown option --steps: settings are key=value overrides, e.g. steps=3 "
+                                    "(`python train.py --help` lists the options)"),
+    ("export.py", ["--out_dir=runs/x"], "unknown option --out_dir: settings are key=value overrides, e.g. "
+                                        "out_dir=runs/x"),
+])
+def test_flags_that_hydra_does_not_know_name_the_override(script, args, expected):
+    assert expected in one_line_error(run_cli(script, *args))
+
+
 def test_typo_in_an_experiment_yaml_names_the_key_and_file(typo_experiment):
     line = one_line_error(run_cli("train.py", *typo_experiment))
     assert "model.n_layre" in line and "zz_test_typo" in line
@@ -82,6 +92,10 @@ def _file(tmp_path, name, content: bytes):
     (["data.path=EMPTY"], "is empty"),
     (["data.path=BINARY"], "is not UTF-8"),
     (["data.val_fraction=1.5"], "data.val_fraction=1.5 must be in (0, 1)"),
+    (["optim.lr=nan"], "optim.lr=nan must be a finite number"),  # NaN passes every comparison
+    (["optim.weight_decay=inf"], "optim.weight_decay=inf must be a finite number"),
+    (["optim.min_lr=-1.0"], "optim.min_lr=-1.0 and"),
+    (["data.seq_len=0"], "data.seq_len=0 must be positive"),  # not the block_size it interpolates
 ])
 def test_bad_input_table(overrides, expected, tmp_path, text_file):
     from conftest import TINY
@@ -101,6 +115,23 @@ def _assert_refused(overrides, files, expected, tmp_path):
         run(compose(overrides + [f"out_dir={tmp_path}/run"]))
     assert expected in str(error.value) and "\n" not in str(error.value)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_folder_of_other_files_is_not_trained_into(tmp_path, text_file):
+    """A mistyped out_dir (a project, a dataset) would get a run's config.yaml and metrics among its files."""
+    from conftest import TINY, compose
+    from core.loop import run
+    from errors import UserError
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("my: precious\n")
+    with pytest.raises(UserError, match=r"holds other files than a run's \(e.g. config.yaml\); pass a new or empty"):
+        run(compose(TINY + [f"data.path={text_file}", f"out_dir={project}"]))
+    assert os.listdir(project) == ["config.yaml"] and (project / "config.yaml").read_text() == "my: precious\n"
+    tokenizer = compose(TINY + [f"data.path={text_file}", f"out_dir={tmp_path}/run", "data.tokenizer=charr"])
+    with pytest.raises(UserError, match="tokenizer file .*charr does not exist; pass char, bpe, a tokenizer.json"):
+        run(tokenizer)
 
 
 def _npz(tmp_path, name, **arrays):
@@ -257,6 +288,10 @@ def test_config_mistakes_say_what_to_write(tmp_path):
     assert "unknown model 'bagg'" in nomodel and "available: cnn, encoder, mlp, rnn, transformer" in nomodel, nomodel
     other = compose_error("train", ["+experiment=debug", "model=rnn"])  # debug sets the transformer's n_heads
     assert "'model.n_heads' (in experiment/debug.yaml); it is a key of model=encoder or model=transformer" in other
+    assert compose_error("train", ["+steps=3"]) == "steps is already in the config: set it without the +, as steps=VALUE"
+    assert compose_error("train", ["steps"]) == "the override 'steps' has no value: write steps=VALUE"
+    assert compose_error("sample", ["runs/x"]) == "'runs/x' is not an override: write key=value, e.g. out_dir=runs/x"
+    assert compose_error("train", ["model.n_layers=[2"]).startswith("could not parse '[2' in an override; close its brackets")
     listed = compose_error("train", ["model=mlp", "model.hidden=16"])
     assert listed == "model.hidden takes a list: write model.hidden=[a,b] (brackets, no spaces), or model.hidden=[a] " \
                      "for one", listed

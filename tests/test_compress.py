@@ -180,6 +180,9 @@ def test_a_run_whose_data_moved_is_evaluated_on_data_path(tmp_path, text_file, m
     with pytest.raises(UserError, match="which is gone; pass data_path=FILE"):
         compress.run(compose([f"out_dir={src}", f"dest={tmp_path / 'q'}"], "compress"))
     assert not (tmp_path / "q").exists()
+    with pytest.raises(UserError, match=f"data_path={tmp_path}/typo.txt does not exist; pass the data the run "
+                                        f"trained on \\(data.path={moved}\\)"):
+        compress.run(compose([f"out_dir={src}", f"dest={tmp_path / 'q'}", f"data_path={tmp_path}/typo.txt"], "compress"))
     report = compress.run(compose([f"out_dir={src}", f"dest={tmp_path / 'q'}", f"data_path={text_file}"], "compress"))
     assert abs(report["val_loss_after"] - report["val_loss_before"]) < 0.01
 

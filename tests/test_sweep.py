@@ -97,12 +97,13 @@ def test_report_ranks_the_runs_and_plots_their_curves(sweep):
     assert unwritable.returncode == 2 and len(unwritable.stderr.strip().splitlines()) == 1, unwritable.stderr
 
 
-def test_report_ranks_higher_is_better_metrics_descending_and_skips_a_torn_line(tmp_path):
+def test_report_ranks_higher_is_better_metrics_descending_and_skips_a_torn_line(tmp_path, capsys):
     import report
 
     for name, r2s in (("a", [-0.5, 0.1]), ("b", [0.3, 0.2]), ("c", [0.05])):
         (tmp_path / name).mkdir()
         lines = [json.dumps({"step": 10 * (i + 1), "val_r2": v, "val_loss": 1 - v}) for i, v in enumerate(r2s)]
+        lines.append(json.dumps({"step": 25, "val_r2": "n/a", "time_s": "?"}))  # edited by hand: skipped too
         (tmp_path / name / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 30, "val_r')  # killed mid-line
     assert report.main([str(tmp_path), "--metric", "val_r2"]) == 0
     with open(tmp_path / "report.csv") as f:
@@ -111,6 +112,12 @@ def test_report_ranks_higher_is_better_metrics_descending_and_skips_a_torn_line(
     assert report.main([str(tmp_path), "--metric", "val_loss", "--mode", "max"]) == 0
     with open(tmp_path / "report.csv") as f:
         assert [r["run"] for r in csv.DictReader(f)] == ["a", "c", "b"]  # best (max) losses 1.5, 0.95, 0.8
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        report.main([str(tmp_path), "--metrc", "val_r2"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines() == ["error: unrecognized arguments: --metrc val_r2; `python "
+                                                    "report.py --help` lists the options"]
 
 
 # Run a sweep, but have the second job's process get SIGTERM while it builds the batch of step 3.

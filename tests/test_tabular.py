@@ -330,6 +330,7 @@ BAD = [  # (file name, file text or None for no file, data overrides, message)
     ("t.csv", "a,y\n" + "".join(f"{i},{i}\n" for i in range(10)), {"target": "y"}, "fewer than batch_size=16"),
     ("t.csv", "a,y\n1,2\n3,4,5\n", {"target": "y"}, "line 3 has 3 fields and the header 2"),
     ("t.csv", "a,y\n1,2\n3,4\n", {"target": "y", "features": ["a", "zz"]}, "data.features: zz is not a column"),
+    ("t.csv", "a,y\n1,2\n3,4\n", {"target": ["y", "y"]}, "data.target names y twice; name each column once"),
     ("t.csv", "a,y\n1,2\n3,4\n", {"target": "y", "val_path": "/nowhere.csv"}, "data.val_path=/nowhere.csv does not"),
     ("t.csv", "id,y\n" + "".join(f"{i},{i}\n" for i in range(1500)) + "".join(f"{i}x,1\n" for i in range(20)),
      {"target": "y"}, r"id holds 1,216 distinct strings.*e.g. '\d+x'"),

@@ -127,6 +127,8 @@ def test_char_prepare_round_trips_and_a_rerun_is_a_no_op(corpus_dir, tmp_path):
         assert "holds other files than a prepared dataset" in one_line_error(proc)
     assert sorted(os.listdir(tmp_path)) == ["char", "note.txt", "run"] and note.read_text() == "keep"
     assert os.listdir(run_dir) == ["checkpoints"]
+    proc = prepare(f"input={corpus_dir}/*.txt", "tokenizer=char", f"dest={note}/char")  # under a file
+    assert "cannot create dest=" in one_line_error(proc) and note.read_text() == "keep"
 
 
 def test_a_prepare_killed_midway_then_rerun_writes_what_an_uninterrupted_one_does(corpus_dir, bpe_dataset, tmp_path):
