@@ -14,13 +14,16 @@ from errors import UserError
 LOCK = ".lock"
 
 
-RUN_MARKS = (LOCK, "checkpoints", "metrics.jsonl", "FAILED")  # what a run writes first: whatever else a run holds
+RUN_MARKS = (LOCK, "checkpoints", "metrics.jsonl", "FAILED")  # one is in every run directory: the lock comes first
 
 
 def _refuse_foreign(out_dir: str) -> None:
     """A UserError if out_dir is a directory of other files (a project, a dataset): a run would write its
     config.yaml and metrics among them."""
-    entries = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    try:
+        entries = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    except OSError:  # unreadable: taking the lock reports it
+        return
     others = sorted(e for e in entries if not e.startswith("."))  # .gitkeep, .DS_Store: still an empty folder
     if others and not any(m in entries for m in RUN_MARKS):
         raise UserError(f"out_dir={out_dir} holds other files than a run's (e.g. {others[0]}); pass a new or empty "
