@@ -1,13 +1,19 @@
 """Run logs: metrics.jsonl (one JSON object per line, every line has `step`) and TensorBoard events.
 
-TensorBoard files are written by tensorboardX, which needs no TensorFlow. On resume, lines and
+TensorBoard files are written with tensorboardX's event writer, which needs no TensorFlow, from this
+thread: its SummaryWriter queues events for a thread of its own, and `flush()` does not wait for that
+queue, so a run killed after a checkpoint could lose events the checkpoint covers. On resume, lines and
 events past the restored step are dropped, so a killed-and-resumed run reads as one clean curve.
 """
 import json
 import math
 import os
+import time
 
 import jax
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.summary import scalar
 
 
 class MetricsLog:
@@ -20,9 +26,13 @@ class MetricsLog:
         if not self.enabled:
             return
         _truncate_after(self.path, resume_step)
-        from tensorboardX import SummaryWriter
+        os.makedirs(os.path.join(out_dir, "tb"), exist_ok=True)
+        self.tb = EventsWriter(os.path.join(out_dir, "tb", "events"))
+        if resume_step:  # TensorBoard hides the earlier files' events from this step on (SummaryWriter's purge_step)
+            self._event(resume_step + 1, session_log=SessionLog(status=SessionLog.START))
 
-        self.tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=resume_step + 1 if resume_step else None)
+    def _event(self, step: int, **fields) -> None:
+        self.tb.write_event(Event(wall_time=time.time(), step=int(step), **fields))
 
     def write(self, step: int, row: dict) -> None:
         if not self.enabled:
@@ -32,7 +42,7 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
         for k, v in row.items():
             if k != "step" and isinstance(v, (int, float)):
-                self.tb.add_scalar(k, v, step)
+                self._event(step, summary=scalar(k, v))
 
     def flush(self) -> None:
         """Make every event so far durable (called with each checkpoint, so a killed run loses none it keeps)."""

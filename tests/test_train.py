@@ -195,3 +195,25 @@ def test_a_finished_run_returns_without_its_val_loss_when_metrics_cannot_be_read
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write('{"step": 1')  # a line cut short (a full disk)
     assert run(compose(base)) == {"out_dir": out, "step": 10, "val_loss": None, "stopped_by": None}
+
+
+def test_tensorboard_events_are_on_disk_when_flush_returns(tmp_path):
+    """A run SIGKILLed after a checkpoint keeps every event up to it: flush() may not leave any queued."""
+    import subprocess
+    import sys
+
+    from conftest import devices_env
+
+    code = ("import os, sys; from core.metrics import MetricsLog\n"
+            "m = MetricsLog(sys.argv[1], int(sys.argv[2]))\n"
+            "for s in range(int(sys.argv[2]) + 1, int(sys.argv[3]) + 1): m.write(s, {'val_loss': s / 10})\n"
+            "m.flush(); os._exit(0)  # as a kill right after the checkpoint: no close, no interpreter teardown\n")
+    for args in (["0", "5"], ["3", "4"]):  # a run to step 5; then resumed from a checkpoint at step 3
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path), *args], cwd=ROOT, env=devices_env(),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()  # TensorBoard hides the first attempt's step 4 and 5 behind the resumed one's
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("val_loss")] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
