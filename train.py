@@ -106,12 +106,14 @@ def sweep_job_dir() -> str:
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg) -> float | None:
+    from core import preempt
     from core.compress import refuse_training
     from core.distributed import writes_job_files
     from core.loop import resolve_out_dir, run  # after Hydra parsed argv: `--help` and compose errors stay fast
     from core.runlock import RunLocked
 
     runtime.compile_cache(cfg.compile_cache)
+    preempt.IGNORE_AFTER_STOP = True  # this process ends after a stop (core/preempt.py)
     if HydraConfig.get().mode != RunMode.MULTIRUN:
         if cfg.out_dir is None:
             cfg.out_dir = default_out_dir(cfg)

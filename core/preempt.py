@@ -11,6 +11,11 @@ import threading
 
 import jax
 
+# train.py exits right after a stop, so it then ignores these signals: one during the interpreter's
+# teardown, which puts Python-level handlers back to the default, would end it with 143 instead of 0.
+# Code calling run() itself gets its own handlers back.
+IGNORE_AFTER_STOP = False
+
 
 class StopRequests:
     """Context manager: installs the handlers, restores the previous ones on exit."""
@@ -37,8 +42,9 @@ class StopRequests:
         os.kill(os.getpid(), signal.SIGTERM)
 
     def __exit__(self, *exc):
+        ignore = self.signal is not None and IGNORE_AFTER_STOP
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if ignore else handler)
         return False
 
     def _handle(self, signum, frame):
