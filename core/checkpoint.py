@@ -4,6 +4,7 @@
 target that carries the *current* shardings, so a checkpoint moves between device counts.
 """
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -232,6 +233,18 @@ def restore_latest(mngr: ocp.CheckpointManager, target, check_meta=None, step: i
     if not steps:
         return None
     unreadable = []
+    with _orphaned_reads_dropped():
+        found = _restore_first(mngr, target, check_meta, steps, unreadable)
+    if found is None:
+        raise UserError(f"no readable checkpoint in {mngr.directory} (tried steps {steps}); "
+                        f"pass resume=false to start this run afresh, or out_dir= for a new one")
+    if set_aside:
+        _set_aside(mngr, unreadable)
+    return found
+
+
+def _restore_first(mngr, target, check_meta, steps: list, unreadable: list):
+    """(step, state, meta) of the first of `steps` that reads, each that does not appended to `unreadable`."""
     for s in steps:
         try:
             meta = read_meta(mngr, s)
@@ -248,8 +261,23 @@ def restore_latest(mngr: ocp.CheckpointManager, target, check_meta=None, step: i
                   f"{first.split(' See full TensorStore')[0]}); falling back to an earlier one", file=sys.stderr)
             unreadable.append(s)
             continue
-        if set_aside:
-            _set_aside(mngr, unreadable)
         return s, state, meta
-    raise UserError(f"no readable checkpoint in {mngr.directory} (tried steps {steps}); "
-                    f"pass resume=false to start this run afresh, or out_dir= for a new one")
+    return None
+
+
+@contextlib.contextmanager
+def _orphaned_reads_dropped():
+    """A damaged checkpoint leaves Orbax's per-array read coroutines behind, each printing "Exception
+    ignored in: <coroutine ...>" and its traceback when collected: echoes of the one warning above."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if getattr(unraisable.object, "__name__", None) != "_read_array_index_and_device_put":
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()  # collect them now, while the hook drops them
+        sys.unraisablehook = previous
