@@ -233,7 +233,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target, check_meta=None, step: i
     if not steps:
         return None
     unreadable = []
-    with _orphaned_reads_dropped():
+    with _orphaned_reads_dropped(unreadable):
         found = _restore_first(mngr, target, check_meta, steps, unreadable)
     if found is None:
         raise UserError(f"no readable checkpoint in {mngr.directory} (tried steps {steps}); "
@@ -266,7 +266,7 @@ def _restore_first(mngr, target, check_meta, steps: list, unreadable: list):
 
 
 @contextlib.contextmanager
-def _orphaned_reads_dropped():
+def _orphaned_reads_dropped(unreadable: list):
     """A damaged checkpoint leaves Orbax's per-array read coroutines behind, each printing "Exception
     ignored in: <coroutine ...>" and its traceback when collected: echoes of the one warning above."""
     previous = sys.unraisablehook
@@ -279,5 +279,6 @@ def _orphaned_reads_dropped():
     try:
         yield
     finally:
-        gc.collect()  # collect them now, while the hook drops them
+        if unreadable:  # a restore that failed: collect them now, while the hook drops them
+            gc.collect()
         sys.unraisablehook = previous

@@ -81,8 +81,9 @@ def describe(e: Exception, config_name: str) -> str:
     unparsed = re.match(r"Error parsing override '(.*)'$", lines[0])
     if unparsed and "=" not in unparsed[1]:  # a bare word: a path meant for out_dir=, or a key without its value
         word = unparsed[1]
-        return (f"{word!r} is not an override: write key=value, e.g. out_dir={word}" if "/" in word or os.path.exists(word)
-                else f"the override {word!r} has no value: write {word.lstrip('+~')}=VALUE")
+        if "/" in word or os.path.exists(word):
+            return f"{word!r} is not an override: write key=value, e.g. out_dir={word}"
+        return f"the override {word!r} has no value: write {word.lstrip('+~')}=VALUE"
     appended = re.search(r"Could not append to config. An item is already at '([^']+)'", text)
     if appended:
         return f"{appended[1]} is already in the config: set it without the +, as {appended[1]}=VALUE"
@@ -150,8 +151,8 @@ def _unknown_flag(argv: list[str]) -> tuple[str, str] | None:
     known = get_args_parser()._option_string_actions  # argparse also takes a flag's unambiguous prefix
     for i, arg in enumerate(argv):
         flag, eq, value = arg.partition("=")
-        if not flag.startswith("-") or flag == "-" or any(k.startswith(flag) for k in known if flag.startswith("--")) \
-                or flag in known:
+        known_flag = flag in known or (flag.startswith("--") and any(k.startswith(flag) for k in known))
+        if not flag.startswith("-") or flag == "-" or known_flag:
             continue
         following = argv[i + 1] if i + 1 < len(argv) else ""
         if not eq and following and not following.startswith("-") and "=" not in following:

@@ -170,7 +170,8 @@ def prepare(cfg, progress=None) -> tuple[dict, bool]:
     """Write the dataset `cfg` describes to cfg.dest: (its meta, False if dest was already up to date)."""
     dest = os.path.abspath(os.path.expanduser(cfg.dest))
     source = _Source(cfg)
-    file_tokenizer = "" if cfg.tokenizer in ("char", "bpe") else tokenizers.from_files(cfg.tokenizer, ("char", "bpe"))
+    built_in = cfg.tokenizer in tokenizers.BUILT_IN
+    file_tokenizer = "" if built_in else tokenizers.from_files(cfg.tokenizer, tokenizers.BUILT_IN)
     fp = fingerprint(source.described, cfg, file_tokenizer)
     existing = _dataset_meta(dest)
     if existing is not None and existing.get("fingerprint") == fp:
@@ -199,8 +200,8 @@ def prepare(cfg, progress=None) -> tuple[dict, bool]:
         dtype = _dtype(cfg, codec.size)
         meta = _write(cfg, source, codec, dtype, tmp, progress)
         meta.update(format=FORMAT, fingerprint=fp, inputs=source.described, dtype=dtype.name,
-                    vocab_size=codec.size, tokenizer=cfg.tokenizer if cfg.tokenizer in ("char", "bpe") else "file",
-                    tokenizer_source=None if cfg.tokenizer in ("char", "bpe") else os.path.abspath(cfg.tokenizer))
+                    vocab_size=codec.size, tokenizer=cfg.tokenizer if built_in else "file",
+                    tokenizer_source=None if built_in else os.path.abspath(cfg.tokenizer))
         if tok_json:
             with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
                 f.write(tok_json)

@@ -150,7 +150,7 @@ def _subword(cfg, train_text: str, val_text: str, inherited: dict | None) -> Cor
     elif cfg.tokenizer == "bpe":
         tok = tokenizers.train_bpe(pieces(iter([train_text])), cfg.vocab_size)
     else:
-        tok = tokenizers.from_files(cfg.tokenizer, ("char", "bpe"))
+        tok = tokenizers.from_files(cfg.tokenizer, tokenizers.BUILT_IN)
     codec = tokenizers.Codec(tokenizer=tok)
     train_T, val_T = (np.concatenate(codec.encode_batch(list(pieces(iter([t]))))) for t in (train_text, val_text))
     return Corpus(train_T, val_T, "", len(val_T) / max(len(val_text.encode("utf-8")), 1), tok)

@@ -19,6 +19,7 @@ import numpy as np
 from errors import UserError
 
 EOT = "<|endoftext|>"  # GPT-2's document separator, the one special token of the BPE trained here
+BUILT_IN = ("char", "bpe")  # what a `tokenizer=` key takes besides a tokenizer file
 
 
 def lib():
